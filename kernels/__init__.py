@@ -1,0 +1,1 @@
+"""Kernels for maskdsl: Triton code only; imports nothing of maskdsl."""
