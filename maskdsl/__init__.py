@@ -1,0 +1,30 @@
+"""maskdsl: exact attention under structured and arbitrary masks.
+
+    import maskdsl as md
+    mask = md.Window(256) | md.Global([0, 4096])
+    out = md.attention(q, k, v, mask)
+"""
+from .masks import (  # noqa: F401
+    And,
+    Causal,
+    Dilated,
+    Document,
+    Full,
+    Global,
+    Mask,
+    Not,
+    Or,
+    Prefix,
+    TensorMask,
+    Tree,
+    Window,
+)
+from .layout import BlockLayout  # noqa: F401
+
+try:  # the attention entry point and the reference land in their own modules
+    from . import reference  # noqa: F401
+    from .attention import attention  # noqa: F401
+except ImportError:  # pragma: no cover - during bring-up only
+    pass
+
+__version__ = "0.1.0"

@@ -1,0 +1,177 @@
+"""BlockLayout: the block structure of a mask, as the paper defines it and as kernels consume it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import analysis as A
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Block structure of a mask for tiles of ``block_q x block_k``.
+
+    ``Mq = ceil(n_q / block_q)`` query blocks and ``Mk = ceil(n_k / block_k)`` key
+    blocks. Leading dims ``[B, H]`` appear only when the mask depends on batch or
+    head (``batch_shape``); the compact lists then cover the rows of every
+    (b, h) in order (row index ``(b * H + h) * Mq + m``).
+
+    The paper's structures (Binary Block Masking, arXiv 2409.15097):
+
+    - ``block_matrix``  bool ``[..., Mq, Mk]``: the block has at least one allowed entry (BinBlkMat).
+    - ``full_matrix``   bool ``[..., Mq, Mk]``: every in-range entry of the block is allowed.
+    - ``offset``        int32 ``[..., Mq]``: first key block of the row's longest run of full blocks
+      (the first such run on ties; 0 when the row has none).
+    - ``total_ones``    int32 ``[..., Mq]``: length of that run (0 if none).
+
+    Compact lists for the kernels, CSR-style, int32, memory proportional to the
+    number of runs and partial blocks (never to ``Mq x Mk``):
+
+    - ``q_full_ptr [R+1]``, ``q_full_start``, ``q_full_end``: for query-block row r, its
+      runs of full key blocks ``[q_full_start[t], q_full_end[t])`` for t in ``ptr[r]:ptr[r+1]``.
+    - ``q_part_ptr [R+1]``, ``q_part_idx``: its partial key blocks, ascending.
+    - ``k_full_ptr``, ``k_full_start``, ``k_full_end``, ``k_part_ptr``, ``k_part_idx``: the same
+      per key block, over query blocks (for the dK/dV pass).
+
+    A block on the ragged edge (n not a multiple of the block size) is judged on
+    its in-range entries only.
+    """
+
+    n_q: int
+    n_k: int
+    block_q: int
+    block_k: int
+    batch_shape: tuple | None
+    block_matrix: torch.Tensor
+    full_matrix: torch.Tensor
+    offset: torch.Tensor
+    total_ones: torch.Tensor
+    q_full_ptr: torch.Tensor
+    q_full_start: torch.Tensor
+    q_full_end: torch.Tensor
+    q_part_ptr: torch.Tensor
+    q_part_idx: torch.Tensor
+    k_full_ptr: torch.Tensor
+    k_full_start: torch.Tensor
+    k_full_end: torch.Tensor
+    k_part_ptr: torch.Tensor
+    k_part_idx: torch.Tensor
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.n_q // self.block_q)
+
+    @property
+    def num_k_blocks(self) -> int:
+        return -(-self.n_k // self.block_k)
+
+    @property
+    def partial_matrix(self) -> torch.Tensor:
+        return self.block_matrix & ~self.full_matrix
+
+    def stats(self) -> dict:
+        """Counts of full, partial and empty blocks, block density, and the bytes of the compact lists."""
+        total = self.block_matrix.numel()
+        full = int(self.full_matrix.sum())
+        nonempty = int(self.block_matrix.sum())
+        lists = [self.q_full_ptr, self.q_full_start, self.q_full_end, self.q_part_ptr, self.q_part_idx,
+                 self.k_full_ptr, self.k_full_start, self.k_full_end, self.k_part_ptr, self.k_part_idx]
+        return {
+            "blocks": total,
+            "full": full,
+            "partial": nonempty - full,
+            "empty": total - nonempty,
+            "block_density": nonempty / total if total else 0.0,
+            "list_bytes": sum(t.numel() * t.element_size() for t in lists),
+        }
+
+    def __repr__(self):
+        s = self.stats()
+        batch = f", batch_shape={self.batch_shape}" if self.batch_shape else ""
+        return (f"BlockLayout(n_q={self.n_q}, n_k={self.n_k}, block=({self.block_q}, {self.block_k}){batch}, "
+                f"full={s['full']}, partial={s['partial']}, empty={s['empty']})")
+
+
+def _check_block(block) -> tuple[int, int]:
+    if isinstance(block, int) and not isinstance(block, bool):
+        block = (block, block)
+    if (not isinstance(block, (tuple, list)) or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in block)):
+        raise ValueError(f"block must be a pair of positive integers (block_q, block_k), got {block!r}")
+    return int(block[0]), int(block[1])
+
+
+def _concat(parts: list[A.Runs], nrows_each: int, ncols: int) -> A.Runs:
+    rows = [p.row + k * nrows_each for k, p in enumerate(parts)]
+    return A.Runs(nrows_each * len(parts), ncols, torch.cat(rows), torch.cat([p.start for p in parts]),
+                  torch.cat([p.val for p in parts]))
+
+
+def _csr(owner: torch.Tensor, nrows: int) -> torch.Tensor:
+    ptr = torch.zeros(nrows + 1, dtype=torch.long)
+    ptr[1:] = torch.cumsum(torch.bincount(owner, minlength=nrows), 0)
+    return ptr.to(torch.int32)
+
+
+def _lists(runs: A.Runs):
+    """(full_ptr, full_start, full_end, part_ptr, part_idx) of exact runs."""
+    end = runs.end
+    full = runs.val == A.FULL
+    part = runs.val == A.PARTIAL
+    plen = (end - runs.start)[part]
+    prow = runs.row[part].repeat_interleave(plen)
+    first = torch.cumsum(plen, 0) - plen
+    pidx = runs.start[part].repeat_interleave(plen) + torch.arange(int(plen.sum())) - first.repeat_interleave(plen)
+    return (
+        _csr(runs.row[full], runs.nrows),
+        runs.start[full].to(torch.int32),
+        end[full].to(torch.int32),
+        _csr(prow, runs.nrows),
+        pidx.to(torch.int32),
+    )
+
+
+def _longest_full_run(runs: A.Runs):
+    end = runs.end
+    full = runs.val == A.FULL
+    row, start, length = runs.row[full], runs.start[full], (end - runs.start)[full]
+    best = torch.zeros(runs.nrows, dtype=torch.long).scatter_reduce(0, row, length, "amax", include_self=True)
+    is_best = length == best[row]
+    big = torch.full((runs.nrows,), runs.ncols, dtype=torch.long)
+    offset = big.scatter_reduce(0, row[is_best], start[is_best], "amin", include_self=True)
+    offset = torch.where(best > 0, offset, 0)
+    return offset.to(torch.int32), best.to(torch.int32)
+
+
+def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None) -> BlockLayout:
+    bq, bk = _check_block(block)
+    bound = mask.bind(n_q, n_k)
+    pairs = bound.pairs()
+    grid = A.Grid(n_q, n_k, bq, bk)
+    tgrid = A.Grid(n_k, n_q, bk, bq)
+    rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
+    cols = _concat([A.analyse(bound, b, h, tgrid, transposed=True) for b, h in pairs], tgrid.mq, tgrid.mk)
+
+    lead = () if bound.batch_shape is None else tuple(bound.batch_shape)
+    dense = torch.repeat_interleave(rows.val, rows.end - rows.start).view(*lead, grid.mq, grid.mk)
+    offset, total = _longest_full_run(rows)
+    q_lists = _lists(rows)
+    k_lists = _lists(cols)
+    lay = BlockLayout(
+        n_q, n_k, bq, bk, bound.batch_shape,
+        dense != A.EMPTY, dense == A.FULL,
+        offset.view(*lead, grid.mq), total.view(*lead, grid.mq),
+        *q_lists, *k_lists,
+    )
+    if device is not None:
+        lay = BlockLayout(n_q, n_k, bq, bk, bound.batch_shape,
+                          *[getattr(lay, f).to(device) for f in _TENSOR_FIELDS])
+    return lay
+
+
+_TENSOR_FIELDS = [
+    "block_matrix", "full_matrix", "offset", "total_ones",
+    "q_full_ptr", "q_full_start", "q_full_end", "q_part_ptr", "q_part_idx",
+    "k_full_ptr", "k_full_start", "k_full_end", "k_part_ptr", "k_part_idx",
+]
