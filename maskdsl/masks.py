@@ -230,6 +230,7 @@ class Bound:
     batch_shape: tuple[int, int] | None
     tables: dict
     scalars: dict
+    memo: dict = field(default_factory=dict)  # per-position values shared by the analyses
 
     def pairs(self):
         """(b, h) pairs over which the data varies: [(0, 0)] for a batch-independent mask."""
