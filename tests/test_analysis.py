@@ -1,0 +1,181 @@
+"""Block analysis against brute-force blocking of ``to_dense``: soundness and exactness,
+the paper's run arrays, and the compact lists in both directions."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import maskdsl as md
+from maskdsl.layout import build_layout
+
+from .strategies import BLOCKS, SIZES, mask_tree, sized_mask
+
+
+def brute_blocks(dense: torch.Tensor, bq: int, bk: int):
+    """(any, all) per block of a dense bool mask [..., n_q, n_k]; ragged blocks judged on in-range entries."""
+    n_q, n_k = dense.shape[-2:]
+    mq, mk = -(-n_q // bq), -(-n_k // bk)
+    lead = dense.shape[:-2]
+    allowed = torch.zeros(*lead, mq * bq, mk * bk, dtype=torch.int64)
+    inside = torch.zeros(mq * bq, mk * bk, dtype=torch.int64)
+    allowed[..., :n_q, :n_k] = dense.long()
+    inside[:n_q, :n_k] = 1
+    count = allowed.view(*lead, mq, bq, mk, bk).sum((-3, -1))
+    area = inside.view(mq, bq, mk, bk).sum((-3, -1))
+    return count > 0, count == area
+
+
+def longest_full_run(full_row: list[bool]) -> tuple[int, int]:
+    best, best_at, run, at = 0, 0, 0, 0
+    for x, f in enumerate(full_row):
+        if f:
+            if run == 0:
+                at = x
+            run += 1
+            if run > best:
+                best, best_at = run, at
+        else:
+            run = 0
+    return best_at, best
+
+
+def rows_from_lists(ptr, fs, fe, pidx, nrows, ncols):
+    """Dense (full, partial) matrices rebuilt from CSR lists, checking their order."""
+    full = torch.zeros(nrows, ncols, dtype=torch.bool)
+    part = torch.zeros(nrows, ncols, dtype=torch.bool)
+    fptr, pptr = ptr
+    for r in range(nrows):
+        prev_end = -1
+        for t in range(int(fptr[r]), int(fptr[r + 1])):
+            a, b = int(fs[t]), int(fe[t])
+            assert prev_end < a < b + 1 and a < b, "full runs must be non-empty, sorted and separated"
+            full[r, a:b] = True
+            prev_end = b
+        idx = pidx[int(pptr[r]):int(pptr[r + 1])].tolist()
+        assert idx == sorted(set(idx)), "partial blocks must be ascending and unique"
+        part[r, idx] = True
+    assert not (full & part).any()
+    return full, part
+
+
+def check_layout(mask, n_q, n_k, bq, bk, transpose_dense=None):
+    lay = build_layout(mask, n_q, n_k, (bq, bk), transpose_dense=transpose_dense)
+    dense = mask.to_dense(n_q, n_k)
+    anyb, allb = brute_blocks(dense, bq, bk)
+    # soundness: EMPTY has no allowed entry, FULL no masked one; exactness: equality
+    assert not (anyb & ~lay.block_matrix).any(), f"unsound EMPTY block for {mask!r}"
+    assert not (lay.full_matrix & ~allb).any(), f"unsound FULL block for {mask!r}"
+    assert torch.equal(lay.block_matrix, anyb), f"inexact block_matrix for {mask!r}"
+    assert torch.equal(lay.full_matrix, allb), f"inexact full_matrix for {mask!r}"
+
+    mq, mk = anyb.shape[-2:]
+    flat_full = allb.reshape(-1, mk)
+    flat_any = anyb.reshape(-1, mk)
+    offsets = lay.offset.reshape(-1).tolist()
+    totals = lay.total_ones.reshape(-1).tolist()
+    for r in range(flat_full.shape[0]):
+        at, best = longest_full_run(flat_full[r].tolist())
+        assert totals[r] == best and (best == 0 or offsets[r] == at), (r, offsets[r], totals[r], at, best)
+    assert lay.offset.dtype == torch.int32 and lay.total_ones.dtype == torch.int32
+
+    full, part = rows_from_lists((lay.q_full_ptr, lay.q_part_ptr), lay.q_full_start, lay.q_full_end,
+                                 lay.q_part_idx, flat_full.shape[0], mk)
+    assert torch.equal(full, flat_full) and torch.equal(part, flat_any & ~flat_full)
+
+    # per key block: transpose each (b, h) slice
+    t_full = allb.reshape(-1, mq, mk).transpose(1, 2).reshape(-1, mq)
+    t_any = anyb.reshape(-1, mq, mk).transpose(1, 2).reshape(-1, mq)
+    full, part = rows_from_lists((lay.k_full_ptr, lay.k_part_ptr), lay.k_full_start, lay.k_full_end,
+                                 lay.k_part_idx, t_full.shape[0], mq)
+    assert torch.equal(full, t_full) and torch.equal(part, t_any & ~t_full)
+    for name in ("q_full_ptr", "q_full_start", "q_full_end", "q_part_ptr", "q_part_idx",
+                 "k_full_ptr", "k_full_start", "k_full_end", "k_part_ptr", "k_part_idx"):
+        assert getattr(lay, name).dtype == torch.int32, name
+    return lay
+
+
+@given(sized_mask(depth=3), BLOCKS, BLOCKS)
+def test_random_expressions_match_brute_force(m, bq, bk):
+    mask, n_q, n_k = m
+    check_layout(mask, n_q, n_k, bq, bk)
+
+
+@settings(max_examples=150)
+@given(sized_mask(depth=3), BLOCKS, BLOCKS)
+def test_transposed_analysis_path(m, bq, bk):
+    """The per-key-block lists from the transposed analysis (used for large grids)."""
+    mask, n_q, n_k = m
+    check_layout(mask, n_q, n_k, bq, bk, transpose_dense=False)
+
+
+ALPACA_LENS = [40, 97, 3, 128, 1, 60, 77, 250, 16]
+ALPACA_PROMPTS = [10, 50, 3, 127, 0, 60, 1, 100, 8]
+PAPER = {
+    "doc-causal": md.Document(ALPACA_LENS) & md.Causal(),
+    "doc-bidir": md.Document(ALPACA_LENS) & (md.Causal() | md.Prefix(ALPACA_PROMPTS, documents=ALPACA_LENS)),
+    "window": md.Window(64),
+    "dilated": md.Dilated(16, 4),
+    "window-global": md.Window(64) | md.Global([0, 5, 300, 511, 690]),
+    "causal-window": md.Causal() & md.Window(100),
+    "medusa": md.Tree([-1] + [0] * 4 + [1 + (x // 4) for x in range(16)] + [5 + (x % 16) for x in range(16)]),
+}
+
+
+@pytest.mark.parametrize("block", [(128, 128), (64, 128), (128, 64), (16, 16), (100, 30)], ids=lambda b: f"{b[0]}x{b[1]}")
+@pytest.mark.parametrize("n", [700, 1000], ids=lambda n: f"N{n}")
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_compositions_exact(name, n, block):
+    mask = PAPER[name]
+    if name == "medusa":
+        n = min(n, 37)
+    check_layout(mask, n, n, *block)
+
+
+@pytest.mark.parametrize("n_q,n_k", [(1, 700), (129, 1000), (1000, 129)], ids=lambda x: str(x))
+def test_rectangular_and_decoding(n_q, n_k):
+    for mask in (md.Causal(n_k - n_q), md.Document(ALPACA_LENS) & md.Causal(n_k - n_q), md.Window(64) | md.Global([0, 99])):
+        check_layout(mask, n_q, n_k, 64, 64)
+
+
+def test_per_batch_and_per_head_layouts():
+    doc = md.Document([[30, 40, 20], [5, 5, 80], [90]])
+    lay = check_layout(doc & md.Causal(), 100, 100, 16, 16)
+    assert lay.block_matrix.shape == (3, 1, 7, 7) and lay.batch_shape == (3, 1)
+    t = torch.rand(3, 2, 50, 60) < 0.1
+    lay = check_layout(md.TensorMask(t) | md.Document([[20, 30], [50], [1, 2, 3]]), 50, 60, 8, 16)
+    assert lay.block_matrix.shape == (3, 2, 7, 4)
+
+
+def test_counts_of_large_structured_masks():
+    """Closed forms at a size where a dense check would be too big."""
+    n, b = 1 << 18, 128
+    m = n // b
+    lay = md.Causal().block_layout(n, n, (b, b))
+    s = lay.stats()
+    assert s["full"] == m * (m - 1) // 2 and s["partial"] == m
+    assert lay.total_ones.tolist() == list(range(m)) and lay.offset.tolist() == [0] * m
+    # q lists: one run of full blocks per row (none in row 0) and the diagonal partial
+    assert lay.q_full_ptr[-1] == m - 1 and torch.equal(lay.q_part_idx, torch.arange(m, dtype=torch.int32))
+    lay = md.Window(256).block_layout(n, n, (b, b))
+    s = lay.stats()
+    # block offset k = kb - qb spans d in [128k - 127, 128k + 127]: |k| <= 1 full,
+    # |k| == 2 partial (d from 129 to 383 straddles 256), |k| >= 3 empty
+    assert s["full"] == 3 * m - 2 and s["partial"] == 2 * (m - 2)
+
+
+def test_block_argument_validation():
+    for bad in [(0, 128), (128,), "128", (1.5, 2), None, (True, 4)]:
+        with pytest.raises(ValueError, match="block"):
+            md.Causal().block_layout(16, 16, bad)
+    assert md.Causal().block_layout(16, 16, 4).block_q == 4  # a single int means square blocks
+
+
+@settings(max_examples=100)
+@given(SIZES, SIZES, st.data())
+def test_layout_device_and_stats(n_q, n_k, data):
+    mask = data.draw(mask_tree(n_q, n_k, 2))
+    lay = mask.block_layout(n_q, n_k, (8, 8), device="cpu")
+    s = lay.stats()
+    assert s["full"] + s["partial"] + s["empty"] == s["blocks"] == lay.block_matrix.numel()
