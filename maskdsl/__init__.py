@@ -28,3 +28,8 @@ except ImportError:  # pragma: no cover - during bring-up only
     pass
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "And", "BlockLayout", "Causal", "Dilated", "Document", "Full", "Global", "Mask", "Not", "Or",
+    "Prefix", "TensorMask", "Tree", "Window", "attention", "reference",
+]
