@@ -390,8 +390,7 @@ _RULES = {"d": _rule_d, "mod": _rule_mod, "i": _rule_i, "j": _rule_j, "sep": _ru
 class Plan:
     expr: sympy.Basic
     atoms: dict  # relational -> Atom
-    brute_i: bool  # some atom can change at every position: cells are single entries
-    brute_j: bool
+    brute: bool  # some atom can change at every entry: cells are single entries
     period: int  # lcm of the moduli of "mod" atoms
 
 
@@ -403,7 +402,7 @@ def plan_for(expr) -> Plan:
     for a in atoms.values():
         if a.kind == "mod":
             period = period * a.modulus // math.gcd(period, a.modulus)
-    return Plan(expr, atoms, "any" in kinds, "any" in kinds, period)
+    return Plan(expr, atoms, "any" in kinds, period)
 
 
 _PRIORITY = {"sep": 0, "d": 1, "i": 2, "mod": 3, "j": 5, "any": 6}
@@ -466,10 +465,8 @@ def _breakpoints(ctx: _Context, plan: Plan):
         elif a.kind == "sep":
             bi.append(_changes(ctx.along_i(a.left)))
             bj.append(_changes(ctx.along_j(a.right)))
-    if plan.brute_i:
-        bi = [torch.arange(1, g.n_q)]
-    if plan.brute_j:
-        bj = [torch.arange(1, g.n_k)]
+    if plan.brute:
+        bi, bj = [torch.arange(1, g.n_q)], [torch.arange(1, g.n_k)]
     cat = lambda xs: torch.unique(torch.cat(xs)) if xs else torch.zeros(0, dtype=torch.long)  # noqa: E731
     return cat(bi), cat(bj)
 

@@ -27,7 +27,6 @@ from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
 I = sympy.Symbol("i", integer=True, nonnegative=True)
 J = sympy.Symbol("j", integer=True, nonnegative=True)
-D = sympy.Symbol("d", integer=True)  # j - i, used only while classifying atoms
 
 
 def table(name: str) -> sympy.FunctionClass:
@@ -185,8 +184,8 @@ class Atom:
     expr: sympy.Basic
     kind: str
     rel: str = ""
-    bound: sympy.Basic | None = None  # "d": the bound; "mod": unused
-    modulus: int = 0
+    bound: sympy.Basic | None = None  # "d": the bound
+    modulus: int = 0  # "mod": the modulus
     left: sympy.Basic | None = None  # "sep": the i part
     right: sympy.Basic | None = None  # "sep": the j part
 
@@ -248,11 +247,12 @@ def structure_atoms(expr) -> tuple[Atom, ...]:
     return tuple(classify_atom(r) for r in rels)
 
 
-def numeric_bound(bound, scalars: dict) -> float:
-    v = bound.subs({sympy.Symbol(k, integer=True): v for k, v in scalars.items()}) if bound.free_symbols else bound
-    if not v.is_number:
-        raise ValueError(f"bound {bound} did not evaluate to a number")
-    return Fraction(int(sympy.numer(v)), int(sympy.denom(v))) if v.is_Rational else float(v)
+def numeric_bound(bound, scalars: dict) -> Fraction:
+    """The exact value of a "d" atom's bound, with the data scalars substituted."""
+    value = bound.subs({scalar(name): x for name, x in scalars.items()}) if bound.free_symbols else bound
+    if not value.is_Rational:
+        raise ValueError(f"the bound {bound} of a mask predicate is not a rational number: {value}")
+    return Fraction(int(value.p), int(value.q))
 
 
 def d_cuts(atom: Atom, scalars: dict) -> list[int]:
