@@ -262,15 +262,8 @@ def _d_le(ctx: _Context, h: int) -> Runs:
 
 
 def _d_ge(ctx: _Context, lo: int) -> Runs:
-    """d >= lo: EMPTY where c1 < r0 + lo, FULL where c0 >= r1 + lo."""
-    g = ctx.grid
-    r0, r1 = g.rows()
-    c0, c1 = g.cols()
-    p = torch.searchsorted(c1, r0 + lo, right=False)
-    f = torch.searchsorted(c0, r1 + lo, right=False)
-    starts = torch.stack([torch.zeros_like(p), p, f], 1)
-    vals = torch.tensor([EMPTY, PARTIAL, FULL], dtype=torch.int8).expand(g.mq, 3)
-    return _from_matrix(starts, vals, g.mk)
+    """d >= lo is not (d <= lo - 1); negation is exact (FULL <-> EMPTY)."""
+    return _negate(_d_le(ctx, lo - 1))
 
 
 def _const(ctx: _Context, value: int) -> Runs:
