@@ -295,9 +295,7 @@ def _rule_mod(ctx: _Context, atom: S.Atom) -> Runs:
     c0, c1 = g.cols()
     # every block's d-range has at least this many consecutive values
     shortest = int((r1 - r0).min()) + int((c1 - c0).min()) + 1
-    e = sympy.expand(atom.expr.lhs - atom.expr.rhs)
-    (mod,) = e.atoms(sympy.Mod)
-    residue = -(e - mod)
+    residue = atom.bound
     exact = residue.is_Integer and 0 <= int(residue) < atom.modulus and atom.modulus >= 2 and shortest >= atom.modulus
     return _const(ctx, PARTIAL if exact else UNSURE)
 
@@ -379,7 +377,7 @@ _RULES = {"d": _rule_d, "mod": _rule_mod, "i": _rule_i, "j": _rule_j, "sep": _ru
 # structure: atoms, breakpoints and d thresholds, compiled once per predicate
 # ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # hashed by identity: one Plan per structure (plan_for)
 class Plan:
     expr: sympy.Basic
     atoms: dict  # relational -> Atom
@@ -401,9 +399,14 @@ def plan_for(expr) -> Plan:
 _PRIORITY = {"sep": 0, "d": 1, "i": 2, "mod": 3, "j": 5, "any": 6}
 
 
-def _priority(plan: Plan, e) -> int:
-    atom = plan.atoms.get(e)
-    return 4 if atom is None else _PRIORITY[atom.kind]
+@functools.lru_cache(maxsize=4096)
+def _and_order(plan: Plan, e) -> tuple:
+    """Operands of an And, sparse kinds first (a stable order, computed once per structure)."""
+    def priority(a):
+        atom = plan.atoms.get(a)
+        return 4 if atom is None else _PRIORITY[atom.kind]
+
+    return tuple(sorted(e.args, key=lambda a: (priority(a), sympy.default_sort_key(a))))
 
 
 def _runs_of(ctx: _Context, plan: Plan, e, domain: Runs | None = None) -> Runs:
@@ -421,7 +424,7 @@ def _runs_of(ctx: _Context, plan: Plan, e, domain: Runs | None = None) -> Runs:
     if isinstance(e, sympy.And):
         # sparse operands first; each later one is only needed where the result so far is not EMPTY
         result = None
-        for a in sorted(e.args, key=lambda a: (_priority(plan, a), sympy.default_sort_key(a))):
+        for a in _and_order(plan, e):
             r = _runs_of(ctx, plan, a, domain if result is None else _support(result))
             result = r if result is None else _combine(result, r, _AND)
         return result

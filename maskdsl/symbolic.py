@@ -184,7 +184,7 @@ class Atom:
     expr: sympy.Basic
     kind: str
     rel: str = ""
-    bound: sympy.Basic | None = None  # "d": the bound
+    bound: sympy.Basic | None = None  # "d": the bound; "mod": the residue compared with
     modulus: int = 0  # "mod": the modulus
     left: sympy.Basic | None = None  # "sep": the i part
     right: sympy.Basic | None = None  # "sep": the j part
@@ -231,7 +231,7 @@ def classify_atom(rel) -> Atom:
                     cj, ci = p.coeff_monomial(J), p.coeff_monomial(I)
                     c0 = inner - cj * J - ci * I
                     if p.total_degree() == 1 and cj + ci == 0 and cj != 0 and not c0.free_symbols:
-                        return Atom(rel, "mod", rel=rname, modulus=int(modulus))
+                        return Atom(rel, "mod", rel=rname, bound=-rest, modulus=int(modulus))
     # separable: f(i) + g(j) REL 0
     if isinstance(e, sympy.Add):
         left = sympy.Add(*[t for t in e.args if not _depends(t, J)])

@@ -1,0 +1,167 @@
+"""The ``maskdsl`` command line.
+
+    maskdsl demo [--n 2048] [--block 128]
+
+``demo`` builds the masks of the Binary Block Masking paper's workloads
+(MEDUSA trees, packed ALPACA, LongFormer) plus full and causal attention,
+prints each one's block map and block statistics, and runs ``md.attention``
+once against the float32 reference.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from .masks import Causal, Dilated, Document, Full, Global, Prefix, Tree, Window
+
+__all__ = ["main", "paper_masks", "block_map", "medusa_parents"]
+
+# MEDUSA-style candidate tree: 4 heads keeping the top 4, 3, 2, 2 tokens.
+_MEDUSA_TOPK = (4, 3, 2, 2)
+_MAP_MAX = 64  # block maps are downsampled to at most this many characters per side
+_REPR_MAX = 100
+_DENSE_MAX = 4096  # entry density via to_dense only up to this N (16M bools)
+
+
+def medusa_parents(n: int, topk=_MEDUSA_TOPK) -> list[int]:
+    """Parents of ``n`` tree nodes: a MEDUSA-style candidate tree (a root, then
+    ``topk[h]`` children per node at depth h + 1, nodes in breadth-first order as
+    MEDUSA lays them out) repeated as a forest until ``n`` nodes, the last copy
+    cut short. Roots have parent -1."""
+    tree = [-1]
+    level = [0]
+    for k in topk:
+        nxt = []
+        for p in level:
+            for _ in range(k):
+                nxt.append(len(tree))
+                tree.append(p)
+        level = nxt
+    size = len(tree)
+    return [p if p < 0 else p + (x // size) * size for x, p in ((x, tree[x % size]) for x in range(n))]
+
+
+def _spread(count: int, n: int) -> list[int]:
+    """``count`` distinct indices spread evenly over [0, n)."""
+    return sorted({(t * n) // count for t in range(count)})
+
+
+def paper_masks(n: int) -> list[tuple[str, object]]:
+    """(name, mask) for the paper's workloads at sequence length ``n``."""
+    from .data import pack_alpaca
+
+    lens, prompts = pack_alpaca(n)
+    return [
+        ("full", Full()),
+        ("causal", Causal()),
+        (f"MEDUSA tree (top-k {','.join(map(str, _MEDUSA_TOPK))}, repeated)", Tree(medusa_parents(n))),
+        ("packed ALPACA, sequential", Document(lens) & Causal()),
+        ("packed ALPACA, input-bidirectional", Document(lens) & (Causal() | Prefix(prompts, documents=lens))),
+        ("LongFormer windowed", Window(256)),
+        ("LongFormer dilated", Dilated(256, 4)),
+        ("LongFormer global", Window(256) | Global(_spread(16, n))),
+    ]
+
+
+def block_map(lay, max_side: int = _MAP_MAX) -> str:
+    """The block map of a BlockLayout as text, one character per group of blocks:
+    '#' every block full, '.' every block empty, '+' otherwise. Groups are
+    chosen so that the map is at most ``max_side`` characters on each side."""
+    bm, fm = lay.block_matrix, lay.full_matrix
+    if bm.dim() > 2:  # batch-dependent: show the first (batch, head)
+        bm, fm = bm.reshape(-1, *bm.shape[-2:])[0], fm.reshape(-1, *fm.shape[-2:])[0]
+    mq, mk = bm.shape
+    gq, gk = -(-mq // max_side), -(-mk // max_side)
+    rows = []
+    for r in range(0, mq, gq):
+        line = []
+        for c in range(0, mk, gk):
+            b, f = bm[r:r + gq, c:c + gk], fm[r:r + gq, c:c + gk]
+            line.append("#" if bool(f.all()) else "." if not bool(b.any()) else "+")
+        rows.append("".join(line))
+    return "\n".join(rows)
+
+
+def _short(text: str, limit: int = _REPR_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
+def _demo(args) -> int:
+    n, b = args.n, args.block
+    if n < 1 or b < 1:
+        print("demo: --n and --block must be positive", file=sys.stderr)
+        return 2
+    print(f"maskdsl demo: N = {n}, blocks {b} x {b}, torch {torch.__version__}")
+    group = -(-(-(-n // b)) // _MAP_MAX)  # blocks per map character, per side
+    print("block maps: '#' full, '+' partial, '.' empty"
+          + (f" (one character per {group} x {group} blocks)" if group > 1 else " (one character per block)"))
+    for name, mask in paper_masks(n):
+        t0 = time.perf_counter()
+        lay = mask.block_layout(n, n, block=(b, b))
+        first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lay = mask.block_layout(n, n, block=(b, b))
+        again = time.perf_counter() - t0
+        s = lay.stats()
+        print()
+        print(f"== {name}")
+        print(f"   {_short(repr(mask))}")
+        print(block_map(lay))
+        line = (f"blocks {s['blocks']}: full {s['full']}, partial {s['partial']}, empty {s['empty']}; "
+                f"block density {s['block_density']:.3f}")
+        if n <= _DENSE_MAX:
+            line += f"; entry density {float(mask.to_dense(n, n).float().mean()):.3f}"
+        print(line)
+        print(f"compact lists {s['list_bytes']} bytes; analysis {again * 1e3:.1f} ms "
+              f"(first call, with the once-per-structure sympy work: {first * 1e3:.1f} ms)")
+    print()
+    return _demo_attention(n)
+
+
+def _demo_attention(n: int) -> int:
+    try:
+        from . import reference
+        from .attention import attention
+    except ImportError as e:  # only while the attention module is being written
+        print(f"attention: skipped, md.attention is not available yet ({e})")
+        return 0
+    from .data import pack_alpaca
+
+    m = min(n, 1024)
+    lens, prompts = pack_alpaca(m)
+    mask = Document(lens) & (Causal() | Prefix(prompts, documents=lens))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, m, 32, generator=gen).to(device) for _ in range(3))
+    t0 = time.perf_counter()
+    out = attention(q, k, v, mask)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    ref, _ = reference.attention(q, k, v, mask)
+    err = float((out.float() - ref.float()).abs().max())
+    ok = err <= 1e-4
+    print(f"== md.attention on {device}: packed ALPACA input-bidirectional, B=1, H=2, N={m}, D=32, float32")
+    print(f"   {dt * 1e3:.1f} ms; max |out - reference| = {err:.2e} ({'ok' if ok else 'MISMATCH'})")
+    return 0 if ok else 1
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``maskdsl`` console script; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="maskdsl", description="maskdsl: masks, block analysis and attention")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="build the paper's masks, print block maps and statistics, run attention")
+    demo.add_argument("--n", type=int, default=2048, help="sequence length (default 2048)")
+    demo.add_argument("--block", type=int, default=128, help="block size for queries and keys (default 128)")
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        return _demo(args)
+    parser.error(f"unknown command {args.command}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
