@@ -20,12 +20,8 @@ from .masks import (  # noqa: F401
     Window,
 )
 from .layout import BlockLayout  # noqa: F401
-
-try:  # the attention entry point and the reference land in their own modules
-    from . import reference  # noqa: F401
-    from .attention import attention  # noqa: F401
-except ImportError:  # pragma: no cover - during bring-up only
-    pass
+from . import reference  # noqa: F401
+from .attention import attention  # noqa: F401
 
 __version__ = "0.1.0"
 
