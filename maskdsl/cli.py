@@ -10,6 +10,7 @@ once against the float32 reference.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -22,7 +23,7 @@ __all__ = ["main", "paper_masks", "block_map", "medusa_parents"]
 # MEDUSA-style candidate tree: 4 heads keeping the top 4, 3, 2, 2 tokens.
 _MEDUSA_TOPK = (4, 3, 2, 2)
 _MAP_MAX = 64  # block maps are downsampled to at most this many characters per side
-_REPR_MAX = 100
+_REPR_MAX = 160
 _DENSE_MAX = 4096  # entry density via to_dense only up to this N (16M bools)
 
 
@@ -86,7 +87,16 @@ def block_map(lay, max_side: int = _MAP_MAX) -> str:
 
 
 def _short(text: str, limit: int = _REPR_MAX) -> str:
-    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+    """A mask's repr with long data lists elided (``[94, 29, 114, ..., 88] (41 items)``),
+    so the structure of the expression stays readable."""
+    def elide(m):
+        items = m.group(1).split(", ")
+        if len(items) <= 8:
+            return m.group(0)
+        return "[" + ", ".join(items[:4]) + f", ..., {items[-1]}] ({len(items)} items)"
+
+    text = re.sub(r"\[([^\[\]]*)\]", elide, text)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def _demo(args) -> int:
