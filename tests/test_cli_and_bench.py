@@ -1,0 +1,163 @@
+"""The command line demo, the ALPACA data loader and the analysis benchmark's smoke path."""
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import maskdsl as md
+from maskdsl import cli
+from maskdsl.data import alpaca_lengths, pack_alpaca
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks" / "bench_analysis.py"
+FILE_TOKENS = 17651
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_analysis", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# ---------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------
+
+def test_alpaca_lengths_file():
+    rows = alpaca_lengths()
+    assert len(rows) == 175
+    assert sum(p + o for p, o in rows) == FILE_TOKENS
+    assert rows[0] == (28, 66)
+    assert all(p > 0 and o > 0 for p, o in rows)
+
+
+@pytest.mark.parametrize("n", [0, 1, 93, 94, 100, 1000, 4096, FILE_TOKENS, FILE_TOKENS + 1, 40000, 100003])
+def test_pack_alpaca_fits_in_file_order(n):
+    docs, prompts = pack_alpaca(n)
+    rows = alpaca_lengths()
+    assert len(docs) == len(prompts)
+    assert sum(docs) <= n
+    for d, (doc, prompt) in enumerate(zip(docs, prompts)):
+        p, o = rows[d % len(rows)]  # file order, cycling
+        assert (doc, prompt) == (p + o, p)
+    # packing stops only at an example that does not fit
+    nxt = rows[len(docs) % len(rows)]
+    assert sum(docs) + nxt[0] + nxt[1] > n
+
+
+def test_pack_alpaca_cycles_past_the_file():
+    docs, _ = pack_alpaca(3 * FILE_TOKENS + 50)
+    assert len(docs) > 2 * 175
+    assert docs[:175] == docs[175:350]
+    assert sum(docs[:175]) == FILE_TOKENS
+
+
+def test_pack_alpaca_seeded_shuffle():
+    a = pack_alpaca(40000, seed=7)
+    assert a == pack_alpaca(40000, seed=7)
+    assert a != pack_alpaca(40000, seed=8)
+    assert a != pack_alpaca(40000)
+    docs, prompts = a
+    assert sum(docs) <= 40000
+    # the first pass is a permutation of the file
+    rows = alpaca_lengths()
+    assert sorted(zip(docs[:175], prompts[:175])) == sorted((p + o, p) for p, o in rows)
+
+
+def test_pack_alpaca_makes_valid_masks():
+    n = 5000
+    docs, prompts = pack_alpaca(n, seed=1)
+    mask = md.Document(docs) & (md.Causal() | md.Prefix(prompts, documents=docs))
+    lay = mask.block_layout(n, n, block=(128, 128))
+    assert lay.block_matrix.shape == (40, 40)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, "10"])
+def test_pack_alpaca_rejects_bad_n(bad):
+    with pytest.raises((TypeError, ValueError), match="n"):
+        pack_alpaca(bad)
+
+
+# ---------------------------------------------------------------------------
+# command line
+# ---------------------------------------------------------------------------
+
+def test_block_map_causal():
+    lay = md.Causal().block_layout(512, 512, block=(128, 128))
+    assert cli.block_map(lay) == "+...\n#+..\n##+.\n###+"
+
+
+def test_block_map_downsamples():
+    n = 130 * 16
+    lay = md.Causal().block_layout(n, n, block=(16, 16))
+    rows = cli.block_map(lay).split("\n")
+    assert len(rows) <= 64 and all(len(r) == len(rows[0]) <= 64 for r in rows)
+    assert rows[0][0] == "+" and rows[0][-1] == "." and rows[-1][0] == "#"
+
+
+def test_medusa_parents_is_a_forest():
+    parents = cli.medusa_parents(500)
+    assert len(parents) == 500
+    assert all(-1 <= p < x for x, p in enumerate(parents))
+    size = 1 + 4 + 12 + 24 + 48  # top-k 4, 3, 2, 2
+    assert [x for x, p in enumerate(parents) if p == -1] == list(range(0, 500, size))
+    md.Tree(parents).to_dense(500, 500)  # accepted by the DSL
+
+
+def test_demo_runs(capsys):
+    assert cli.main(["demo", "--n", "512"]) == 0
+    out = capsys.readouterr().out
+    for expected in ["N = 512", "== causal", "Causal()", "Window(256) | Global([", "Dilated(256, 4)",
+                     "Document([", "Tree([", "+...\n#+..\n##+.\n###+", "block density", "entry density",
+                     "analysis", "max |out - reference|"]:
+        assert expected in out, expected
+    assert "MISMATCH" not in out
+    assert "(ok)" in out
+
+
+def test_demo_ragged_and_large_repr(capsys):
+    assert cli.main(["demo", "--n", "777", "--block", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "items)" in out  # long data lists are elided in the repr
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["nonsense"])
+    assert cli.main(["demo", "--n", "0"]) == 2
+
+
+# ---------------------------------------------------------------------------
+# benchmark smoke path (a benchmark, not a test: only that it runs and agrees)
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["causal", "window_global", "doc_causal", "doc_bidir"])
+@pytest.mark.parametrize("n", [300, 1024])
+def test_bench_brute_force_matches_layout(name, n):
+    bench = _load_bench()
+    mask = bench.build_mask(name, n)
+    bm, fm = bench.brute_force(mask, n)
+    lay = mask.block_layout(n, n, block=(128, 128))
+    assert torch.equal(bm, lay.block_matrix)
+    assert torch.equal(fm, lay.full_matrix)
+
+
+def test_bench_script_runs(tmp_path):
+    out = tmp_path / "analysis.md"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--sizes", "300", "--masks", "doc_bidir", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "equal=True" in proc.stdout
+    text = out.read_text()
+    assert "| mask | N |" in text
+    assert "Prefix(prompts, documents=alpaca)" in text
+    assert "not measured in this run" in text  # the acceptance sizes were not run
+    assert "--sizes 300" in text  # the exact command is recorded
