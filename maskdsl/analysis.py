@@ -43,6 +43,10 @@ _OR = torch.tensor(
     [[EMPTY, PARTIAL, UNSURE, FULL], [PARTIAL, UNSURE, UNSURE, FULL], [UNSURE, UNSURE, UNSURE, FULL], [FULL] * 4],
     dtype=torch.int8,
 )
+# OR of a per-row (i-only) and a per-column (j-only) operand: PARTIAL | PARTIAL is
+# exactly PARTIAL (a masked row meets a masked column), not UNSURE.
+_OR_ROW_COL = _OR.clone()
+_OR_ROW_COL[PARTIAL, PARTIAL] = PARTIAL
 _CELL_BUDGET = 1 << 21  # points evaluated at once in step 3 (bounds its memory)
 
 
@@ -420,7 +424,13 @@ def _runs_of(ctx: _Context, plan: Plan, e, domain: Runs | None = None) -> Runs:
     if isinstance(e, sympy.Not):
         return _negate(_runs_of(ctx, plan, e.args[0], domain))
     if isinstance(e, sympy.Or):
-        return functools.reduce(lambda x, y: _combine(x, y, _OR), (_runs_of(ctx, plan, a, domain) for a in e.args))
+        parts = [_runs_of(ctx, plan, a, domain) for a in e.args]
+        kinds = [getattr(plan.atoms.get(a), "kind", None) for a in e.args]
+        if "i" in kinds and "j" in kinds:  # e.g. Global: rows | columns, exact
+            rows = functools.reduce(lambda x, y: _combine(x, y, _OR), [p for p, k in zip(parts, kinds) if k == "i"])
+            cols = functools.reduce(lambda x, y: _combine(x, y, _OR), [p for p, k in zip(parts, kinds) if k == "j"])
+            parts = [_combine(rows, cols, _OR_ROW_COL)] + [p for p, k in zip(parts, kinds) if k not in ("i", "j")]
+        return functools.reduce(lambda x, y: _combine(x, y, _OR), parts)
     if isinstance(e, sympy.And):
         # sparse operands first; each later one is only needed where the result so far is not EMPTY
         result = None

@@ -148,7 +148,7 @@ def _longest_full_run(runs: A.Runs):
 # Up to this many blocks, the per-key-block lists come from transposing the dense
 # matrices (about 2x faster than a second, transposed analysis at N = 16k);
 # beyond it, from the transposed analysis, whose cost follows the runs, not Mq x Mk.
-_DENSE_TRANSPOSE_MAX = 1 << 22
+_DENSE_TRANSPOSE_MAX = 1 << 16
 
 
 def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transpose_dense=None) -> BlockLayout:
