@@ -209,7 +209,13 @@ def machine() -> dict:
         pass
     import torch
 
+    try:
+        rev = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True).stdout.strip() or "unknown"
+    except OSError:
+        rev = "unknown"
     return {
+        "commit": rev,
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -266,7 +272,7 @@ def main(argv=None) -> int:
             "",
             f"- Machine: {info['cpu']}, {info['cores']} cores (load average at start: {info['load']}; "
             "the machine may be shared, so times are an upper bound)",
-            f"- Software: Python {info['python']}, torch {info['torch']}",
+            f"- Software: Python {info['python']}, torch {info['torch']}, maskdsl at commit {info['commit']}",
             f"- Each measurement runs in a fresh process on one thread (`torch.set_num_threads(1)`, "
             f"`OMP_NUM_THREADS=1`), blocks {BLOCK} x {BLOCK}, N x N attention. The process builds the mask, "
             "fills the once-per-structure sympy cache at N = 256, then makes one warm-up call and "
