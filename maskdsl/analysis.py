@@ -152,6 +152,15 @@ def _combine(a: Runs, b: Runs, table: torch.Tensor) -> Runs:
     return _canon(a.nrows, a.ncols, keys // w, keys % w, table[va, vb])
 
 
+def blocks_of(runs: Runs, which: torch.Tensor):
+    """(row, col) of every block inside the runs selected by the bool ``which``."""
+    lens = (runs.end - runs.start)[which]
+    rows = runs.row[which].repeat_interleave(lens)
+    first = torch.cumsum(lens, 0) - lens
+    cols = runs.start[which].repeat_interleave(lens) + torch.arange(int(lens.sum())) - first.repeat_interleave(lens)
+    return rows, cols
+
+
 def _support(a: Runs) -> Runs:
     """FULL wherever ``a`` is not EMPTY: a domain, carrying no values of its own."""
     return Runs(a.nrows, a.ncols, a.row, a.start, torch.where(a.val != EMPTY, FULL, EMPTY).to(torch.int8))
@@ -205,8 +214,8 @@ def _block_any_all(v: torch.Tensor, block: int) -> torch.Tensor:
 class _Context:
     """One (batch, head) slice of a bound mask, on one grid."""
 
-    def __init__(self, bound, b, h, grid: Grid, transposed: bool):
-        self.bound, self.b, self.h, self.grid, self.transposed = bound, b, h, grid, transposed
+    def __init__(self, bound, b, h, grid: Grid):
+        self.bound, self.b, self.h, self.grid = bound, b, h, grid
 
     def env(self, i, j):
         return self.bound.env(self.b, self.h, i, j)
@@ -565,11 +574,7 @@ def _refine(ctx: _Context, plan: Plan, runs: Runs) -> Runs:
     unsure = runs.val == UNSURE
     if not bool(unsure.any()):
         return runs
-    ends = runs.end
-    lens = (ends - runs.start)[unsure]
-    rows = runs.row[unsure].repeat_interleave(lens)
-    first = torch.cumsum(lens, 0) - lens
-    cols = runs.start[unsure].repeat_interleave(lens) + torch.arange(int(lens.sum())) - first.repeat_interleave(lens)
+    rows, cols = blocks_of(runs, unsure)
     vals = _decide(ctx, plan, rows, cols, _breakpoints(ctx, plan), _d_cut_points(ctx, plan))
     # splice: sure runs, plus one single-block run per decided block (with the
     # following sure run restarting after it)
@@ -590,6 +595,6 @@ def analyse(bound, b: int, h: int, grid: Grid, transposed: bool = False) -> Runs
     is then given with the roles of q and k swapped)."""
     expr = _transpose(bound.expr) if transposed else bound.expr
     plan = plan_for(expr)
-    ctx = _Context(bound, b, h, grid, transposed)
+    ctx = _Context(bound, b, h, grid)
     runs = _runs_of(ctx, plan, expr)
     return _refine(ctx, plan, runs)

@@ -119,11 +119,7 @@ def _lists(runs: A.Runs):
     """(full_ptr, full_start, full_end, part_ptr, part_idx) of exact runs."""
     end = runs.end
     full = runs.val == A.FULL
-    part = runs.val == A.PARTIAL
-    plen = (end - runs.start)[part]
-    prow = runs.row[part].repeat_interleave(plen)
-    first = torch.cumsum(plen, 0) - plen
-    pidx = runs.start[part].repeat_interleave(plen) + torch.arange(int(plen.sum())) - first.repeat_interleave(plen)
+    prow, pidx = A.blocks_of(runs, runs.val == A.PARTIAL)
     return (
         _csr(runs.row[full], runs.nrows),
         runs.start[full].to(torch.int32),

@@ -82,8 +82,8 @@ def _compile(e) -> Callable[[Env], object]:
         v = int(e)
         return lambda env: v
     if isinstance(e, sympy.Rational):
-        v = Fraction(int(e.p), int(e.q))
-        return lambda env: float(v)
+        v = float(e)
+        return lambda env: v
     if isinstance(e, AppliedUndef):
         name = e.func.__name__
         args = [_compile(a) for a in e.args]
