@@ -21,11 +21,12 @@ from .masks import (  # noqa: F401
 )
 from .layout import BlockLayout  # noqa: F401
 from . import reference  # noqa: F401
+from .plan import Plan, prepare  # noqa: F401
 from .attention import attention  # noqa: F401
 
 __version__ = "0.1.0"
 
 __all__ = [
     "And", "BlockLayout", "Causal", "Dilated", "Document", "Full", "Global", "Mask", "Not", "Or",
-    "Prefix", "TensorMask", "Tree", "Window", "attention", "reference",
+    "Plan", "Prefix", "TensorMask", "Tree", "Window", "attention", "prepare", "reference",
 ]

@@ -6,8 +6,10 @@ import numbers
 
 import torch
 
+from . import plan as _plans
 from . import reference
 from .masks import Mask
+from .plan import Plan
 
 __all__ = ["attention"]
 
@@ -61,12 +63,98 @@ def attention(q, k, v, mask, *, scale=None, reorder="auto"):
         torch.Size([2, 8, 1000, 64])
     """
     _check_inputs(q, k, v, mask, scale, reorder)
-    # Every device runs the fp32 reference for now (chunked over query rows, so
-    # memory stays bounded); the CUDA Triton path arrives with the kernels and
-    # will dispatch here on q.is_cuda. `reorder` is validated but has nothing to
-    # act on yet: it permutes tokens only for the block-sparse kernels.
-    out, _ = reference.attention(q, k, v, mask, scale=None if scale is None else float(scale))
+    out, _ = _attention(q, k, v, mask, scale=scale)
     return out.to(q.dtype)
+
+
+def _attention(q, k, v, mask, *, scale=None, backend=None):
+    """(out, lse) through the custom op; ``backend`` "triton" or "reference" overrides the
+    choice by device (tests run the Triton kernels on the CPU under TRITON_INTERPRET=1).
+    The reference backend returns out in its compute dtype (float32, or float64), so that
+    its backward sees the unrounded output. The lse output carries no gradient on the
+    Triton path."""
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else float(scale)
+    if backend is None:
+        backend = "triton" if q.is_cuda and q.dtype != torch.float64 else "reference"
+    if isinstance(mask, Plan):
+        key = mask.key
+    else:
+        key = _plan_key(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], str(q.device))
+    return torch.ops.maskdsl.attention_fwd(q, k, v, key, scale, backend)
+
+
+@torch.compiler.assume_constant_result
+def _plan_key(mask, batch: int, heads: int, n_q: int, n_k: int, device: str) -> str:
+    # runs in Python even under torch.compile (its result is a constant of the graph):
+    # the analysis, the code generation and the plan cache stay out of the traced graph
+    mask.check_size(n_q, n_k, batch=batch, heads=heads)
+    return _plans.cached(mask, n_q, n_k, torch.device(device)).key
+
+
+# ---------------------------------------------------------------------------
+# the custom ops: torch.compile traces through attention() with no graph break
+# ---------------------------------------------------------------------------
+
+@torch.library.custom_op("maskdsl::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str, scale: float,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    p = _plans.lookup(plan)
+    if backend == "reference":
+        return reference.forward(q, k, v, p.mask, scale, reference.default_chunk(q, k.shape[2]))
+    from kernels import launch
+    from kernels.configs import tile_config
+
+    cfg = tile_config("fwd", q.element_size(), q.shape[3])
+    return launch.forward(q, k, v, lists=p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), meta=p.meta, pair_b=p.pair_b,
+                          pair_h=p.pair_h, pred=p.predicate.fn, scale=scale, cfg=cfg)
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, plan, scale, backend):
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, dtype=wide if backend == "reference" else q.dtype), q.new_empty(q.shape[:3], dtype=wide)
+
+
+@torch.library.custom_op("maskdsl::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, plan: str, scale: float,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    p = _plans.lookup(plan)
+    if backend == "reference":
+        return reference.backward(q, k, v, o, lse, do, None, p.mask, scale,
+                                  reference.default_chunk(q, k.shape[2]))
+    from kernels import launch
+    from kernels.configs import tile_config
+
+    es, d = q.element_size(), q.shape[3]
+    dq_cfg, kv_cfg = tile_config("dq", es, d), tile_config("dkdv", es, d)
+    return launch.backward(
+        do, q, k, v, o, lse,
+        dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),
+        meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn, scale=scale,
+        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg,
+    )
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse, plan, scale, backend):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, plan, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.plan, ctx.scale, ctx.backend = plan, scale, backend
+
+
+def _backward(ctx, d_out, d_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.maskdsl.attention_bwd(d_out, q, k, v, out, lse, ctx.plan, ctx.scale, ctx.backend)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, mask, scale, reorder) -> None:
@@ -106,10 +194,17 @@ def _check_inputs(q, k, v, mask, scale, reorder) -> None:
             raise ValueError(f"scale must be None or a positive finite float, got {scale!r}")
     if not (reorder is None or (isinstance(reorder, str) and reorder in _REORDERS)):
         raise ValueError(f"reorder must be one of 'auto', 'rcm' or None, got {reorder!r}")
-    if not isinstance(mask, Mask):
+    if isinstance(mask, Plan):
+        if (mask.n_q, mask.n_k) != (q.shape[2], k.shape[2]):
+            raise ValueError(f"mask is a plan prepared for n_q={mask.n_q}, n_k={mask.n_k}, but q has Nq={q.shape[2]} "
+                             f"and k has Nk={k.shape[2]}: prepare it for these sizes")
+        if mask.device != q.device:
+            raise ValueError(f"mask is a plan prepared for device {mask.device}, but q is on {q.device}")
+        mask.mask.check_size(q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1])
+    elif not isinstance(mask, Mask):
         raise TypeError(
-            f"mask must be a maskdsl.Mask, got {type(mask).__name__}: build one from the primitives "
-            "(md.Causal(), md.Window(256), md.Document(lengths), ... combined with |, &, ~) "
+            f"mask must be a maskdsl.Mask or a plan from md.prepare, got {type(mask).__name__}: build one from the "
+            "primitives (md.Causal(), md.Window(256), md.Document(lengths), ... combined with |, &, ~) "
             "or wrap a bool tensor in md.TensorMask(t)"
         )
-    mask.check_size(q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1])
+    # a Mask's size is checked where its plan is made (_plan_key), before any launch

@@ -68,10 +68,15 @@ def attention(q, k, v, mask, *, scale=None, chunk_size=None):
     if scale is None:
         scale = 1.0 / math.sqrt(d)
     if chunk_size is None:
-        per_row = q.shape[0] * q.shape[1] * n_k
-        chunk_size = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+        chunk_size = default_chunk(q, n_k)
     chunk_size = max(1, min(int(chunk_size), n_q))
     return _ChunkedAttention.apply(q, k, v, mask, float(scale), chunk_size)
+
+
+def default_chunk(q, n_k: int) -> int:
+    """Query rows per chunk: the most with rows * Nk * B * Hq <= 2**26 (at least 1)."""
+    per_row = q.shape[0] * q.shape[1] * n_k
+    return max(1, min(_CHUNK_ELEMENTS // max(per_row, 1), q.shape[2]))
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -110,26 +115,66 @@ def _probabilities(s, lse):
     return torch.exp(s - lse_finite[..., None])
 
 
+def forward(q, k, v, mask, scale: float, chunk_size: int):
+    """(out in the compute dtype, lse): the forward pass, no autograd."""
+    dt = _compute_dtype(q)
+    n_q, n_k = q.shape[2], k.shape[2]
+    group = q.shape[1] // k.shape[1]
+    qc = q.to(dt)
+    kc = _expand_kv(k.to(dt), group)
+    vc = _expand_kv(v.to(dt), group)
+
+    out = qc.new_empty(q.shape)
+    lse = qc.new_empty(q.shape[:3])
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        allowed = _allowed_rows(mask, n_q, n_k, start, stop, q.device)
+        s = _masked_scores(qc[:, :, start:stop], kc, allowed, scale)
+        lse[:, :, start:stop] = torch.logsumexp(s, dim=-1)  # -inf on empty rows
+        p = _probabilities(s, lse[:, :, start:stop])
+        out[:, :, start:stop] = torch.matmul(p, vc)
+    return out, lse
+
+
+def backward(q, k, v, out, lse, d_out, d_lse, mask, scale: float, chunk_size: int):
+    """(dq, dk, dv) in the dtypes of q, k, v; ``out`` as ``forward`` returned it; ``d_lse`` may be None."""
+    dt = out.dtype
+    n_q, n_k = q.shape[2], k.shape[2]
+    batch, h_kv = k.shape[0], k.shape[1]
+    group = q.shape[1] // h_kv
+    qc = q.to(dt)
+    kc = _expand_kv(k.to(dt), group)
+    vc = _expand_kv(v.to(dt), group)
+
+    d_out = d_out.to(dt)
+    # empty rows: their lse gradient contributes nothing (P is 0 there, and 0 * inf is NaN)
+    d_lse = (torch.zeros_like(lse) if d_lse is None else d_lse.to(dt)).masked_fill(torch.isneginf(lse), 0.0)
+    delta = (d_out * out).sum(dim=-1)  # rowsum(dO * O), [B, Hq, Nq]
+
+    dq = torch.zeros_like(qc)
+    dk = torch.zeros_like(kc)
+    dv = torch.zeros_like(vc)
+    for start in range(0, n_q, chunk_size):
+        stop = min(start + chunk_size, n_q)
+        rows = slice(start, stop)
+        allowed = _allowed_rows(mask, n_q, n_k, start, stop, q.device)
+        p = _probabilities(_masked_scores(qc[:, :, rows], kc, allowed, scale), lse[:, :, rows])
+        dp = torch.matmul(d_out[:, :, rows], vc.transpose(-1, -2))
+        ds = p * (dp - delta[:, :, rows, None] + d_lse[:, :, rows, None])
+        dq[:, :, rows] = torch.matmul(ds, kc) * scale
+        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, rows]) * scale
+        dv += torch.matmul(p.transpose(-1, -2), d_out[:, :, rows])
+
+    # sum the GQA group back onto its kv head
+    dk = dk.view(batch, h_kv, group, n_k, -1).sum(dim=2)
+    dv = dv.view(batch, h_kv, group, n_k, -1).sum(dim=2)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
 class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, mask, scale, chunk_size):
-        dt = _compute_dtype(q)
-        n_q, n_k = q.shape[2], k.shape[2]
-        group = q.shape[1] // k.shape[1]
-        qc = q.to(dt)
-        kc = _expand_kv(k.to(dt), group)
-        vc = _expand_kv(v.to(dt), group)
-
-        out = qc.new_empty(q.shape)
-        lse = qc.new_empty(q.shape[:3])
-        for start in range(0, n_q, chunk_size):
-            stop = min(start + chunk_size, n_q)
-            allowed = _allowed_rows(mask, n_q, n_k, start, stop, q.device)
-            s = _masked_scores(qc[:, :, start:stop], kc, allowed, scale)
-            lse[:, :, start:stop] = torch.logsumexp(s, dim=-1)  # -inf on empty rows
-            p = _probabilities(s, lse[:, :, start:stop])
-            out[:, :, start:stop] = torch.matmul(p, vc)
-
+        out, lse = forward(q, k, v, mask, scale, chunk_size)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.mask, ctx.scale, ctx.chunk_size = mask, scale, chunk_size
         return out.to(q.dtype), lse
@@ -137,35 +182,5 @@ class _ChunkedAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
-        mask, scale, chunk_size = ctx.mask, ctx.scale, ctx.chunk_size
-        dt = out.dtype
-        n_q, n_k = q.shape[2], k.shape[2]
-        batch, h_kv = k.shape[0], k.shape[1]
-        group = q.shape[1] // h_kv
-        qc = q.to(dt)
-        kc = _expand_kv(k.to(dt), group)
-        vc = _expand_kv(v.to(dt), group)
-
-        d_out = d_out.to(dt)
-        # empty rows: their lse gradient contributes nothing (P is 0 there, and 0 * inf is NaN)
-        d_lse = d_lse.to(dt).masked_fill(torch.isneginf(lse), 0.0)
-        delta = (d_out * out).sum(dim=-1)  # rowsum(dO * O), [B, Hq, Nq]
-
-        dq = torch.zeros_like(qc)
-        dk = torch.zeros_like(kc)
-        dv = torch.zeros_like(vc)
-        for start in range(0, n_q, chunk_size):
-            stop = min(start + chunk_size, n_q)
-            rows = slice(start, stop)
-            allowed = _allowed_rows(mask, n_q, n_k, start, stop, q.device)
-            p = _probabilities(_masked_scores(qc[:, :, rows], kc, allowed, scale), lse[:, :, rows])
-            dp = torch.matmul(d_out[:, :, rows], vc.transpose(-1, -2))
-            ds = p * (dp - delta[:, :, rows, None] + d_lse[:, :, rows, None])
-            dq[:, :, rows] = torch.matmul(ds, kc) * scale
-            dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, rows]) * scale
-            dv += torch.matmul(p.transpose(-1, -2), d_out[:, :, rows])
-
-        # sum the GQA group back onto its kv head
-        dk = dk.view(batch, h_kv, group, n_k, -1).sum(dim=2)
-        dv = dv.view(batch, h_kv, group, n_k, -1).sum(dim=2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
+        grads = backward(q, k, v, out, lse, d_out, d_lse, ctx.mask, ctx.scale, ctx.chunk_size)
+        return (*grads, None, None, None)

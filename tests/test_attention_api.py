@@ -96,7 +96,7 @@ ERRORS = [
     # mask type
     *[
         err(f"mask-{name}", (lambda m=m: call(mask=m)), TypeError,
-            r"mask must be a maskdsl\.Mask, got .*primitives.*md\.TensorMask")
+            r"mask must be a maskdsl\.Mask or a plan from md\.prepare, got .*primitives.*md\.TensorMask")
         for name, m in [("bool-tensor", torch.ones(7, 9, dtype=torch.bool)),
                         ("callable", lambda b, h, i, j: j <= i), ("str", "causal")]
     ],
@@ -119,7 +119,7 @@ def test_invalid_input_is_rejected_before_compute(no_compute, build, exc, match)
 
 def test_mask_none_is_rejected():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"mask must be a maskdsl\.Mask, got NoneType"):
+    with pytest.raises(TypeError, match=r"mask must be a maskdsl\.Mask or a plan from md\.prepare, got NoneType"):
         md.attention(q, k, v, None)
 
 

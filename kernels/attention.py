@@ -1,0 +1,319 @@
+"""Block-sparse flash attention, forward and backward, driven by compact block lists.
+
+The kernels know nothing of masks. Each (query block) row of a layout gives
+runs of *full* key blocks ``[start, end)`` (no mask work at all: the loop walks
+key positions with no index loads, the paper's Dense Binary Block Masking) and a
+list of *partial* key blocks, where ``PRED(i, j, meta)``, a ``@triton.jit``
+function passed as a constexpr, decides each entry in registers. The dK/dV pass
+walks the transposed lists (per key block: its query blocks), looping over the
+query heads of its GQA group, so no atomics are needed and gradients are
+deterministic. Programs visit rows in a given order (heaviest first), so that
+rows made dense by global tokens start early instead of trailing the grid.
+
+Softmax runs in base 2 (``qk_scale = scale * log2(e)``); the log-sum-exp is
+stored in natural units, ``-inf`` for a row with no allowed key (output 0).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _fwd_block(
+    acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta, stride_kn, stride_kd, stride_vn, stride_vd,
+    N_K, qk_scale, PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+):
+    offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_k = K_BASE + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+    p_v = V_BASE + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
+    if EVEN_N and EVEN_D:
+        b_kt = tl.load(p_k)
+        b_v = tl.load(p_v)
+    else:
+        b_kt = tl.load(p_k, mask=(offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D), other=0.0)
+        b_v = tl.load(p_v, mask=(offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D), other=0.0)
+    b_s = tl.dot(b_q, b_kt, input_precision=PREC) * qk_scale
+    if PARTIAL:
+        m_allow = PRED(offs_m[:, None], offs_n[None, :], meta)
+        if not EVEN_N:
+            m_allow = m_allow & (offs_n[None, :] < N_K)
+        b_s = tl.where(m_allow, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        # a row may have seen no allowed key yet: keep exp2 away from (-inf) - (-inf)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        if not EVEN_N:
+            b_s = tl.where(offs_n[None, :] < N_K, b_s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_use = m_new
+    b_p = tl.math.exp2(b_s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(b_p, 1)
+    acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attn_fwd_kernel(
+    Q, K, V, O, LSE, META,
+    FULL_PTR, FULL_START, FULL_END, PART_PTR, PART_IDX, ORDER,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
+    H, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale,
+    PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+):
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    i_bh = tl.program_id(0)
+    i_m = tl.load(ORDER + tl.program_id(1))
+    i_b = i_bh // H
+    i_h = i_bh % H
+    pair = i_b * PAIR_B + i_h * PAIR_H
+    row = pair * NUM_ROWS + i_m
+    meta = META + pair.to(tl.int64) * META_STRIDE
+
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_row = offs_m < N_Q
+    m_d = offs_d < HEAD_D
+    Q_BASE = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+    K_BASE = K + i_b.to(tl.int64) * stride_kb + (i_h // GROUP).to(tl.int64) * stride_kh
+    V_BASE = V + i_b.to(tl.int64) * stride_vb + (i_h // GROUP).to(tl.int64) * stride_vh
+    p_q = Q_BASE + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    r0 = tl.load(FULL_PTR + row)
+    r1 = tl.load(FULL_PTR + row + 1)
+    for r in range(r0, r1):
+        n0 = tl.load(FULL_START + r)
+        n1 = tl.load(FULL_END + r)
+        for i_n in range(n0, n1):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
+                                       BLOCK_N, HEAD_D, PREC)
+    p0 = tl.load(PART_PTR + row)
+    p1 = tl.load(PART_PTR + row + 1)
+    for p in range(p0, p1):
+        i_n = tl.load(PART_IDX + p)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, True, EVEN_N, EVEN_D,
+                                   BLOCK_N, HEAD_D, PREC)
+
+    empty = l_i == 0.0
+    b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    O_BASE = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    p_o = O_BASE + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
+    tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_row)
+
+
+# ---------------------------------------------------------------------------
+# backward: dQ over each query block's key list
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _dq_block(
+    dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta, stride_kn, stride_kd, stride_vn, stride_vd,
+    N_K, qk_scale, PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+):
+    offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    p_kt = K_BASE + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+    p_vt = V_BASE + offs_n[None, :].to(tl.int64) * stride_vn + offs_d[:, None] * stride_vd
+    if EVEN_N and EVEN_D:
+        b_kt = tl.load(p_kt)
+        b_vt = tl.load(p_vt)
+    else:
+        m_kv = (offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D)
+        b_kt = tl.load(p_kt, mask=m_kv, other=0.0)
+        b_vt = tl.load(p_vt, mask=m_kv, other=0.0)
+    b_s = tl.dot(b_q, b_kt, input_precision=PREC) * qk_scale
+    b_p = tl.math.exp2(b_s - lse2[:, None])
+    if PARTIAL:
+        m_allow = PRED(offs_m[:, None], offs_n[None, :], meta)
+        if not EVEN_N:
+            m_allow = m_allow & (offs_n[None, :] < N_K)
+        b_p = tl.where(m_allow, b_p, 0.0)
+    elif not EVEN_N:
+        b_p = tl.where(offs_n[None, :] < N_K, b_p, 0.0)
+    b_dp = tl.dot(b_do, b_vt, input_precision=PREC)
+    b_ds = b_p * (b_dp - delta[:, None])
+    dq += tl.dot(b_ds.to(b_kt.dtype), tl.trans(b_kt), input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA, META,
+    FULL_PTR, FULL_START, FULL_END, PART_PTR, PART_IDX, ORDER,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
+    PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+):
+    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    i_bh = tl.program_id(0)
+    i_m = tl.load(ORDER + tl.program_id(1))
+    i_b = i_bh // H
+    i_h = i_bh % H
+    pair = i_b * PAIR_B + i_h * PAIR_H
+    row = pair * NUM_ROWS + i_m
+    meta = META + pair.to(tl.int64) * META_STRIDE
+
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_row = offs_m < N_Q
+    m_qd = m_row[:, None] & (offs_d[None, :] < HEAD_D)
+    K_BASE = K + i_b.to(tl.int64) * stride_kb + (i_h // GROUP).to(tl.int64) * stride_kh
+    V_BASE = V + i_b.to(tl.int64) * stride_vb + (i_h // GROUP).to(tl.int64) * stride_vh
+    b_q = tl.load(Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+                  + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=m_qd, other=0.0)
+    b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+                   + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=m_qd, other=0.0)
+    lse = tl.load(LSE + i_bh.to(tl.int64) * N_Q + offs_m, mask=m_row, other=float("inf"))
+    # rows past N_Q and rows with no allowed key: +inf makes every probability 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, mask=m_row, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    r0 = tl.load(FULL_PTR + row)
+    r1 = tl.load(FULL_PTR + row + 1)
+    for r in range(r0, r1):
+        n0 = tl.load(FULL_START + r)
+        n1 = tl.load(FULL_END + r)
+        for i_n in range(n0, n1):
+            dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                           stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
+                           BLOCK_N, HEAD_D, PREC)
+    p0 = tl.load(PART_PTR + row)
+    p1 = tl.load(PART_PTR + row + 1)
+    for p in range(p0, p1):
+        i_n = tl.load(PART_IDX + p)
+        dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                       stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, True, EVEN_N, EVEN_D,
+                       BLOCK_N, HEAD_D, PREC)
+
+    dq = dq * sm_scale
+    p_dq = (DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+            + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd)
+    tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_qd)
+
+
+# ---------------------------------------------------------------------------
+# backward: dK, dV over each key block's query list, for every head of the group
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def _dkdv_block(
+    dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d, meta,
+    stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
+    PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+):
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    p_q = Q_BASE + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    p_do = DO_BASE + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod
+    if EVEN_M and EVEN_D:
+        b_q = tl.load(p_q)
+        b_do = tl.load(p_do)
+        lse = tl.load(LSE_BASE + offs_m)
+        delta = tl.load(DELTA_BASE + offs_m)
+    else:
+        m_qd = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+        b_q = tl.load(p_q, mask=m_qd, other=0.0)
+        b_do = tl.load(p_do, mask=m_qd, other=0.0)
+        lse = tl.load(LSE_BASE + offs_m, mask=offs_m < N_Q, other=float("inf"))
+        delta = tl.load(DELTA_BASE + offs_m, mask=offs_m < N_Q, other=0.0)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
+    b_pt = tl.math.exp2(b_st - lse2[None, :])
+    if PARTIAL:
+        m_allow = PRED(offs_m[None, :], offs_n[:, None], meta)
+        b_pt = tl.where(m_allow, b_pt, 0.0)
+    dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
+    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+    b_dst = b_pt * (b_dpt - delta[None, :])
+    dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA, META,
+    FULL_PTR, FULL_START, FULL_END, PART_PTR, PART_IDX, ORDER,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
+    PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
+):
+    EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
+    i_bhk = tl.program_id(0)
+    i_n = tl.load(ORDER + tl.program_id(1))
+    i_b = i_bhk // HKV
+    i_hk = i_bhk % HKV
+
+    offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_kd = (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D)
+    b_k = tl.load(K + i_b.to(tl.int64) * stride_kb + i_hk.to(tl.int64) * stride_kh
+                  + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :] * stride_kd, mask=m_kd, other=0.0)
+    b_v = tl.load(V + i_b.to(tl.int64) * stride_vb + i_hk.to(tl.int64) * stride_vh
+                  + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd, mask=m_kd, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+
+    for g in range(GROUP):
+        i_h = i_hk * GROUP + g
+        pair = i_b * PAIR_B + i_h * PAIR_H
+        row = pair * NUM_ROWS + i_n
+        meta = META + pair.to(tl.int64) * META_STRIDE
+        Q_BASE = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+        DO_BASE = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+        LSE_BASE = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
+        DELTA_BASE = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
+        r0 = tl.load(FULL_PTR + row)
+        r1 = tl.load(FULL_PTR + row + 1)
+        for r in range(r0, r1):
+            m0 = tl.load(FULL_START + r)
+            m1 = tl.load(FULL_END + r)
+            for i_m in range(m0, m1):
+                dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
+                                     meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
+                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
+        p0 = tl.load(PART_PTR + row)
+        p1 = tl.load(PART_PTR + row + 1)
+        for p in range(p0, p1):
+            i_m = tl.load(PART_IDX + p)
+            dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
+                                 meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
+                                 PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
+
+    dk = dk * sm_scale
+    p_dk = (DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
+            + offs_n[:, None].to(tl.int64) * stride_dkn + offs_d[None, :] * stride_dkd)
+    p_dv = (DV + i_b.to(tl.int64) * stride_dvb + i_hk.to(tl.int64) * stride_dvh
+            + offs_n[:, None].to(tl.int64) * stride_dvn + offs_d[None, :] * stride_dvd)
+    tl.store(p_dk, dk.to(DK.dtype.element_ty), mask=m_kd)
+    tl.store(p_dv, dv.to(DV.dtype.element_ty), mask=m_kd)

@@ -1,0 +1,57 @@
+"""Tile configurations of the attention kernels: data, not constants in code.
+
+Each entry names the pass, the element sizes (bytes) and head dims it serves,
+and its tiles (``BLOCK_M`` query rows x ``BLOCK_N`` keys), warps and pipeline
+stages. The first matching entry wins. The layouts' block sizes follow these
+tiles: the forward and dQ passes read the per-query-block lists of a
+``BLOCK_M x BLOCK_N`` layout, the dK/dV pass the per-key-block lists of its own.
+Entries for 2-byte inputs were tuned on an H100 (docs/benchmarks/attention.md);
+4-byte (float32) entries keep tiles small enough for shared memory.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    num_warps: int
+    num_stages: int
+
+
+# (pass, element sizes, head dims, config)
+CONFIGS = [
+    ("fwd", (2,), (16, 32, 64), TileConfig(128, 64, 4, 3)),
+    ("fwd", (2,), (128,), TileConfig(128, 64, 8, 3)),
+    ("fwd", (2,), (256,), TileConfig(64, 32, 4, 2)),
+    ("fwd", (4,), (16, 32, 64), TileConfig(64, 32, 4, 2)),
+    ("fwd", (4,), (128, 256), TileConfig(32, 32, 4, 1)),
+    ("dq", (2,), (16, 32, 64), TileConfig(128, 64, 4, 2)),
+    ("dq", (2,), (128,), TileConfig(128, 64, 8, 2)),
+    ("dq", (2,), (256,), TileConfig(64, 32, 4, 1)),
+    ("dq", (4,), (16, 32, 64), TileConfig(64, 32, 4, 1)),
+    ("dq", (4,), (128, 256), TileConfig(32, 32, 4, 1)),
+    ("dkdv", (2,), (16, 32, 64), TileConfig(64, 128, 4, 2)),
+    ("dkdv", (2,), (128,), TileConfig(64, 128, 8, 2)),
+    ("dkdv", (2,), (256,), TileConfig(32, 64, 4, 1)),
+    ("dkdv", (4,), (16, 32, 64), TileConfig(32, 64, 4, 1)),
+    ("dkdv", (4,), (128, 256), TileConfig(32, 32, 4, 1)),
+]
+
+HEAD_DIMS = (16, 32, 64, 128, 256)
+
+# pass name -> TileConfig used instead of the table (tests: small tiles under the interpreter)
+OVERRIDE: dict = {}
+
+
+def tile_config(pass_name: str, element_size: int, head_dim: int) -> TileConfig:
+    """The tiles of ``pass_name`` ("fwd", "dq" or "dkdv") for inputs of this element size and head dim."""
+    if pass_name in OVERRIDE:
+        return OVERRIDE[pass_name]
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    for name, sizes, dims, cfg in CONFIGS:
+        if name == pass_name and element_size in sizes and padded in dims:
+            return cfg
+    raise ValueError(f"no {pass_name} tile configuration for {element_size}-byte elements and head dim {head_dim}")

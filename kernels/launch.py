@@ -1,0 +1,111 @@
+"""Launchers: allocate outputs, compute grids, launch the attention kernels.
+
+Inputs are plain tensors (no DSL): q [B, Hq, Nq, D], k and v [B, Hkv, Nk, D]
+with any strides, one direction of a block layout as ``Lists`` (CSR runs of full
+blocks, partial blocks, and the order in which programs visit the rows), the
+mask data ``meta`` [P, L] int32 with the pair strides that map (b, h) to its
+row, and ``pred``, the ``@triton.jit`` predicate of partial blocks.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+from .configs import TileConfig
+
+# Tests set this to fill outputs with NaN before each launch, so that an element
+# a kernel fails to write shows up instead of passing as stale memory.
+POISON = False
+
+
+@dataclass(frozen=True)
+class Lists:
+    """Per-row block lists of one pass: rows are (pair, block) flattened, ``num_rows`` blocks per pair."""
+
+    full_ptr: torch.Tensor
+    full_start: torch.Tensor
+    full_end: torch.Tensor
+    part_ptr: torch.Tensor
+    part_idx: torch.Tensor
+    order: torch.Tensor  # block index visited by the r-th program of each (batch, head)
+    num_rows: int
+    block_rows: int  # the tile along the rows (query block for fwd/dQ, key block for dK/dV)
+    block_cols: int
+
+    def args(self):
+        return (self.full_ptr, self.full_start, self.full_end, self.part_ptr, self.part_idx, self.order)
+
+
+def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    dtype = like.dtype if dtype is None else dtype
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # float32 inputs: IEEE products unless the user allowed TF32 for matmuls
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scale: float, cfg: TileConfig):
+    """(out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32, natural log, -inf on empty rows)."""
+    B, H, n_q, D = q.shape
+    n_k = k.shape[2]
+    assert lists.block_rows == cfg.BLOCK_M and lists.block_cols == cfg.BLOCK_N, "layout does not match the tiles"
+    o = _empty(q.shape, q)
+    lse = _empty((B, H, n_q), q, torch.float32)
+    grid = (B * H, lists.num_rows)
+    attn_fwd_kernel[grid](
+        q, k, v, o, lse, meta, *lists.args(),
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        H, n_q, n_k, lists.num_rows, H // k.shape[1], pair_b, pair_h, meta.stride(0),
+        scale * math.log2(math.e),
+        PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=_block_d(D),
+        EVEN_N=n_k % cfg.BLOCK_N == 0, PREC=_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return o, lse
+
+
+def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, pair_b: int, pair_h: int, pred,
+             scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig):
+    """(dq, dk, dv) in the dtypes of q, k, v. Deterministic: no atomics."""
+    B, H, n_q, D = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
+    assert dkdv_lists.block_rows == dkdv_cfg.BLOCK_N and dkdv_lists.block_cols == dkdv_cfg.BLOCK_M
+    # delta = rowsum(dO * O), in float32
+    delta = (do.float() * o.float()).sum(-1).contiguous()
+    lse = lse.contiguous()
+    dq = _empty(q.shape, q)
+    dk = _empty(k.shape, k)
+    dv = _empty(v.shape, v)
+    common = dict(PRED=pred, HEAD_D=D, BLOCK_D=_block_d(D), PREC=_precision(q.dtype))
+    attn_bwd_dq_kernel[(B * H, dq_lists.num_rows)](
+        q, k, v, do, dq, lse, delta, meta, *dq_lists.args(),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        H, n_q, n_k, dq_lists.num_rows, H // h_kv, pair_b, pair_h, meta.stride(0),
+        scale * math.log2(math.e), scale,
+        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=n_k % dq_cfg.BLOCK_N == 0,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
+    )
+    attn_bwd_dkdv_kernel[(B * h_kv, dkdv_lists.num_rows)](
+        q, k, v, do, dk, dv, lse, delta, meta, *dkdv_lists.args(),
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        H, h_kv, n_q, n_k, dkdv_lists.num_rows, H // h_kv, pair_b, pair_h, meta.stride(0),
+        scale * math.log2(math.e), scale,
+        BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=n_q % dkdv_cfg.BLOCK_M == 0,
+        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
+    )
+    return dq, dk, dv

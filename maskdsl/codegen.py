@@ -1,0 +1,255 @@
+"""The in-kernel mask predicate: Triton code generated from a mask's sympy expression.
+
+A mask's predicate (``maskdsl.symbolic``) is turned into the source of one
+``@triton.jit`` function ``mask_pred(i, j, meta)``: ``i`` and ``j`` are int32
+register tiles that broadcast against each other (``[BM, 1]`` and ``[1, BN]``,
+or transposed in the dK/dV pass), ``meta`` points at this (batch, head)'s data
+in one int32 buffer. The kernels receive the function as a ``tl.constexpr``
+argument and call it on partial blocks only, so kernels/ never sees the DSL.
+
+The source depends on the expression's *structure* only, so new data never
+recompiles a kernel:
+
+* tables (document ids, global indicators, Euler-tour times, ...) and scalars
+  (prefix lengths) live in ``meta``, found through a header of slots;
+* every integer literal other than 0 and +-1 (window sizes, causal offsets,
+  dilation moduli) is lifted into a header slot too, so ``Window(256)`` and
+  ``Window(512)``, or ``Causal(offset)`` at every decoding step, share one kernel.
+
+Layout of one (batch, head) row of ``meta`` (int32): for each table, in name
+order, three slots ``offset, rows, words`` (``words`` is 0 for a 1-D table and
+the number of 32-bit words per row for a bit-packed 2-D table); then one slot per
+scalar (name order); then one per lifted constant; then the table data. Table
+reads clamp the index into range, so rows and columns past ``n_q``/``n_k``
+(ragged edge tiles, which the kernels mask separately) read valid memory.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import sympy
+import torch
+from sympy.core.function import AppliedUndef
+from sympy.logic.boolalg import BooleanFalse, BooleanTrue
+
+from . import symbolic as S
+
+__all__ = ["Predicate", "predicate_for", "pack_meta"]
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """The generated predicate of one expression structure.
+
+    ``fn`` is the ``@triton.jit`` function; ``tables`` / ``scalars`` name the data
+    in header order; ``constants`` are the lifted literal values (structure-free
+    data of this particular expression); ``header`` is the number of header slots.
+    """
+
+    fn: object
+    source: str
+    tables: tuple  # (name, is_2d)
+    scalars: tuple
+    constants: tuple
+    header: int
+
+
+def _lift_constants(expr):
+    """Replace integer literals other than 0, +-1 by symbols ``_c0, _c1, ...``."""
+    values = sorted({int(n) for n in expr.atoms(sympy.Integer) if abs(int(n)) > 1})
+    subs = {sympy.Integer(v): sympy.Symbol(f"_c{k}", integer=True) for k, v in enumerate(values)}
+    return expr.xreplace(subs), tuple(values)
+
+
+class _Emitter:
+    def __init__(self, tables, scalars, consts):
+        self.lines = []
+        self.slot = {}
+        k = 0
+        for name, two_d in tables:
+            self.slot[name] = k
+            k += 3
+        for name in scalars + consts:
+            self.slot[name] = k
+            k += 1
+        self.header = k
+        self.two_d = dict(tables)
+        self.cache = {}
+        self.count = 0
+
+    def tmp(self, code: str) -> str:
+        if code in self.cache:
+            return self.cache[code]
+        name = f"t{self.count}"
+        self.count += 1
+        self.lines.append(f"    {name} = {code}")
+        self.cache[code] = name
+        return name
+
+    def header_value(self, name: str, k: int = 0) -> str:
+        return self.tmp(f"tl.load(meta + {self.slot[name] + k})")
+
+    def emit(self, e) -> str:
+        if e is S.I:
+            return "i"
+        if e is S.J:
+            return "j"
+        if isinstance(e, BooleanTrue):
+            return self.tmp("(i + j) >= 0")
+        if isinstance(e, BooleanFalse):
+            return self.tmp("(i + j) < 0")
+        if isinstance(e, sympy.Symbol):
+            return self.header_value(e.name)
+        if isinstance(e, sympy.Integer):
+            return str(int(e))
+        if isinstance(e, AppliedUndef):
+            name = e.func.__name__
+            off, rows, words = (self.header_value(name, k) for k in range(3))
+            args = [self.emit(a) for a in e.args]
+            ci = self.tmp(f"tl.minimum(tl.maximum({args[0]}, 0), {rows} - 1)")
+            if len(args) == 1:
+                return self.tmp(f"tl.load(meta + {off} + {ci})")
+            cj = self.tmp(f"tl.minimum(tl.maximum({args[1]}, 0), {words} * 32 - 1)")
+            word = self.tmp(f"tl.load(meta + {off} + {ci} * {words} + ({cj} >> 5))")
+            return self.tmp(f"({word} >> ({cj} & 31)) & 1")
+        for cls, op in ((sympy.Eq, "=="), (sympy.Ne, "!="), (sympy.Lt, "<"), (sympy.Le, "<="),
+                        (sympy.Gt, ">"), (sympy.Ge, ">=")):
+            if isinstance(e, cls):
+                return self.tmp(f"{self.emit(e.lhs)} {op} {self.emit(e.rhs)}")
+        args = [self.emit(a) for a in e.args]
+        if isinstance(e, sympy.And):
+            return self.tmp(" & ".join(args))
+        if isinstance(e, sympy.Or):
+            return self.tmp(" | ".join(args))
+        if isinstance(e, sympy.Not):
+            return self.tmp(f"{args[0]} == 0")
+        if isinstance(e, sympy.Add):
+            return self.tmp(" + ".join(args))
+        if isinstance(e, sympy.Mul):
+            return self.tmp(" * ".join(args))
+        if isinstance(e, sympy.Mod):
+            a, m = args  # floored modulo, as sympy's Mod; Triton's % truncates
+            return self.tmp(f"(({a} % {m}) + {m}) % {m}")
+        if isinstance(e, sympy.Abs):
+            return self.tmp(f"tl.abs({args[0]})")
+        if isinstance(e, sympy.Min):
+            return self.tmp(_fold("tl.minimum", args))
+        if isinstance(e, sympy.Max):
+            return self.tmp(_fold("tl.maximum", args))
+        raise NotImplementedError(
+            f"maskdsl cannot generate kernel code for the sympy node {type(e).__name__} ({e}); "
+            "mask predicates may use integers, +, *, Mod, Abs, Min, Max, comparisons and &, |, ~"
+        )
+
+
+def _fold(fn: str, args: list) -> str:
+    out = args[0]
+    for a in args[1:]:
+        out = f"{fn}({out}, {a})"
+    return out
+
+
+def _source(expr, tables, scalars, consts) -> tuple[str, int]:
+    em = _Emitter(tables, scalars, consts)
+    result = em.emit(expr)
+    body = "\n".join(em.lines) if em.lines else "    pass"
+    src = (
+        "import triton\n"
+        "import triton.language as tl\n\n\n"
+        "@triton.jit\n"
+        "def mask_pred(i, j, meta):\n"
+        f"    # generated by maskdsl.codegen from: {expr}\n"
+        f"{body}\n"
+        f"    return ({result}) & ((i + j) >= 0)\n"
+    )
+    return src, em.header
+
+
+_CACHE_DIR = Path(os.environ.get("MASKDSL_CACHE_DIR", Path(tempfile.gettempdir()) / f"maskdsl-{os.getuid()}"))
+
+
+def _load(src: str):
+    """Import generated source from a file: triton.jit reads a function's source with inspect."""
+    digest = hashlib.sha256(src.encode()).hexdigest()[:20]
+    name = f"maskdsl_pred_{digest}"
+    if name in sys.modules:
+        return sys.modules[name].mask_pred
+    _CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    path = _CACHE_DIR / f"{name}.py"
+    if not path.exists() or path.read_text() != src:
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(src)
+        os.replace(tmp, path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod.mask_pred
+
+
+@functools.lru_cache(maxsize=1024)
+def _generate(lifted) -> tuple:
+    tables = sorted({(f.func.__name__, len(f.args) == 2) for f in lifted.atoms(AppliedUndef)})
+    names = sorted(s.name for s in lifted.free_symbols if s not in (S.I, S.J))
+    consts = tuple(n for n in names if n.startswith("_c"))
+    scalars = tuple(n for n in names if not n.startswith("_c"))
+    src, header = _source(lifted, tuple(tables), scalars, consts)
+    return _load(src), src, tuple(tables), scalars, consts, header
+
+
+def predicate_for(expr) -> Predicate:
+    """The generated predicate of a bound mask expression (cached by structure)."""
+    lifted, values = _lift_constants(expr)
+    fn, src, tables, scalars, consts, header = _generate(lifted)
+    assert len(consts) == len(values)
+    by_name = dict(zip((f"_c{k}" for k in range(len(values))), values))
+    return Predicate(fn, src, tables, scalars, tuple(by_name[c] for c in consts), header)
+
+
+def _pack_bits(t: torch.Tensor) -> torch.Tensor:
+    """Bool [n, m] -> int32 [n, ceil(m / 32)], bit b of word w holding column 32 w + b."""
+    n, m = t.shape
+    words = -(-m // 32)
+    padded = torch.zeros(n, words * 32, dtype=torch.int64, device=t.device)
+    padded[:, :m] = t.to(torch.int64)
+    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=t.device),
+                                       torch.arange(32, device=t.device))
+    packed = (padded.view(n, words, 32) * weights).sum(-1)
+    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)
+    return packed.to(torch.int32)
+
+
+def pack_meta(pred: Predicate, bound) -> torch.Tensor:
+    """int32 ``[P, L]``: the header and data of every (batch, head) pair of ``bound``."""
+    rows = []
+    for b, h in bound.pairs():
+        header, data = [], []
+        pos = pred.header
+        for name, two_d in pred.tables:
+            t = bound.tables[name]
+            t = t[min(b, t.shape[0] - 1)]
+            if two_d:
+                t = _pack_bits(t[min(h, t.shape[0] - 1)].bool())
+                header += [pos, t.shape[0], t.shape[1]]
+            else:
+                header += [pos, t.shape[0], 0]
+            flat = t.reshape(-1).to(torch.int32).cpu()
+            data.append(flat)
+            pos += flat.numel()
+        scal = bound.scalars_at(b)
+        header += [scal[name] for name in pred.scalars]
+        header += list(pred.constants)
+        rows.append(torch.cat([torch.tensor(header, dtype=torch.int32), *data]) if header or data
+                    else torch.zeros(1, dtype=torch.int32))
+    width = max(r.numel() for r in rows)
+    out = torch.zeros(len(rows), width, dtype=torch.int32)
+    for k, r in enumerate(rows):
+        out[k, :r.numel()] = r
+    return out

@@ -1,0 +1,185 @@
+"""Plans: a mask bound to one size and device, with everything the kernels need.
+
+``md.prepare(mask, n_q, n_k, device=...)`` analyses the mask once and keeps the
+generated predicate, the mask data and the block lists of each tile shape the
+kernels use, so one plan serves every layer, head and step that shares the mask.
+``md.attention`` prepares (and caches) plans itself when given a mask.
+"""
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+import threading
+
+import numpy as np
+import torch
+
+from kernels.configs import tile_config
+from kernels.launch import Lists
+
+from . import codegen
+from .masks import Mask
+
+__all__ = ["Plan", "prepare"]
+
+
+class Plan:
+    """A mask prepared for attention at sizes (n_q, n_k) on one device. Build with ``md.prepare``.
+
+    Attributes:
+        mask: the Mask.
+        n_q, n_k: the sizes it was prepared for.
+        device: where its tensors live.
+        batch_shape: (B, H) of the mask's data, or None.
+        predicate: the generated in-kernel predicate (``maskdsl.codegen.Predicate``).
+        meta: int32 [P, L], the mask data of each (batch, head) pair, read by the predicate.
+    """
+
+    def __init__(self, mask: Mask, n_q: int, n_k: int, device):
+        mask.check_size(n_q, n_k)
+        self.mask = mask
+        self.n_q, self.n_k = int(n_q), int(n_k)
+        self.device = torch.device(device)
+        self.batch_shape = mask.batch_shape
+        bm, hm = self.batch_shape or (1, 1)
+        self.pair_b = hm if bm > 1 else 0
+        self.pair_h = 1 if hm > 1 else 0
+        self._layouts = {}
+        self._lists = {}
+        self._lock = threading.Lock()
+        self.key = f"plan{next(_COUNTER)}"
+        _register(self)
+
+    def __repr__(self):
+        return f"Plan({self.mask!r}, n_q={self.n_q}, n_k={self.n_k}, device={self.device})"
+
+    @functools.cached_property
+    def _bound(self):
+        return self.mask.bind(self.n_q, self.n_k)
+
+    @functools.cached_property
+    def predicate(self) -> codegen.Predicate:
+        return codegen.predicate_for(self._bound.expr)
+
+    @functools.cached_property
+    def meta(self) -> torch.Tensor:
+        return codegen.pack_meta(self.predicate, self._bound).to(self.device)
+
+    def layout(self, block_q: int, block_k: int):
+        """The BlockLayout of this plan for tiles block_q x block_k (built once, on this plan's device)."""
+        with self._lock:
+            lay = self._layouts.get((block_q, block_k))
+            if lay is None:
+                lay = self.mask.block_layout(self.n_q, self.n_k, block=(block_q, block_k))
+                self._layouts[(block_q, block_k)] = lay
+            return lay
+
+    def lists(self, block_q: int, block_k: int, by: str) -> Lists:
+        """Kernel lists of the (block_q, block_k) layout, per query block (by="q") or per key block (by="k")."""
+        key = (block_q, block_k, by)
+        got = self._lists.get(key)
+        if got is None:
+            got = _lists(self.layout(block_q, block_k), by, self.device)
+            self._lists[key] = got
+        return got
+
+    def warm(self, element_size: int, head_dim: int) -> "Plan":
+        """Build the lists the kernels use for this element size and head dim now, not at the first call."""
+        for name, by in (("fwd", "q"), ("dq", "q"), ("dkdv", "k")):
+            cfg = tile_config(name, element_size, head_dim)
+            self.lists(cfg.BLOCK_M, cfg.BLOCK_N, by)
+        self.meta  # noqa: B018 - generate the predicate and move the data now
+        return self
+
+
+def _lists(lay, by: str, device) -> Lists:
+    if by == "q":
+        ptr, start, end, pptr, pidx = (lay.q_full_ptr, lay.q_full_start, lay.q_full_end, lay.q_part_ptr, lay.q_part_idx)
+        rows, rb, cb = lay.num_q_blocks, lay.block_q, lay.block_k
+    else:
+        ptr, start, end, pptr, pidx = (lay.k_full_ptr, lay.k_full_start, lay.k_full_end, lay.k_part_ptr, lay.k_part_idx)
+        rows, rb, cb = lay.num_k_blocks, lay.block_k, lay.block_q
+    # work per row, summed over (batch, head) pairs: visit the heaviest rows first so
+    # that rows made dense by global tokens do not start last and trail the grid
+    ptr_np, start_np, end_np, pptr_np = (t.numpy().astype(np.int64) for t in (ptr, start, end, pptr))
+    covered = np.concatenate([[0], np.cumsum(end_np - start_np)])
+    work = (covered[ptr_np[1:]] - covered[ptr_np[:-1]] + np.diff(pptr_np)).reshape(-1, rows).sum(0)
+    order = np.argsort(-work, kind="stable").astype(np.int32)
+
+    def dev(t):
+        t = t if t.numel() else torch.zeros(1, dtype=torch.int32)  # never hand a kernel an empty buffer
+        return t.to(device=device, dtype=torch.int32).contiguous()
+
+    return Lists(dev(ptr), dev(start), dev(end), dev(pptr), dev(pidx), dev(torch.from_numpy(order)), rows, rb, cb)
+
+
+# ---------------------------------------------------------------------------
+# registry and cache
+# ---------------------------------------------------------------------------
+
+_COUNTER = itertools.count()
+_REGISTRY: "collections.OrderedDict[str, Plan]" = collections.OrderedDict()
+_CACHE: "collections.OrderedDict[tuple, Plan]" = collections.OrderedDict()
+_MAX_PLANS = 256
+_GUARD = threading.Lock()
+
+
+def _register(plan: Plan) -> None:
+    with _GUARD:
+        _REGISTRY[plan.key] = plan
+        while len(_REGISTRY) > _MAX_PLANS:
+            _REGISTRY.popitem(last=False)
+
+
+def lookup(key: str) -> Plan:
+    """The plan registered under ``key`` (the string the custom op carries)."""
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise RuntimeError(
+            f"maskdsl: plan {key!r} is no longer registered (more than {_MAX_PLANS} plans were prepared since); "
+            "keep a reference to it with md.prepare and pass the plan"
+        ) from None
+
+
+def prepare(mask: Mask, n_q: int, n_k: int, *, device=None) -> Plan:
+    """Analyse ``mask`` for attention of ``n_q`` queries over ``n_k`` keys on ``device``.
+
+    The plan is reusable across layers, heads and steps: ``md.attention(q, k, v, plan)``.
+    Plans are cached by (mask, n_q, n_k, device): preparing an equal mask again returns
+    the same plan. The layouts for bf16/fp16 at head dims 64 and 128 are built now;
+    others when first used.
+
+    Example:
+        >>> import maskdsl as md
+        >>> plan = md.prepare(md.Window(256) | md.Global([0]), 4096, 4096)
+        >>> plan.n_q, plan.n_k
+        (4096, 4096)
+    """
+    if not isinstance(mask, Mask):
+        raise TypeError(f"mask must be a maskdsl.Mask, got {type(mask).__name__}")
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    plan = cached(mask, int(n_q), int(n_k), device)
+    if device.type == "cuda":
+        plan.warm(2, 64).warm(2, 128)
+    return plan
+
+
+def cached(mask: Mask, n_q: int, n_k: int, device: torch.device) -> Plan:
+    key = (mask, n_q, n_k, str(device))
+    with _GUARD:
+        plan = _CACHE.get(key)
+        if plan is not None:
+            _CACHE.move_to_end(key)
+            _REGISTRY[plan.key] = plan
+            _REGISTRY.move_to_end(plan.key)
+            return plan
+    plan = Plan(mask, n_q, n_k, device)
+    with _GUARD:
+        _CACHE[key] = plan
+        while len(_CACHE) > _MAX_PLANS // 2:
+            _CACHE.popitem(last=False)
+    return plan
