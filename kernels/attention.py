@@ -7,8 +7,15 @@ list of *partial* key blocks, where ``PRED(i, j, meta)``, a ``@triton.jit``
 function passed as a constexpr, decides each entry in registers. The dK/dV pass
 walks the transposed lists (per key block: its query blocks), looping over the
 query heads of its GQA group, so no atomics are needed and gradients are
-deterministic. Programs visit rows in a given order (heaviest first), so that
-rows made dense by global tokens start early instead of trailing the grid.
+deterministic.
+
+Scheduling: a 1-D grid whose programs take the rows of one (batch, head) after
+another, so programs running together share that head's keys and values in L2.
+Within a head, rows go heaviest first (``ORDER``); the ``NUM_HEAVY`` heaviest
+rows of *every* head come before all light rows, so that rows made dense by
+global tokens start at once instead of trailing the grid. A row that is one
+contiguous run of full blocks walks it with no index loads; a row with several
+runs walks a flat index list of its full blocks (one pipelined loop).
 
 Softmax runs in base 2 (``qk_scale = scale * log2(e)``); the log-sum-exp is
 stored in natural units, ``-inf`` for a row with no allowed key (output 0).
@@ -20,6 +27,20 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH):
+    """(batch*head index, row) of this program: the heavy rows of every head first, then the rest."""
+    pid = tl.program_id(0)
+    split = NUM_HEAVY * NUM_BH
+    heavy = pid < split
+    n_light = tl.maximum(NUM_ROWS - NUM_HEAVY, 1)
+    n_heavy = tl.maximum(NUM_HEAVY, 1)
+    rest = pid - split
+    i_bh = tl.where(heavy, pid // n_heavy, rest // n_light)
+    rank = tl.where(heavy, pid % n_heavy, NUM_HEAVY + rest % n_light)
+    return i_bh, tl.load(ORDER + rank)
 
 
 @triton.jit
@@ -37,21 +58,21 @@ def _fwd_block(
     else:
         b_kt = tl.load(p_k, mask=(offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D), other=0.0)
         b_v = tl.load(p_v, mask=(offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D), other=0.0)
-    b_s = tl.dot(b_q, b_kt, input_precision=PREC) * qk_scale
+    b_s = tl.dot(b_q, b_kt, input_precision=PREC)
     if PARTIAL:
         m_allow = PRED(offs_m[:, None], offs_n[None, :], meta)
         if not EVEN_N:
             m_allow = m_allow & (offs_n[None, :] < N_K)
         b_s = tl.where(m_allow, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
         # a row may have seen no allowed key yet: keep exp2 away from (-inf) - (-inf)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         if not EVEN_N:
             b_s = tl.where(offs_n[None, :] < N_K, b_s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(b_s, 1))
+        m_new = tl.maximum(m_i, tl.max(b_s, 1) * qk_scale)
         m_use = m_new
-    b_p = tl.math.exp2(b_s - m_use[:, None])
+    b_p = tl.math.exp2(b_s * qk_scale - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(b_p, 1)
     acc = acc * alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=PREC)
@@ -61,19 +82,18 @@ def _fwd_block(
 @triton.jit
 def attn_fwd_kernel(
     Q, K, V, O, LSE, META,
-    FULL_PTR, FULL_START, FULL_END, PART_PTR, PART_IDX, ORDER,
+    FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale,
+    H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-    i_bh = tl.program_id(0)
-    i_m = tl.load(ORDER + tl.program_id(1))
+    i_bh, i_m = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     i_b = i_bh // H
     i_h = i_bh % H
     pair = i_b * PAIR_B + i_h * PAIR_H
@@ -96,10 +116,14 @@ def attn_fwd_kernel(
 
     r0 = tl.load(FULL_PTR + row)
     r1 = tl.load(FULL_PTR + row + 1)
-    for r in range(r0, r1):
-        n0 = tl.load(FULL_START + r)
-        n1 = tl.load(FULL_END + r)
-        for i_n in range(n0, n1):
+    if r1 - r0 == 1:  # one contiguous run: no index loads
+        for i_n in range(tl.load(FULL_START + r0), tl.load(FULL_END + r0)):
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                                       stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
+                                       BLOCK_N, HEAD_D, PREC)
+    else:
+        for f in range(tl.load(FULL_IPTR + row), tl.load(FULL_IPTR + row + 1)):
+            i_n = tl.load(FULL_IDX + f)
             acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                                        stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
                                        BLOCK_N, HEAD_D, PREC)
@@ -118,6 +142,30 @@ def attn_fwd_kernel(
     p_o = O_BASE + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_row)
+
+
+# ---------------------------------------------------------------------------
+# backward: delta = rowsum(dO * O) in float32, read once from the 16-bit tensors
+# ---------------------------------------------------------------------------
+
+@triton.jit
+def attn_bwd_delta_kernel(
+    O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
+    H, N_Q, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    i_m = tl.program_id(0)
+    i_bh = tl.program_id(1)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+    b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+                  + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, mask=m, other=0.0)
+    b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
+                   + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=m, other=0.0)
+    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
 # ---------------------------------------------------------------------------
@@ -158,19 +206,18 @@ def _dq_block(
 @triton.jit
 def attn_bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, META,
-    FULL_PTR, FULL_START, FULL_END, PART_PTR, PART_IDX, ORDER,
+    FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
+    H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-    i_bh = tl.program_id(0)
-    i_m = tl.load(ORDER + tl.program_id(1))
+    i_bh, i_m = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     i_b = i_bh // H
     i_h = i_bh % H
     pair = i_b * PAIR_B + i_h * PAIR_H
@@ -195,10 +242,14 @@ def attn_bwd_dq_kernel(
 
     r0 = tl.load(FULL_PTR + row)
     r1 = tl.load(FULL_PTR + row + 1)
-    for r in range(r0, r1):
-        n0 = tl.load(FULL_START + r)
-        n1 = tl.load(FULL_END + r)
-        for i_n in range(n0, n1):
+    if r1 - r0 == 1:  # one contiguous run: no index loads
+        for i_n in range(tl.load(FULL_START + r0), tl.load(FULL_END + r0)):
+            dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                           stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
+                           BLOCK_N, HEAD_D, PREC)
+    else:
+        for f in range(tl.load(FULL_IPTR + row), tl.load(FULL_IPTR + row + 1)):
+            i_n = tl.load(FULL_IDX + f)
             dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                            stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
                            BLOCK_N, HEAD_D, PREC)
@@ -257,20 +308,19 @@ def _dkdv_block(
 @triton.jit
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, META,
-    FULL_PTR, FULL_START, FULL_END, PART_PTR, PART_IDX, ORDER,
+    FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
+    H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-    i_bhk = tl.program_id(0)
-    i_n = tl.load(ORDER + tl.program_id(1))
+    i_bhk, i_n = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     i_b = i_bhk // HKV
     i_hk = i_bhk % HKV
 
@@ -295,10 +345,14 @@ def attn_bwd_dkdv_kernel(
         DELTA_BASE = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         r0 = tl.load(FULL_PTR + row)
         r1 = tl.load(FULL_PTR + row + 1)
-        for r in range(r0, r1):
-            m0 = tl.load(FULL_START + r)
-            m1 = tl.load(FULL_END + r)
-            for i_m in range(m0, m1):
+        if r1 - r0 == 1:  # one contiguous run: no index loads
+            for i_m in range(tl.load(FULL_START + r0), tl.load(FULL_END + r0)):
+                dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
+                                     meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
+                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
+        else:
+            for f in range(tl.load(FULL_IPTR + row), tl.load(FULL_IPTR + row + 1)):
+                i_m = tl.load(FULL_IDX + f)
                 dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                      meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
                                      PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)

@@ -21,23 +21,32 @@ class TileConfig:
     num_stages: int
 
 
-# (pass, element sizes, head dims, config)
+# (pass, element sizes, head dims, kind, config). kind: "dense" serves masks whose non-empty
+# blocks are nearly all full (Full, Causal: large tiles feed the tensor cores best), "sparse"
+# masks with many partial blocks (small tiles waste less on masked entries and keep the
+# predicate's registers from spilling), "any" both. See ``Plan.kind``. Tuned on an H100
+# with benchmarks/tune_attention.py --sweep (full / alpaca_seq / lf_global / lf_dilated, N = 8192).
 CONFIGS = [
-    ("fwd", (2,), (16, 32, 64), TileConfig(128, 64, 4, 3)),
-    ("fwd", (2,), (128,), TileConfig(128, 64, 8, 3)),
-    ("fwd", (2,), (256,), TileConfig(64, 32, 4, 2)),
-    ("fwd", (4,), (16, 32, 64), TileConfig(64, 32, 4, 2)),
-    ("fwd", (4,), (128, 256), TileConfig(32, 32, 4, 1)),
-    ("dq", (2,), (16, 32, 64), TileConfig(128, 64, 4, 2)),
-    ("dq", (2,), (128,), TileConfig(128, 64, 8, 2)),
-    ("dq", (2,), (256,), TileConfig(64, 32, 4, 1)),
-    ("dq", (4,), (16, 32, 64), TileConfig(64, 32, 4, 1)),
-    ("dq", (4,), (128, 256), TileConfig(32, 32, 4, 1)),
-    ("dkdv", (2,), (16, 32, 64), TileConfig(64, 128, 4, 2)),
-    ("dkdv", (2,), (128,), TileConfig(64, 128, 8, 2)),
-    ("dkdv", (2,), (256,), TileConfig(32, 64, 4, 1)),
-    ("dkdv", (4,), (16, 32, 64), TileConfig(32, 64, 4, 1)),
-    ("dkdv", (4,), (128, 256), TileConfig(32, 32, 4, 1)),
+    ("fwd", (2,), (16, 32, 64), "any", TileConfig(64, 64, 4, 3)),
+    ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 3)),
+    ("fwd", (2,), (128,), "sparse", TileConfig(64, 64, 4, 3)),
+    ("fwd", (2,), (256,), "any", TileConfig(64, 32, 4, 2)),
+    ("fwd", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 2)),
+    ("fwd", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
+    ("dq", (2,), (16, 32, 64), "dense", TileConfig(64, 128, 4, 3)),
+    ("dq", (2,), (16, 32, 64), "sparse", TileConfig(64, 32, 4, 2)),
+    ("dq", (2,), (128,), "dense", TileConfig(128, 64, 8, 3)),
+    ("dq", (2,), (128,), "sparse", TileConfig(64, 32, 4, 3)),
+    ("dq", (2,), (256,), "any", TileConfig(64, 32, 4, 1)),
+    ("dq", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 1)),
+    ("dq", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
+    ("dkdv", (2,), (16, 32, 64), "dense", TileConfig(64, 128, 4, 3)),
+    ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 3)),
+    ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3)),
+    ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3)),
+    ("dkdv", (2,), (256,), "any", TileConfig(32, 64, 4, 1)),
+    ("dkdv", (4,), (16, 32, 64), "any", TileConfig(32, 64, 4, 1)),
+    ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
 ]
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -46,12 +55,15 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 OVERRIDE: dict = {}
 
 
-def tile_config(pass_name: str, element_size: int, head_dim: int) -> TileConfig:
-    """The tiles of ``pass_name`` ("fwd", "dq" or "dkdv") for inputs of this element size and head dim."""
+def tile_config(pass_name: str, element_size: int, head_dim: int, kind: str = "sparse") -> TileConfig:
+    """The tiles of ``pass_name`` ("fwd", "dq" or "dkdv") for inputs of this element size and
+    head dim, for a mask of this ``kind`` ("dense" or "sparse")."""
     if pass_name in OVERRIDE:
         return OVERRIDE[pass_name]
+    if kind not in ("dense", "sparse"):
+        raise ValueError(f"kind must be 'dense' or 'sparse', got {kind!r}")
     padded = max(16, 1 << (head_dim - 1).bit_length())
-    for name, sizes, dims, cfg in CONFIGS:
-        if name == pass_name and element_size in sizes and padded in dims:
+    for name, sizes, dims, k, cfg in CONFIGS:
+        if name == pass_name and element_size in sizes and padded in dims and k in (kind, "any"):
             return cfg
     raise ValueError(f"no {pass_name} tile configuration for {element_size}-byte elements and head dim {head_dim}")

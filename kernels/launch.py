@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+from .attention import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
 from .configs import TileConfig
 
 # Tests set this to fill outputs with NaN before each launch, so that an element
@@ -26,18 +26,22 @@ POISON = False
 class Lists:
     """Per-row block lists of one pass: rows are (pair, block) flattened, ``num_rows`` blocks per pair."""
 
-    full_ptr: torch.Tensor
+    full_ptr: torch.Tensor  # [rows + 1], CSR over the runs of full blocks
     full_start: torch.Tensor
     full_end: torch.Tensor
+    full_iptr: torch.Tensor  # [rows + 1], CSR over full_idx: the full blocks of rows with several runs
+    full_idx: torch.Tensor
     part_ptr: torch.Tensor
     part_idx: torch.Tensor
     order: torch.Tensor  # block index visited by the r-th program of each (batch, head)
+    num_heavy: int  # the first num_heavy rows of ``order`` of every (batch, head) are scheduled before the rest
     num_rows: int
     block_rows: int  # the tile along the rows (query block for fwd/dQ, key block for dK/dV)
     block_cols: int
 
     def args(self):
-        return (self.full_ptr, self.full_start, self.full_end, self.part_ptr, self.part_idx, self.order)
+        return (self.full_ptr, self.full_start, self.full_end, self.full_iptr, self.full_idx, self.part_ptr,
+                self.part_idx, self.order, self.num_heavy)
 
 
 def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -65,11 +69,10 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     assert lists.block_rows == cfg.BLOCK_M and lists.block_cols == cfg.BLOCK_N, "layout does not match the tiles"
     o = _empty(q.shape, q)
     lse = _empty((B, H, n_q), q, torch.float32)
-    grid = (B * H, lists.num_rows)
-    attn_fwd_kernel[grid](
+    attn_fwd_kernel[(B * H * lists.num_rows,)](
         q, k, v, o, lse, meta, *lists.args(),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, n_q, n_k, lists.num_rows, H // k.shape[1], pair_b, pair_h, meta.stride(0),
+        H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
         scale * math.log2(math.e),
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=_block_d(D),
         EVEN_N=n_k % cfg.BLOCK_N == 0, PREC=_precision(q.dtype),
@@ -85,25 +88,28 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     h_kv, n_k = k.shape[1], k.shape[2]
     assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
     assert dkdv_lists.block_rows == dkdv_cfg.BLOCK_N and dkdv_lists.block_cols == dkdv_cfg.BLOCK_M
-    # delta = rowsum(dO * O), in float32
-    delta = (do.float() * o.float()).sum(-1).contiguous()
+    block_d = _block_d(D)
+    delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)  # rowsum(dO * O)
+    attn_bwd_delta_kernel[(triton.cdiv(n_q, 64), B * H)](
+        o, do, delta, *o.stride(), *do.stride(), H, n_q, HEAD_D=D, BLOCK_M=64, BLOCK_D=block_d, num_warps=4,
+    )
     lse = lse.contiguous()
     dq = _empty(q.shape, q)
     dk = _empty(k.shape, k)
     dv = _empty(v.shape, v)
-    common = dict(PRED=pred, HEAD_D=D, BLOCK_D=_block_d(D), PREC=_precision(q.dtype))
-    attn_bwd_dq_kernel[(B * H, dq_lists.num_rows)](
+    common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
+    attn_bwd_dq_kernel[(B * H * dq_lists.num_rows,)](
         q, k, v, do, dq, lse, delta, meta, *dq_lists.args(),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        H, n_q, n_k, dq_lists.num_rows, H // h_kv, pair_b, pair_h, meta.stride(0),
+        H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
         scale * math.log2(math.e), scale,
         BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=n_k % dq_cfg.BLOCK_N == 0,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
     )
-    attn_bwd_dkdv_kernel[(B * h_kv, dkdv_lists.num_rows)](
+    attn_bwd_dkdv_kernel[(B * h_kv * dkdv_lists.num_rows,)](
         q, k, v, do, dk, dv, lse, delta, meta, *dkdv_lists.args(),
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, h_kv, n_q, n_k, dkdv_lists.num_rows, H // h_kv, pair_b, pair_h, meta.stride(0),
+        H, h_kv, n_q, n_k, dkdv_lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
         scale * math.log2(math.e), scale,
         BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=n_q % dkdv_cfg.BLOCK_M == 0,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,

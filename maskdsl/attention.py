@@ -102,9 +102,8 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str,
     if backend == "reference":
         return reference.forward(q, k, v, p.mask, scale, reference.default_chunk(q, k.shape[2]))
     from kernels import launch
-    from kernels.configs import tile_config
 
-    cfg = tile_config("fwd", q.element_size(), q.shape[3])
+    cfg = p.tiles("fwd", q.element_size(), q.shape[3])
     return launch.forward(q, k, v, lists=p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), meta=p.meta, pair_b=p.pair_b,
                           pair_h=p.pair_h, pred=p.predicate.fn, scale=scale, cfg=cfg)
 
@@ -124,10 +123,9 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
         return reference.backward(q, k, v, o, lse, do, None, p.mask, scale,
                                   reference.default_chunk(q, k.shape[2]))
     from kernels import launch
-    from kernels.configs import tile_config
 
     es, d = q.element_size(), q.shape[3]
-    dq_cfg, kv_cfg = tile_config("dq", es, d), tile_config("dkdv", es, d)
+    dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
     return launch.backward(
         do, q, k, v, o, lse,
         dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),

@@ -62,8 +62,16 @@ class Predicate:
 
 
 def _lift_constants(expr):
-    """Replace integer literals other than 0, +-1 by symbols ``_c0, _c1, ...``."""
-    values = sorted({int(n) for n in expr.atoms(sympy.Integer) if abs(int(n)) > 1})
+    """Replace integer literals other than 0, +-1 by symbols ``_c0, _c1, ...``.
+
+    A literal modulus (``Mod(x, 4)``) stays in the code: a modulo by a compile-time
+    constant is a multiply and shift (a mask for powers of two), by a value loaded at
+    run time an integer division per element, several times slower for the whole
+    partial block. Masks that differ in a modulus (``Dilated(256, 4)`` and
+    ``Dilated(256, 8)``) therefore compile separately; all other data does not recompile.
+    """
+    moduli = {int(m.args[1]) for m in expr.atoms(sympy.Mod) if isinstance(m.args[1], sympy.Integer)}
+    values = sorted({int(n) for n in expr.atoms(sympy.Integer) if abs(int(n)) > 1 and int(n) not in moduli})
     subs = {sympy.Integer(v): sympy.Symbol(f"_c{k}", integer=True) for k, v in enumerate(values)}
     return expr.xreplace(subs), tuple(values)
 
@@ -136,6 +144,10 @@ class _Emitter:
             return self.tmp(" * ".join(args))
         if isinstance(e, sympy.Mod):
             a, m = args  # floored modulo, as sympy's Mod; Triton's % truncates
+            if isinstance(e.args[1], sympy.Integer) and int(e.args[1]) > 0:
+                c = int(e.args[1])
+                if c & (c - 1) == 0:  # a power of two: the low bits are the floored remainder (two's complement)
+                    return self.tmp(f"{a} & {c - 1}")
             return self.tmp(f"(({a} % {m}) + {m}) % {m}")
         if isinstance(e, sympy.Abs):
             return self.tmp(f"tl.abs({args[0]})")

@@ -184,7 +184,8 @@ class Mask:
             scalars.update(s)
         if device is not None:
             tables = {k: v.to(device) for k, v in tables.items()}
-        return Bound(_structure(expr), n_q, n_k, self.batch_shape, tables, scalars)
+        return Bound(_structure(expr), n_q, n_k, self.batch_shape, tables, scalars,
+                     device=None if device is None else torch.device(device))
 
     # -- public views ------------------------------------------------------------------
     def to_dense(self, n_q: int, n_k: int, *, rows=None, device=None) -> torch.Tensor:
@@ -231,6 +232,7 @@ class Bound:
     tables: dict
     scalars: dict
     memo: dict = field(default_factory=dict)  # per-position values shared by the analyses
+    device: object = None  # where ``dense`` builds its tensor (None: where the tables are, else the CPU)
 
     def pairs(self):
         """(b, h) pairs over which the data varies: [(0, 0)] for a batch-independent mask."""
@@ -255,7 +257,9 @@ class Bound:
         r0, r1 = (0, self.n_q) if rows is None else (int(rows[0]), int(rows[1]))
         if not 0 <= r0 <= r1 <= self.n_q:
             raise ValueError(f"rows must satisfy 0 <= start <= stop <= n_q={self.n_q}, got {rows}")
-        dev = next(iter(self.tables.values())).device if self.tables else None
+        dev = self.device
+        if dev is None:
+            dev = next(iter(self.tables.values())).device if self.tables else None
         i = torch.arange(r0, r1, device=dev)[:, None]
         j = torch.arange(self.n_k, device=dev)[None, :]
         if self.batch_shape is None:

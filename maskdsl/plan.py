@@ -75,6 +75,18 @@ class Plan:
                 self._layouts[(block_q, block_k)] = lay
             return lay
 
+    @functools.cached_property
+    def kind(self) -> str:
+        """"dense" when at most 10% of the non-empty 128 x 128 blocks are partial (Full, Causal,
+        wide windows), else "sparse": the kernels take tiles tuned for that kind."""
+        s = self.layout(128, 128).stats()
+        nonempty = s["full"] + s["partial"]
+        return "dense" if s["partial"] <= 0.1 * nonempty else "sparse"
+
+    def tiles(self, pass_name: str, element_size: int, head_dim: int):
+        """The TileConfig of one pass for inputs of this element size and head dim."""
+        return tile_config(pass_name, element_size, head_dim, self.kind)
+
     def lists(self, block_q: int, block_k: int, by: str) -> Lists:
         """Kernel lists of the (block_q, block_k) layout, per query block (by="q") or per key block (by="k")."""
         key = (block_q, block_k, by)
@@ -87,7 +99,7 @@ class Plan:
     def warm(self, element_size: int, head_dim: int) -> "Plan":
         """Build the lists the kernels use for this element size and head dim now, not at the first call."""
         for name, by in (("fwd", "q"), ("dq", "q"), ("dkdv", "k")):
-            cfg = tile_config(name, element_size, head_dim)
+            cfg = self.tiles(name, element_size, head_dim)
             self.lists(cfg.BLOCK_M, cfg.BLOCK_N, by)
         self.meta  # noqa: B018 - generate the predicate and move the data now
         return self
@@ -100,18 +112,31 @@ def _lists(lay, by: str, device) -> Lists:
     else:
         ptr, start, end, pptr, pidx = (lay.k_full_ptr, lay.k_full_start, lay.k_full_end, lay.k_part_ptr, lay.k_part_idx)
         rows, rb, cb = lay.num_k_blocks, lay.block_k, lay.block_q
-    # work per row, summed over (batch, head) pairs: visit the heaviest rows first so
-    # that rows made dense by global tokens do not start last and trail the grid
     ptr_np, start_np, end_np, pptr_np = (t.numpy().astype(np.int64) for t in (ptr, start, end, pptr))
-    covered = np.concatenate([[0], np.cumsum(end_np - start_np)])
-    work = (covered[ptr_np[1:]] - covered[ptr_np[:-1]] + np.diff(pptr_np)).reshape(-1, rows).sum(0)
-    order = np.argsort(-work, kind="stable").astype(np.int32)
+    lengths = end_np - start_np
+    covered = np.concatenate([[0], np.cumsum(lengths)])
+    work = covered[ptr_np[1:]] - covered[ptr_np[:-1]] + np.diff(pptr_np)
+    # flat full-block indices, only for rows with several runs (a single run needs no index loads)
+    runs = np.diff(ptr_np)
+    multi = np.repeat(runs > 1, runs)
+    flat_len = np.where(multi, lengths, 0)
+    flat_cov = np.concatenate([[0], np.cumsum(flat_len)])
+    iptr = flat_cov[ptr_np]
+    first = np.repeat(start_np - flat_cov[:-1], flat_len)
+    idx = np.arange(flat_cov[-1], dtype=np.int64) + first
+    # rows go heaviest first within each (batch, head); the rows much heavier than the mean
+    # (made dense by global tokens) of every head go before all others, so they never trail the grid
+    per_row = work.reshape(-1, rows).sum(0)
+    order = np.argsort(-per_row, kind="stable").astype(np.int32)
+    heavy = int((per_row > 2 * max(per_row.mean(), 1)).sum()) if rows else 0
 
     def dev(t):
+        t = torch.as_tensor(t)
         t = t if t.numel() else torch.zeros(1, dtype=torch.int32)  # never hand a kernel an empty buffer
         return t.to(device=device, dtype=torch.int32).contiguous()
 
-    return Lists(dev(ptr), dev(start), dev(end), dev(pptr), dev(pidx), dev(torch.from_numpy(order)), rows, rb, cb)
+    return Lists(dev(ptr), dev(start), dev(end), dev(iptr), dev(idx), dev(pptr), dev(pidx), dev(order), heavy,
+                 rows, rb, cb)
 
 
 # ---------------------------------------------------------------------------

@@ -1,6 +1,14 @@
 import os
 
-from hypothesis import HealthCheck, settings
+import torch
+
+# Without CUDA the Triton kernels run under the interpreter; it is chosen when
+# triton decorates a kernel, so the variable must be set before anything imports
+# triton (maskdsl and kernels do, at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI runs the full example counts (the foundation issue asks for >= 2,000
 # generated expressions in total); a developer run is lighter unless asked.

@@ -237,3 +237,11 @@ def test_to_dense_rows_argument(n_q, n_k):
     assert torch.equal(mask.to_dense(n_q, n_k, rows=(0, n_q)), full)
     with pytest.raises(ValueError, match="rows"):
         mask.to_dense(n_q, n_k, rows=(0, n_q + 1))
+
+
+@pytest.mark.parametrize("mask", [md.Full(), md.Causal(), md.Window(3), md.Document([2, 3]) & md.Causal(),
+                                  md.Window(1) | md.Global([1])], ids=repr)
+def test_to_dense_builds_on_the_requested_device(mask):
+    # masks with no data tables (Full, Causal, Window) once ignored device= and built on the CPU
+    assert mask.to_dense(5, 5, device="meta").device.type == "meta"
+    assert mask.to_dense(5, 5).device.type == "cpu"

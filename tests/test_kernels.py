@@ -1,0 +1,549 @@
+"""The Triton kernels against the fp32 oracle (``maskdsl.reference``): out, lse, dq, dk, dv by name.
+
+Two tiers share one parametrised body (``test_kernel_matches_reference``):
+
+* CPU: the kernels run under the Triton interpreter (conftest sets TRITON_INTERPRET=1
+  when there is no CUDA) with small tiles from ``kernels.configs.OVERRIDE``, in
+  float32 and float16 only: the interpreter multiplies the raw bit patterns of
+  bfloat16 in ``tl.dot`` (triton-lang/triton#11584), so bf16 is tested on the GPU.
+* GPU (``-m gpu``): the tuned tile table, float16 and bfloat16, D in (32, 64, 128),
+  N up to 2048.
+
+Every run poisons the kernels' outputs with NaN before launch (``kernels.launch.POISON``),
+so an element a kernel forgets to write fails the test. Inputs are fresh
+``torch.randn`` draws; the seed is printed and recorded in the test report
+(``user_properties``) and ``MASKDSL_TEST_SEED=<seed>`` replays a failure.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import maskdsl as md
+from kernels import attention as kernel_module
+from kernels import configs, launch
+from kernels.configs import TileConfig
+from maskdsl.attention import _attention
+
+from .strategies import sized_mask
+
+HAS_CUDA = torch.cuda.is_available()
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
+CPU_ONLY = pytest.mark.skipif(HAS_CUDA, reason="interpreter tier: on a CUDA machine the kernels are compiled, see -m gpu")
+
+# ---------------------------------------------------------------------------
+# tolerances: |got - want| <= atol * max(1, max|want|) + rtol * |want|, per output
+# ---------------------------------------------------------------------------
+# The reference computes in float32 from the same (already rounded) inputs, so the
+# error measured is the kernel's own: accumulation order, the rounding of P to the
+# input dtype before P @ V (and of dS before dS @ K), and the final cast. atol is
+# relative to the largest reference value because gradients such as dk and dv sum
+# over up to N rows and grow with N; the kernels' rounding error grows with them.
+# lse is float32 in every dtype (scores accumulate in float32 from the rounded inputs).
+TOL = {
+    # interpreter (numpy fp32, IEEE dot) and GPU with TF32 off: only summation order differs;
+    # observed max error ~1e-6 relative to the largest value at N <= 2048
+    torch.float32: dict(out=(1e-4, 1e-4), lse=(1e-5, 1e-5), grad=(1e-4, 1e-4)),
+    # fp16 P and dS (11-bit significand, unit roundoff 4.9e-4) before the second matmul of
+    # each pass, then a rounded output: observed up to 7.4e-4 of the largest value (interpreter
+    # and H100, N <= 257); 5e-3 leaves ~7x, and still catches an error of 1% of the largest value
+    torch.float16: dict(out=(5e-3, 2e-3), lse=(1e-5, 1e-5), grad=(5e-3, 2e-3)),
+    # bf16 has an 8-bit significand (unit roundoff 3.9e-3, 8x fp16's); the same two roundings
+    # gave up to 5.7e-3 of the largest value on an H100 (N = 257, D = 64): 2e-2 leaves ~3.5x
+    torch.bfloat16: dict(out=(2e-2, 2e-2), lse=(1e-5, 1e-5), grad=(2e-2, 2e-2)),
+}
+# float32 inputs with torch.backends.cuda.matmul.allow_tf32: products of 10-bit significands
+# (unit roundoff 4.9e-4, the same as fp16), accumulated in fp32; lse sees the TF32 scores too
+TOL_TF32 = dict(out=(1e-2, 2e-3), lse=(2e-3, 2e-3), grad=(1e-2, 2e-3))
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def assert_close(name: str, got: torch.Tensor, want: torch.Tensor, tol: tuple, context: str) -> None:
+    atol, rtol = tol
+    got, want = got.double(), want.double()
+    finite = want.isfinite()
+    scale = max(1.0, want[finite].abs().max().item()) if finite.any() else 1.0
+    assert torch.equal(got.isneginf(), want.isneginf()), f"{name}: -inf pattern differs ({context})"
+    g, w = got[finite], want[finite]
+    err = (g - w).abs()
+    bound = atol * scale + rtol * w.abs()
+    if not bool((err <= bound).all()):
+        worst = int((err - bound).argmax())
+        where = finite.nonzero()[worst].tolist()
+        raise AssertionError(
+            f"{name} differs from the reference at {where}: got {g[worst].item():.6g}, want {w[worst].item():.6g}, "
+            f"|diff| {err[worst].item():.3g} > {bound[worst].item():.3g} (atol {atol} x scale {scale:.3g} + rtol {rtol}); "
+            f"max |diff| {err.max().item():.3g}, {int((err > bound).sum())} of {err.numel()} elements off ({context})"
+        )
+
+
+# ---------------------------------------------------------------------------
+# seeds and tiles
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test (or MASKDSL_TEST_SEED), printed and recorded for replay."""
+    s = int(os.environ.get("MASKDSL_TEST_SEED", random.SystemRandom().randrange(2**31)))
+    torch.manual_seed(s)
+    print(f"seed: MASKDSL_TEST_SEED={s}")
+    request.node.user_properties.append(("seed", s))
+    return s
+
+
+# Interpreter tiles (the interpreter's cost grows with the tile area, not with the number
+# of blocks skipped). Two shapes, because layouts and the ragged-edge masking follow the tiles.
+TILES = {
+    "t16": dict(fwd=TileConfig(16, 16, 4, 1), dq=TileConfig(16, 16, 4, 1), dkdv=TileConfig(16, 32, 4, 1)),
+    "t32": dict(fwd=TileConfig(32, 16, 4, 1), dq=TileConfig(16, 32, 4, 1), dkdv=TileConfig(32, 16, 4, 1)),
+}
+
+
+def _use_tiles(monkeypatch, tiles: str | None) -> None:
+    monkeypatch.setattr(launch, "POISON", True)
+    if tiles is not None:
+        for name, cfg in TILES[tiles].items():
+            monkeypatch.setitem(configs.OVERRIDE, name, cfg)
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    monkeypatch.setattr(launch, "POISON", True)
+
+
+# ---------------------------------------------------------------------------
+# mask families, sized to the case (random data from the test's generator)
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Case:
+    family: str
+    dtype: torch.dtype
+    n_q: int = 50
+    n_k: int = 50
+    d: int = 16
+    b: int = 1
+    h_q: int = 2
+    h_kv: int = 1
+    tiles: str | None = "t16"  # None: the tuned table (GPU)
+    layout: str = "bhnd"  # "bnhd": q, k, v, do allocated [B, N, H, D] and transposed (non-contiguous)
+    device: str = "cpu"
+
+    @property
+    def id(self) -> str:
+        n = f"N{self.n_q}" if self.n_q == self.n_k else f"Nq{self.n_q}-Nk{self.n_k}"
+        parts = [self.family, f"B{self.b}", n, f"H{self.h_q}x{self.h_kv}", f"D{self.d}", DTYPE_NAMES[self.dtype]]
+        if self.tiles not in (None, "t16"):
+            parts.append(self.tiles)
+        if self.layout != "bhnd":
+            parts.append(self.layout)
+        return "-".join(parts)
+
+
+def _doc_lens(n: int, g: torch.Generator, docs: int = 3) -> list:
+    """``docs`` lengths (some may be 0) covering about 90% of n: the tail is in no document."""
+    total = max(1, 9 * n // 10)
+    cuts = sorted(torch.randint(0, total + 1, (docs - 1,), generator=g).tolist())
+    return [b - a for a, b in zip([0] + cuts, cuts + [total])]
+
+
+def _prompts(lens: list, g: torch.Generator) -> list:
+    return [int(torch.randint(0, x + 1, (1,), generator=g)) for x in lens]
+
+
+def _globals(n: int, g: torch.Generator, count: int = 3) -> list:
+    return sorted(torch.randperm(n, generator=g)[: min(count, n)].tolist())
+
+
+def _parents(n: int, g: torch.Generator) -> list:
+    """A forest like MEDUSA's candidate trees: mostly short hops to a recent node, some roots."""
+    out = []
+    for x in range(n):
+        r = torch.randint(0, 10, (1,), generator=g).item()
+        out.append(-1 if x == 0 or r == 0 else int(torch.randint(max(0, x - 6), x, (1,), generator=g)))
+    return out
+
+
+def _doc_prefix(c: Case, g):
+    lens = _doc_lens(max(c.n_q, c.n_k), g)
+    return md.Document(lens) & (md.Causal() | md.Prefix(_prompts(lens, g), documents=lens))
+
+
+def _empty_rows(c: Case, g):
+    t = torch.rand(c.n_q, c.n_k, generator=g) < 0.5
+    t[::3] = False  # every third query row attends to nothing
+    return md.TensorMask(t)
+
+
+FAMILIES = {
+    "full": lambda c, g: md.Full(),
+    "causal": lambda c, g: md.Causal(),
+    # decoding against a cache: the last query sees every key (negative when Nq > Nk: leading empty rows)
+    "causal-offset": lambda c, g: md.Causal(c.n_k - c.n_q),
+    "window": lambda c, g: md.Window(max(2, max(c.n_q, c.n_k) // 8)),
+    "window-asym": lambda c, g: md.Window(max(2, max(c.n_q, c.n_k) // 16), max(3, max(c.n_q, c.n_k) // 5)),
+    "dilated": lambda c, g: md.Dilated(max(2, max(c.n_q, c.n_k) // 32), 3),
+    # a power-of-two dilation takes the bit-mask modulo (negative i - j included)
+    "dilated-pow2": lambda c, g: md.Dilated(max(2, max(c.n_q, c.n_k) // 32), 4),
+    "global": lambda c, g: md.Global(_globals(max(c.n_q, c.n_k), g)),
+    "document": lambda c, g: md.Document(_doc_lens(max(c.n_q, c.n_k), g)),
+    "document-batch": lambda c, g: md.Document([_doc_lens(max(c.n_q, c.n_k), g, docs=2 + b) for b in range(c.b)]),
+    "prefix": lambda c, g: md.Prefix(max(c.n_q, c.n_k) // 4),
+    "prefix-docs": lambda c, g: (lambda lens: md.Prefix(_prompts(lens, g), documents=lens))(
+        _doc_lens(max(c.n_q, c.n_k), g)),
+    "tree": lambda c, g: md.Tree(_parents(max(c.n_q, c.n_k), g)),
+    "tensor": lambda c, g: md.TensorMask(torch.rand(c.n_q, c.n_k, generator=g) < 0.3),
+    "tensor-heads": lambda c, g: md.TensorMask(torch.rand(c.b, c.h_q, c.n_q, c.n_k, generator=g) < 0.4),
+    "causal&window": lambda c, g: md.Causal() & md.Window(max(2, max(c.n_q, c.n_k) // 6)),
+    # the paper's compositions
+    "doc&causal": lambda c, g: md.Document(_doc_lens(max(c.n_q, c.n_k), g)) & md.Causal(),
+    "doc&(causal|prefix)": _doc_prefix,
+    "window|global": lambda c, g: md.Window(max(2, max(c.n_q, c.n_k) // 16)) | md.Global(_globals(max(c.n_q, c.n_k), g)),
+    "~window": lambda c, g: ~md.Window(max(2, max(c.n_q, c.n_k) // 8)),
+    "empty-rows": _empty_rows,
+    "~full": lambda c, g: ~md.Full(),  # every row empty
+}
+
+
+# ---------------------------------------------------------------------------
+# the shared body
+# ---------------------------------------------------------------------------
+
+def make_inputs(b, h_q, h_kv, n_q, n_k, d, dtype, device, layout="bhnd"):
+    """q [B, Hq, Nq, D], k, v [B, Hkv, Nk, D] (leaf tensors requiring grad) and do like q, from torch.randn.
+    layout "bnhd": every tensor is a non-contiguous view."""
+    def draw(h, n):
+        if layout == "bnhd":  # [B, N, H, D] transposed, rows padded: strides (N*H*(D+3), D+3, H*(D+3), 1)
+            t = torch.randn(b, n, h, d + 3).to(device=device, dtype=dtype)[..., :d].transpose(1, 2)
+            return t.detach().requires_grad_()
+        return torch.randn(b, h, n, d).to(device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = draw(h_q, n_q), draw(h_kv, n_k), draw(h_kv, n_k)
+    do = draw(h_q, n_q).detach()
+    if layout == "bnhd":
+        assert not (q.is_contiguous() or k.is_contiguous() or do.is_contiguous())
+    return q, k, v, do
+
+
+def kernel_outputs(q, k, v, do, target) -> dict:
+    out, lse = _attention(q, k, v, target, backend="triton")
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), do)
+    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+def reference_outputs(q, k, v, do, mask) -> dict:
+    """The oracle on float32 copies of the same (already rounded) inputs."""
+    qr, kr, vr = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out, lse = md.reference.attention(qr, kr, vr, mask)
+    dq, dk, dv = torch.autograd.grad(out, (qr, kr, vr), do.float())
+    return dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+def compare(got: dict, want: dict, mask, q, k, v, tol: dict, context: str) -> None:
+    for name, like in (("out", q), ("lse", None), ("dq", q), ("dk", k), ("dv", v)):
+        t = got[name]
+        assert t.shape == want[name].shape, f"{name}: shape {list(t.shape)}, want {list(want[name].shape)}"
+        assert t.dtype == (torch.float32 if like is None else like.dtype), f"{name}: dtype {t.dtype}"
+        assert not t.isnan().any(), f"{name}: {int(t.isnan().sum())} NaN (unwritten or invalid) ({context})"
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert_close(name, got[name], want[name], tol[name if name in ("out", "lse") else "grad"], context)
+
+    # rows with no allowed key: output 0, lse -inf, no gradient
+    B, H, n_q = q.shape[:3]
+    empty = ~mask.to_dense(n_q, k.shape[2]).any(-1)
+    empty = empty.reshape((1, 1, n_q) if empty.dim() == 1 else empty.shape).expand(B, H, n_q).to(q.device)
+    out, lse, dq = got["out"], got["lse"], got["dq"]
+    assert bool((out[empty] == 0).all()), f"out: empty rows not 0 ({context})"
+    assert bool((lse[empty] == float("-inf")).all()), f"lse: empty rows not -inf ({context})"
+    assert bool((dq[empty] == 0).all()), f"dq: empty rows not 0 ({context})"
+    assert bool(lse[~empty].isfinite().all()), f"lse: a non-empty row is not finite ({context})"
+
+
+def run_and_check(mask, q, k, v, do, *, target=None, context=""):
+    """Kernel (out, lse, dq, dk, dv) against the reference; ``target`` a plan of ``mask`` (default: the mask)."""
+    got = kernel_outputs(q, k, v, do, mask if target is None else target)
+    compare(got, reference_outputs(q, k, v, do, mask), mask, q, k, v, TOL[q.dtype], context)
+    return got
+
+
+def _check_case(case: Case, seed: int, monkeypatch) -> None:
+    _use_tiles(monkeypatch, case.tiles)
+    g = torch.Generator().manual_seed(seed)
+    mask = FAMILIES[case.family](case, g)
+    q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device,
+                              case.layout)
+    run_and_check(mask, q, k, v, do, context=f"{case.id}, mask {mask!r}, seed {seed}")
+
+
+# ---------------------------------------------------------------------------
+# the case tables
+# ---------------------------------------------------------------------------
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _cpu_cases():
+    cases = []
+    # every family in both interpreter dtypes, B=1, Hq=2, Hkv=1, N=50, D=16
+    for fam in FAMILIES:
+        for dt in (F32, F16):
+            c = Case(fam, dt)
+            if fam == "causal-offset":
+                c = replace(c, n_q=19)  # Nq < Nk: the 19 newest queries against a 50-key cache
+            if fam in ("document-batch", "tensor-heads"):
+                c = replace(c, b=2)
+            cases.append(c)
+    cases += [
+        # GQA and MQA
+        Case("doc&causal", F16, h_q=4, h_kv=2),
+        Case("window|global", F32, h_q=4, h_kv=1),
+        Case("tensor-heads", F32, b=2, h_q=4, h_kv=2),
+        # Nq != Nk both ways
+        Case("window", F32, n_q=20, n_k=61),
+        Case("full", F16, n_q=61, n_k=20),
+        Case("causal-offset", F32, n_q=45, n_k=30),  # Causal(-15): the first 15 rows are empty
+        Case("doc&(causal|prefix)", F32, n_q=33, n_k=47),
+        # size 1, odd sizes, non-multiples of the tiles
+        Case("full", F32, n_q=1, n_k=1),
+        Case("causal-offset", F16, n_q=1, n_k=37),  # one decoding step
+        Case("full", F32, n_q=37, n_k=1),
+        Case("causal", F32, n_q=1, n_k=1, tiles="t32"),
+        Case("doc&(causal|prefix)", F16, n_q=63, n_k=63),
+        Case("tree", F32, n_q=65, n_k=65),
+        Case("window-asym", F32, n_q=17, n_k=17, tiles="t32"),
+        # B=2
+        Case("doc&causal", F32, b=2),
+        Case("document-batch", F16, b=2, h_q=4, h_kv=2, n_q=41, n_k=41),
+        # head dims: 32, and 24 (not a power of two: padded to 32 and masked)
+        Case("causal", F32, d=32),
+        Case("window|global", F16, d=32),
+        Case("doc&causal", F32, d=24),
+        Case("~window", F16, d=24),
+        # other tile shapes
+        Case("dilated", F32, tiles="t32"),
+        Case("tensor", F16, tiles="t32"),
+        Case("doc&(causal|prefix)", F32, tiles="t32"),
+        Case("global", F32, n_q=70, n_k=70, tiles="t32"),
+        Case("empty-rows", F16, n_q=40, n_k=57, tiles="t32"),
+        # non-contiguous q, k, v, do ([B, N, H, D] transposed)
+        Case("doc&causal", F16, b=2, h_q=4, h_kv=2, layout="bnhd"),
+        Case("window", F32, layout="bnhd", tiles="t32"),
+    ]
+    return cases
+
+
+def _gpu_cases():
+    # Each case compiles its own kernels (predicate, dtype, head dim and ragged-edge flags are
+    # constexprs; ~2 s per kernel, three kernels a case): the table is sized for a few minutes.
+    base = dict(b=2, h_q=4, h_kv=2, tiles=None, device="cuda")
+    # every family in bf16 (which the interpreter cannot run), the main ones in fp16 too
+    cases = [Case(fam, BF16, n_q=100 if fam == "causal-offset" else 257, n_k=257, d=64, **base) for fam in FAMILIES]
+    cases += [Case(fam, F16, n_q=257, n_k=257, d=64, **base)
+              for fam in ("doc&causal", "doc&(causal|prefix)", "window|global", "tree", "tensor-heads", "empty-rows")]
+    # sizes x head dims, alternating the paper's two heaviest compositions and the dtypes
+    for i, (n, d) in enumerate((n, d) for n in (1, 100, 257, 1000, 2048) for d in (32, 64, 128)):
+        fam = ("doc&(causal|prefix)", "window|global")[i % 2]
+        cases.append(Case(fam, (F16, BF16)[(i // 2) % 2], n_q=n, n_k=n, d=d, **base))
+    cases += [
+        Case("causal-offset", BF16, n_q=1, n_k=2048, d=128, **base),  # one decoding step
+        Case("causal-offset", F16, n_q=100, n_k=1000, d=64, **base),
+        Case("causal-offset", BF16, n_q=1000, n_k=257, d=64, **base),  # leading empty rows
+        Case("doc&causal", F16, n_q=1000, n_k=1000, d=64, **dict(base, h_kv=1)),  # MQA
+        Case("tree", BF16, n_q=1000, n_k=1000, d=128, **base),
+        Case("tensor-heads", F16, n_q=257, n_k=1000, d=64, **base),
+        Case("document-batch", BF16, n_q=2048, n_k=2048, d=64, **base),
+        Case("doc&causal", BF16, n_q=1000, n_k=1000, d=64, layout="bnhd", **base),
+        Case("~window", F16, n_q=1000, n_k=1000, d=128, **base),
+        Case("empty-rows", BF16, n_q=257, n_k=100, d=32, **base),
+    ]
+    return cases
+
+
+PARAMS = [pytest.param(c, id="cpu-" + c.id, marks=CPU_ONLY) for c in _cpu_cases()]
+PARAMS += [pytest.param(c, id="gpu-" + c.id, marks=GPU) for c in _gpu_cases()]
+
+
+@pytest.mark.parametrize("case", PARAMS)
+def test_kernel_matches_reference(case, seed, monkeypatch):
+    _check_case(case, seed, monkeypatch)
+
+
+# ---------------------------------------------------------------------------
+# random mask expressions (hypothesis)
+# ---------------------------------------------------------------------------
+
+# few examples: each one runs three kernels (the interpreter takes ~1 s per example)
+KERNEL_EXAMPLES = 25 if settings.default.max_examples >= 1000 else 15
+HYP = settings(max_examples=KERNEL_EXAMPLES, deadline=None,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                      HealthCheck.function_scoped_fixture])
+
+
+@CPU_ONLY
+@HYP
+@given(sm=sized_mask(), dtype=st.sampled_from([F32, F16]), tiles=st.sampled_from(sorted(TILES)),
+       heads=st.sampled_from([(1, 1), (2, 1), (4, 2)]), d=st.sampled_from([16, 32]),
+       data_seed=st.integers(0, 2**31 - 1))
+def test_random_masks_interpreter(sm, dtype, tiles, heads, d, data_seed):
+    mask, n_q, n_k = sm
+    _hypothesis_case(mask, n_q, n_k, dtype, tiles, heads, d, data_seed, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@settings(HYP, max_examples=8)  # each example compiles its own predicate: ~6 s
+@given(sm=sized_mask(), heads=st.sampled_from([(2, 1), (4, 2)]), d=st.sampled_from([32, 64, 128]),
+       data_seed=st.integers(0, 2**31 - 1))
+def test_random_masks_gpu_bf16(sm, heads, d, data_seed):
+    mask, n_q, n_k = sm
+    _hypothesis_case(mask, n_q, n_k, BF16, None, heads, d, data_seed, "cuda")
+
+
+def _hypothesis_case(mask, n_q, n_k, dtype, tiles, heads, d, data_seed, device):
+    # hypothesis runs many examples in one test call: monkeypatch by hand, undone per example
+    with pytest.MonkeyPatch.context() as mp:
+        _use_tiles(mp, tiles)
+        torch.manual_seed(data_seed)
+        q, k, v, do = make_inputs(1, heads[0], heads[1], n_q, n_k, d, dtype, device)
+        run_and_check(mask, q, k, v, do, context=f"mask {mask!r}, n_q={n_q}, n_k={n_k}, tiles {tiles}, "
+                                                 f"data seed {data_seed}")
+
+
+# ---------------------------------------------------------------------------
+# plans, predicate reuse, determinism
+# ---------------------------------------------------------------------------
+
+def _device_and_tiles():
+    return ("cuda", None) if HAS_CUDA else ("cpu", "t16")
+
+
+def test_plan_used_twice(seed, monkeypatch):
+    device, tiles = _device_and_tiles()
+    _use_tiles(monkeypatch, tiles)
+    lens = [11, 20, 9]
+    mask = md.Document(lens) & (md.Causal() | md.Prefix([4, 0, 9], documents=lens))
+    plan = md.prepare(mask, 45, 45, device=device)
+    dtype = F16 if HAS_CUDA else F32
+    for step in range(2):  # fresh inputs each time; the plan's lists and data are reused
+        q, k, v, do = make_inputs(1, 2, 1, 45, 45, 32, dtype, device)
+        run_and_check(mask, q, k, v, do, target=plan, context=f"plan call {step}, seed {seed}")
+
+
+# (structure, then the same structure with other data): one generated predicate serves both
+SAME_STRUCTURE = [
+    pytest.param(md.Document([10, 20]), md.Document([5, 7, 8, 9]), id="document"),
+    pytest.param(md.Window(3, 5), md.Window(4, 9), id="window"),
+    pytest.param(md.Causal(5), md.Causal(9), id="causal-offset"),
+    pytest.param(md.Global([0, 3]), md.Global([7, 30, 31]), id="global"),
+    # the dilation is a literal modulus, compiled in (maskdsl.codegen._lift_constants): keep it
+    pytest.param(md.Dilated(2, 3), md.Dilated(4, 3), id="dilated"),
+    pytest.param(md.Tree([-1, 0, 0, 1] + list(range(3, 39))), md.Tree([-1] * 40), id="tree"),
+    pytest.param(md.Document([10, 20]) & (md.Causal() | md.Prefix([3, 4], documents=[10, 20])),
+                 md.Document([12, 12, 15]) & (md.Causal() | md.Prefix([0, 2, 9], documents=[12, 12, 15])),
+                 id="doc&(causal|prefix)"),
+    pytest.param(md.Window(2) | md.Global([0]), md.Window(6) | md.Global([1, 17]), id="window|global"),
+]
+
+
+@pytest.mark.parametrize("first, second", SAME_STRUCTURE)
+def test_new_data_reuses_the_predicate(first, second, seed, monkeypatch):
+    device, tiles = _device_and_tiles()
+    _use_tiles(monkeypatch, tiles)
+    plan, plan2 = md.prepare(first, 40, 40, device=device), md.prepare(second, 40, 40, device=device)
+    assert plan is not plan2
+    assert plan.predicate.fn is plan2.predicate.fn, (
+        f"{first!r} and {second!r} have one structure but generated two predicates:\n"
+        f"{plan.predicate.source}\n---\n{plan2.predicate.source}")
+    # the shared predicate reads each plan's own data
+    for p in (plan, plan2):
+        q, k, v, do = make_inputs(1, 2, 1, 40, 40, 16, F32, device)
+        run_and_check(p.mask, q, k, v, do, target=p, context=f"{p!r}, seed {seed}")
+
+
+def _compiled_kernels() -> int:
+    total = 0
+    for fn in (kernel_module.attn_fwd_kernel, kernel_module.attn_bwd_dq_kernel, kernel_module.attn_bwd_dkdv_kernel):
+        caches = getattr(fn, "device_caches", None)
+        if caches is None:
+            pytest.skip("this triton keeps no device_caches to count compiled kernels in")
+        total += sum(len(entry[0]) for entry in caches.values())
+    return total
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("first, second", SAME_STRUCTURE)
+def test_new_data_does_not_recompile(first, second, poisoned):
+    q, k, v, do = make_inputs(2, 4, 2, 40, 40, 64, F16, "cuda")
+    for mask in (first, second):
+        out, _ = _attention(q, k, v, mask, backend="triton")
+        torch.autograd.grad(out, (q, k, v), do)
+        if mask is first:
+            before = _compiled_kernels()
+    assert _compiled_kernels() == before, f"{second!r} compiled new kernels after {first!r}"
+
+
+DETERMINISM_CPU = [
+    pytest.param(Case("window|global", F32, h_q=4, h_kv=2), id="cpu-window|global-gqa", marks=CPU_ONLY),
+]
+DETERMINISM_GPU = [
+    pytest.param(Case(fam, dt, n_q=2048, n_k=2048, d=d, b=2, h_q=4, h_kv=h_kv, tiles=None, device="cuda"),
+                 id=f"gpu-{fam}-{DTYPE_NAMES[dt]}-D{d}-Hkv{h_kv}", marks=GPU)
+    for fam, dt, d, h_kv in (("window|global", BF16, 64, 2), ("doc&causal", F16, 128, 1), ("tree", BF16, 64, 2))
+]
+
+
+@pytest.mark.parametrize("case", DETERMINISM_CPU + DETERMINISM_GPU)
+def test_backward_is_bitwise_deterministic(case, seed, monkeypatch):
+    _use_tiles(monkeypatch, case.tiles)
+    mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
+    q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
+    runs = []
+    for _ in range(2):
+        out, lse = _attention(q, k, v, mask, backend="triton")
+        runs.append((out, lse) + torch.autograd.grad(out, (q, k, v), do))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), *runs):
+        assert torch.equal(a, b), f"{name} differs between two runs (max diff {(a.float() - b.float()).abs().max()})"
+
+
+# ---------------------------------------------------------------------------
+# GPU only: float32 inputs, and the public entry point's lse
+# ---------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+@pytest.mark.parametrize("family", ["doc&(causal|prefix)", "window|global", "tensor"])
+def test_float32_inputs(family, tf32, seed, monkeypatch):
+    # float32 runs tl.dot with input_precision "ieee" unless torch allows TF32 for matmuls
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+    monkeypatch.setattr(launch, "POISON", True)
+    case = Case(family, F32, n_q=1000, n_k=1000, d=64, b=2, h_q=4, h_kv=2, tiles=None, device="cuda")
+    mask = FAMILIES[family](case, torch.Generator().manual_seed(seed))
+    q, k, v, do = make_inputs(2, 4, 2, 1000, 1000, 64, F32, "cuda")
+    got = kernel_outputs(q, k, v, do, mask)
+    torch.backends.cuda.matmul.allow_tf32 = False  # the oracle stays IEEE float32 (monkeypatch restores the flag)
+    want = reference_outputs(q, k, v, do, mask)
+    compare(got, want, mask, q, k, v, TOL_TF32 if tf32 else TOL[F32], f"{family}, tf32={tf32}, seed {seed}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=["fp16", "bf16"])
+def test_public_attention_uses_the_kernels_and_lse_matches(dtype, seed, poisoned):
+    lens = [300, 500, 150]
+    mask = md.Document(lens) & md.Causal()
+    q, k, v, do = make_inputs(2, 4, 2, 1000, 1000, 64, dtype, "cuda")
+    out = md.attention(q, k, v, mask)
+    out_k, lse_k = _attention(q, k, v, mask)  # the default backend on CUDA
+    assert torch.equal(out, out_k)
+    _, lse_r = md.reference.attention(q.detach().float(), k.detach().float(), v.detach().float(), mask)
+    assert_close("lse", lse_k, lse_r, TOL[dtype]["lse"], f"seed {seed}")
+    assert bool((lse_k[..., 950:] == float("-inf")).all())  # positions 950.. are in no document
