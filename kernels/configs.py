@@ -27,7 +27,8 @@ class TileConfig:
 # predicate's registers from spilling), "any" both. See ``Plan.kind``. Tuned on an H100
 # with benchmarks/tune_attention.py --sweep (full / alpaca_seq / lf_global / lf_dilated, N = 8192).
 CONFIGS = [
-    ("fwd", (2,), (16, 32, 64), "any", TileConfig(64, 64, 4, 3)),
+    ("fwd", (2,), (16, 32, 64), "dense", TileConfig(64, 64, 4, 3)),
+    ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2)),
     ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 3)),
     ("fwd", (2,), (128,), "sparse", TileConfig(64, 64, 4, 3)),
     ("fwd", (2,), (256,), "any", TileConfig(64, 32, 4, 2)),

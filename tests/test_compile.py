@@ -21,6 +21,7 @@ from kernels.configs import TileConfig
 from maskdsl.attention import _attention
 
 HAS_CUDA = torch.cuda.is_available()
+OLD_DYNAMO = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]
 
 # small tiles for the interpreter (the CPU tests of the Triton path)
@@ -205,6 +206,9 @@ def test_compile_inductor_gpu(name, dtype, how, monkeypatch):
     def plan_argument(q, k, v, plan):
         return md.attention(q, k, v, plan)
 
+    if how == "mask-from-scope" and OLD_DYNAMO:
+        pytest.xfail("torch < 2.13 (seen on 2.11): dynamo cannot hand a frozen-dataclass Mask to the "
+                     "assume_constant_result plan lookup; pass a plan from md.prepare (README, torch.compile)")
     fn, extra = {"mask-from-scope": (eager, ()), "plan-from-scope": (plan_in_scope, ()),
                  "plan-argument": (plan_argument, (plan,))}[how]
     q, k, v, do = inputs(n=n, d=64, dtype=dtype, device="cuda")
