@@ -547,3 +547,73 @@ def test_public_attention_uses_the_kernels_and_lse_matches(dtype, seed, poisoned
     _, lse_r = md.reference.attention(q.detach().float(), k.detach().float(), v.detach().float(), mask)
     assert_close("lse", lse_k, lse_r, TOL[dtype]["lse"], f"seed {seed}")
     assert bool((lse_k[..., 950:] == float("-inf")).all())  # positions 950.. are in no document
+
+
+# ---------------------------------------------------------------------------
+# the kernels' lists: flat full-block indices, visiting order, heavy rows; tile kinds
+# ---------------------------------------------------------------------------
+
+def _rows_of(lists, by_runs: bool):
+    """Per row: the full blocks (from the runs, or from the flat list) and the partial blocks."""
+    ptr, st, en = lists.full_ptr.tolist(), lists.full_start.tolist(), lists.full_end.tolist()
+    iptr, idx = lists.full_iptr.tolist(), lists.full_idx.tolist()
+    pptr, pidx = lists.part_ptr.tolist(), lists.part_idx.tolist()
+    out = []
+    for r in range(len(ptr) - 1):
+        runs = [range(st[x], en[x]) for x in range(ptr[r], ptr[r + 1])]
+        full = [b for run in runs for b in run] if by_runs else idx[iptr[r]:iptr[r + 1]]
+        out.append((len(runs), full, pidx[pptr[r]:pptr[r + 1]]))
+    return out
+
+
+@pytest.mark.parametrize("mask", [md.Dilated(9, 3), md.Window(20) | md.Global([0, 77, 150]),
+                                  md.Document([60, 0, 90, 50]) & (md.Causal() | md.Prefix([10, 0, 30, 5],
+                                                                                          documents=[60, 0, 90, 50])),
+                                  md.Full(), ~md.Full()], ids=repr)
+@pytest.mark.parametrize("by", ["q", "k"])
+def test_lists_flat_index_and_order(mask, by):
+    n = 200
+    plan = md.prepare(mask, n, n)
+    lists = plan.lists(16, 32, by)
+    lay = plan.layout(16, 32)
+    from_runs, from_flat = _rows_of(lists, True), _rows_of(lists, False)
+    blocks = lay.full_matrix if by == "q" else lay.full_matrix.transpose(-1, -2)
+    for r, ((nruns, full, _), (_, flat, _)) in enumerate(zip(from_runs, from_flat)):
+        # the flat list holds exactly the full blocks of rows with several runs, in order
+        assert flat == (full if nruns > 1 else []), f"row {r}"
+        assert full == blocks.reshape(-1, blocks.shape[-1])[r].nonzero().flatten().tolist(), f"row {r}"
+    # order: a permutation of the rows, heaviest first; the heavy rows are the first num_heavy
+    work = [len(full) + len(part) for _, full, part in from_runs]
+    order = lists.order.tolist()
+    assert sorted(order) == list(range(lists.num_rows))
+    assert [work[x] for x in order] == sorted(work, reverse=True)
+    mean = sum(work) / len(work)
+    assert lists.num_heavy == sum(w > 2 * max(mean, 1) for w in work)
+
+
+def test_global_tokens_make_heavy_rows():
+    plan = md.prepare(md.Window(8) | md.Global([5, 700, 1500]), 2048, 2048)
+    lists = plan.lists(64, 64, "q")
+    assert lists.num_heavy == 3  # the query blocks of the three global tokens see every key block
+    assert set(lists.order[:3].tolist()) == {5 // 64, 700 // 64, 1500 // 64}
+
+
+@pytest.mark.parametrize("mask, kind", [(md.Full(), "dense"), (md.Causal(), "dense"), (md.Window(2048), "dense"),
+                                        (md.Window(64), "sparse"), (md.Document([100] * 40), "sparse"),
+                                        (md.Dilated(256, 4), "sparse")], ids=repr)
+def test_plan_kind_picks_the_tiles(mask, kind):
+    plan = md.prepare(mask, 4096, 4096)
+    assert plan.kind == kind
+    assert plan.tiles("fwd", 2, 128) == configs.tile_config("fwd", 2, 128, kind)
+    with pytest.raises(ValueError, match="kind must be"):
+        configs.tile_config("fwd", 2, 64, "medium")
+
+
+def test_modulus_is_compiled_in():
+    src = md.prepare(md.Dilated(256, 4), 1000, 1000).predicate.source
+    assert "& 3" in src and "% " not in src  # a power of two: a bit mask, no division
+    src3 = md.prepare(md.Dilated(256, 3), 1000, 1000).predicate.source
+    assert "% 3" in src3
+    # the window bound is still data: Dilated(100, 4) shares Dilated(256, 4)'s predicate
+    assert md.prepare(md.Dilated(100, 4), 1000, 1000).predicate.fn is md.prepare(md.Dilated(256, 4), 1000,
+                                                                                  1000).predicate.fn
