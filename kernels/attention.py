@@ -44,6 +44,16 @@ def _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH):
 
 
 @triton.jit
+def _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H):
+    """This program's (batch*head, batch, head, query block, list row, mask-data pair)."""
+    i_bh, i_m = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    pair = i_b * PAIR_B + i_h * PAIR_H
+    return i_bh, i_b, i_h, i_m, pair * NUM_ROWS + i_m, pair
+
+
+@triton.jit
 def _fwd_block(
     acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta, stride_kn, stride_kd, stride_vn, stride_vd,
     N_K, qk_scale, PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -93,11 +103,7 @@ def attn_fwd_kernel(
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-    i_bh, i_m = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    pair = i_b * PAIR_B + i_h * PAIR_H
-    row = pair * NUM_ROWS + i_m
+    i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
     meta = META + pair.to(tl.int64) * META_STRIDE
 
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -217,11 +223,7 @@ def attn_bwd_dq_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-    i_bh, i_m = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    pair = i_b * PAIR_B + i_h * PAIR_H
-    row = pair * NUM_ROWS + i_m
+    i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
     meta = META + pair.to(tl.int64) * META_STRIDE
 
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
