@@ -155,6 +155,10 @@ def _backward(ctx, d_out, d_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _has_inference_tensor(mask) -> bool:
+    return any(getattr(leaf, "tensor", None) is not None and leaf.tensor.is_inference() for leaf in mask._symbolic[1])
+
+
 def _check_inputs(q, k, v, mask, scale, reorder) -> None:
     """Validate everything before any compute; each error names the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -199,6 +203,9 @@ def _check_inputs(q, k, v, mask, scale, reorder) -> None:
         if mask.device != q.device:
             raise ValueError(f"mask is a plan prepared for device {mask.device}, but q is on {q.device}")
         mask.mask.check_size(q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1])
+        if mask.mask._data_version() != mask.data_version and not _has_inference_tensor(mask.mask):
+            raise ValueError("mask is a plan whose TensorMask tensor was modified in place (or moved) since "
+                             "md.prepare: its block layout would be stale; call md.prepare again")
     elif not isinstance(mask, Mask):
         raise TypeError(
             f"mask must be a maskdsl.Mask or a plan from md.prepare, got {type(mask).__name__}: build one from the "

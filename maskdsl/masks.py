@@ -121,6 +121,14 @@ class Mask:
     def _leaves(self) -> list["Mask"]:
         return [self]
 
+    def _data_version(self):
+        """A token that changes when data the mask holds by reference (a TensorMask's tensor)
+        is edited in place, moved or replaced: plans are cached under it, never served stale."""
+        return tuple(leaf._leaf_version() for leaf in self._symbolic[1] if isinstance(leaf, TensorMask))
+
+    def _leaf_version(self):
+        return None
+
     @functools.cached_property
     def _symbolic(self):
         """(structure, leaves): the predicate with data names numbered by leaf order."""
@@ -647,6 +655,14 @@ class TensorMask(Mask):
 
     def _own_batch_shape(self):
         return tuple(self.tensor.shape[:2]) if self.tensor.dim() == 4 else None
+
+    def _leaf_version(self):
+        t = self.tensor
+        where = (t.data_ptr(), tuple(t.shape), t.stride(), str(t.device))
+        if t.is_inference():
+            # inference tensors keep no version counter: never reuse a plan of one (a fresh token)
+            return where + (object(),)
+        return where + (t._version,)
 
     def _check_leaf_size(self, n_q, n_k):
         if tuple(self.tensor.shape[-2:]) != (n_q, n_k):

@@ -42,6 +42,7 @@ class Plan:
         self.n_q, self.n_k = int(n_q), int(n_k)
         self.device = torch.device(device)
         self.batch_shape = mask.batch_shape
+        self.data_version = mask._data_version()
         bm, hm = self.batch_shape or (1, 1)
         self.pair_b = hm if bm > 1 else 0
         self.pair_h = 1 if hm > 1 else 0
@@ -173,7 +174,9 @@ def prepare(mask: Mask, n_q: int, n_k: int, *, device=None) -> Plan:
 
     The plan is reusable across layers, heads and steps: ``md.attention(q, k, v, plan)``.
     Plans are cached by (mask, n_q, n_k, device): preparing an equal mask again returns
-    the same plan. The layouts for bf16/fp16 at head dims 64 and 128 are built now;
+    the same plan. A TensorMask's tensor edited in place gets a new plan (the cache key holds
+    its version counter); a plan whose tensor changed after ``prepare`` is refused by
+    ``md.attention`` with an error. The layouts for bf16/fp16 at head dims 64 and 128 are built now;
     others when first used.
 
     Example:
@@ -194,7 +197,7 @@ def prepare(mask: Mask, n_q: int, n_k: int, *, device=None) -> Plan:
 
 
 def cached(mask: Mask, n_q: int, n_k: int, device: torch.device) -> Plan:
-    key = (mask, n_q, n_k, str(device))
+    key = (mask, mask._data_version(), n_q, n_k, str(device))
     with _GUARD:
         plan = _CACHE.get(key)
         if plan is not None:

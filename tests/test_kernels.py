@@ -617,3 +617,38 @@ def test_modulus_is_compiled_in():
     # the window bound is still data: Dilated(100, 4) shares Dilated(256, 4)'s predicate
     assert md.prepare(md.Dilated(100, 4), 1000, 1000).predicate.fn is md.prepare(md.Dilated(256, 4), 1000,
                                                                                   1000).predicate.fn
+
+
+# ---------------------------------------------------------------------------
+# tensor masks edited in place: never a stale layout
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_tensor_mask_edited_in_place_is_not_served_stale(backend, seed, monkeypatch):
+    device, tiles = _device_and_tiles()
+    _use_tiles(monkeypatch, tiles)
+    n = 40
+    t = torch.rand(n, n, device=device) < 0.3
+    mask = md.TensorMask(t)
+    q, k, v, do = make_inputs(1, 2, 1, n, n, 16, F32, device)
+    first = _attention(q, k, v, mask, backend=backend)[0]
+    same = _attention(q, k, v, mask, backend=backend)[0]
+    assert torch.equal(first, same)  # unchanged tensor: the cached plan, the same result
+    t[:, : n // 2] = ~t[:, : n // 2]  # in place: the layout and the bits must be rebuilt
+    got = kernel_outputs(q, k, v, do, mask) if backend == "triton" else None
+    want = reference_outputs(q, k, v, do, mask)
+    if got is not None:
+        compare(got, want, mask, q, k, v, TOL[F32], f"in-place edit, seed {seed}")
+    out = _attention(q, k, v, mask, backend=backend)[0]
+    torch.testing.assert_close(out.float(), want["out"], atol=1e-4, rtol=1e-4)
+
+
+def test_plan_of_an_edited_tensor_mask_is_refused():
+    t = torch.rand(30, 30) < 0.5
+    plan = md.prepare(md.TensorMask(t) | md.Causal(), 30, 30)
+    q = k = v = torch.randn(1, 1, 30, 16)
+    md.attention(q, k, v, plan)  # fine
+    t[0, 5] = not bool(t[0, 5])
+    with pytest.raises(ValueError, match="modified in place"):
+        md.attention(q, k, v, plan)
+    md.attention(q, k, v, md.prepare(plan.mask, 30, 30))  # prepared again: fine
