@@ -8,6 +8,7 @@ import torch
 
 from . import plan as _plans
 from . import reference
+from . import reorder as _reorder
 from .masks import Mask
 from .plan import Plan
 
@@ -39,10 +40,14 @@ def attention(q, k, v, mask, *, scale=None, reorder="auto"):
             [B, H, Nq, Nk] in ``md.TensorMask(t)``.
         scale: multiplies q @ k^T before the softmax; a positive finite number,
             default 1 / sqrt(D).
-        reorder: "auto" (reorder token positions, e.g. by Reverse Cuthill-McKee,
-            only where it reduces the number of non-empty blocks enough to pay
-            for itself), "rcm" (always) or None (never). Reordering never changes
-            the result, only the speed.
+        reorder: "auto" (the kernels run permuted token positions, Reverse
+            Cuthill-McKee for a TensorMask and depth-first order for a Tree, only
+            where that cuts the non-empty blocks enough to pay for the permutation),
+            "rcm" (always; a ValueError for a mask that cannot be reordered: only a
+            TensorMask or a Tree by itself, with Nq == Nk and one pattern for all
+            batches and heads) or None (never). Reordering never changes the result,
+            only the speed; the reference path (CPU) never reorders. With a plan,
+            the plan's own setting (``md.prepare(..., reorder=...)``) applies.
 
     Returns:
         out: [B, Hq, Nq, D], the dtype of q. Differentiable with respect to q,
@@ -63,11 +68,11 @@ def attention(q, k, v, mask, *, scale=None, reorder="auto"):
         torch.Size([2, 8, 1000, 64])
     """
     _check_inputs(q, k, v, mask, scale, reorder)
-    out, _ = _attention(q, k, v, mask, scale=scale)
+    out, _ = _attention(q, k, v, mask, scale=scale, reorder=reorder)
     return out.to(q.dtype)
 
 
-def _attention(q, k, v, mask, *, scale=None, backend=None):
+def _attention(q, k, v, mask, *, scale=None, backend=None, reorder="auto"):
     """(out, lse) through the custom op; ``backend`` "triton" or "reference" overrides the
     choice by device (tests run the Triton kernels on the CPU under TRITON_INTERPRET=1).
     The reference backend returns out in its compute dtype (float32, or float64), so that
@@ -79,16 +84,16 @@ def _attention(q, k, v, mask, *, scale=None, backend=None):
     if isinstance(mask, Plan):
         key = mask.key
     else:
-        key = _plan_key(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], str(q.device))
+        key = _plan_key(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], str(q.device), reorder)
     return torch.ops.maskdsl.attention_fwd(q, k, v, key, scale, backend)
 
 
 @torch.compiler.assume_constant_result
-def _plan_key(mask, batch: int, heads: int, n_q: int, n_k: int, device: str) -> str:
+def _plan_key(mask, batch: int, heads: int, n_q: int, n_k: int, device: str, reorder) -> str:
     # runs in Python even under torch.compile (its result is a constant of the graph):
     # the analysis, the code generation and the plan cache stay out of the traced graph
     mask.check_size(n_q, n_k, batch=batch, heads=heads)
-    return _plans.cached(mask, n_q, n_k, torch.device(device)).key
+    return _plans.cached(mask, n_q, n_k, torch.device(device), reorder).key
 
 
 # ---------------------------------------------------------------------------
@@ -104,8 +109,14 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str,
     from kernels import launch
 
     cfg = p.tiles("fwd", q.element_size(), q.shape[3])
-    return launch.forward(q, k, v, lists=p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), meta=p.meta, pair_b=p.pair_b,
-                          pair_h=p.pair_h, pred=p.predicate.fn, scale=scale, cfg=cfg)
+    perm = p.permutation  # the kernels run the reordered positions; out and lse come back in order
+    if perm is not None:
+        q, k, v = (t.index_select(2, perm[0]) for t in (q, k, v))
+    out, lse = launch.forward(q, k, v, lists=p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), meta=p.meta, pair_b=p.pair_b,
+                              pair_h=p.pair_h, pred=p.predicate.fn, scale=scale, cfg=cfg)
+    if perm is not None:
+        out, lse = out.index_select(2, perm[1]), lse.index_select(2, perm[1])
+    return out, lse
 
 
 @_attention_fwd.register_fake
@@ -126,12 +137,18 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
     es, d = q.element_size(), q.shape[3]
     dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
-    return launch.backward(
+    perm = p.permutation
+    if perm is not None:
+        do, q, k, v, o, lse = (t.index_select(2, perm[0]) for t in (do, q, k, v, o, lse))
+    grads = launch.backward(
         do, q, k, v, o, lse,
         dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),
         meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn, scale=scale,
         dq_cfg=dq_cfg, dkdv_cfg=kv_cfg,
     )
+    if perm is not None:
+        grads = tuple(g.index_select(2, perm[1]) for g in grads)
+    return grads
 
 
 @_attention_bwd.register_fake
@@ -197,6 +214,9 @@ def _check_inputs(q, k, v, mask, scale, reorder) -> None:
     if not (reorder is None or (isinstance(reorder, str) and reorder in _REORDERS)):
         raise ValueError(f"reorder must be one of 'auto', 'rcm' or None, got {reorder!r}")
     if isinstance(mask, Plan):
+        if reorder != "auto" and reorder != mask.reorder:
+            raise ValueError(f"reorder={reorder!r} differs from the plan's reorder={mask.reorder!r}: a plan's "
+                             "reordering is chosen by md.prepare(..., reorder=...)")
         if (mask.n_q, mask.n_k) != (q.shape[2], k.shape[2]):
             raise ValueError(f"mask is a plan prepared for n_q={mask.n_q}, n_k={mask.n_k}, but q has Nq={q.shape[2]} "
                              f"and k has Nk={k.shape[2]}: prepare it for these sizes")
@@ -206,6 +226,10 @@ def _check_inputs(q, k, v, mask, scale, reorder) -> None:
         if mask.mask._data_version() != mask.data_version and not _has_inference_tensor(mask.mask):
             raise ValueError("mask is a plan whose TensorMask tensor was modified in place (or moved) since "
                              "md.prepare: its block layout would be stale; call md.prepare again")
+    elif isinstance(mask, Mask) and reorder == "rcm":
+        why_not = _reorder.applies(mask, q.shape[2], k.shape[2])
+        if why_not:
+            raise ValueError(f"reorder='rcm' cannot reorder this mask: {why_not}; use reorder=None or 'auto'")
     elif not isinstance(mask, Mask):
         raise TypeError(
             f"mask must be a maskdsl.Mask or a plan from md.prepare, got {type(mask).__name__}: build one from the "

@@ -19,6 +19,7 @@ from kernels.configs import tile_config
 from kernels.launch import Lists
 
 from . import codegen
+from . import reorder as _reorder
 from .masks import Mask
 
 __all__ = ["Plan", "prepare"]
@@ -36,9 +37,16 @@ class Plan:
         meta: int32 [P, L], the mask data of each (batch, head) pair, read by the predicate.
     """
 
-    def __init__(self, mask: Mask, n_q: int, n_k: int, device):
+    def __init__(self, mask: Mask, n_q: int, n_k: int, device, reorder="auto"):
         mask.check_size(n_q, n_k)
+        if reorder not in _reorder.MODES:
+            raise ValueError(f"reorder must be one of 'auto', 'rcm' or None, got {reorder!r}")
+        if reorder == "rcm":
+            why_not = _reorder.applies(mask, n_q, n_k)
+            if why_not:
+                raise ValueError(f"reorder='rcm' cannot reorder this mask: {why_not}; use reorder=None or 'auto'")
         self.mask = mask
+        self.reorder = reorder
         self.n_q, self.n_k = int(n_q), int(n_k)
         self.device = torch.device(device)
         self.batch_shape = mask.batch_shape
@@ -56,8 +64,28 @@ class Plan:
         return f"Plan({self.mask!r}, n_q={self.n_q}, n_k={self.n_k}, device={self.device})"
 
     @functools.cached_property
+    def _reordering(self):
+        return _reorder.choose(self.mask, self.n_q, self.n_k, self.reorder)
+
+    @property
+    def kernel_mask(self) -> Mask:
+        """The mask the kernels run: the mask itself, or its reordered form (``reorder``)."""
+        return self._reordering[1] if self._reordering else self.mask
+
+    @functools.cached_property
+    def permutation(self):
+        """(perm, inverse) int64 on this plan's device when the kernels run permuted positions
+        (``perm[new] = old``), else None."""
+        if not self._reordering:
+            return None
+        perm = self._reordering[0]
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        return perm.to(self.device), inv.to(self.device)
+
+    @functools.cached_property
     def _bound(self):
-        return self.mask.bind(self.n_q, self.n_k)
+        return self.kernel_mask.bind(self.n_q, self.n_k)
 
     @functools.cached_property
     def predicate(self) -> codegen.Predicate:
@@ -72,7 +100,7 @@ class Plan:
         with self._lock:
             lay = self._layouts.get((block_q, block_k))
             if lay is None:
-                lay = self.mask.block_layout(self.n_q, self.n_k, block=(block_q, block_k))
+                lay = self.kernel_mask.block_layout(self.n_q, self.n_k, block=(block_q, block_k))
                 self._layouts[(block_q, block_k)] = lay
             return lay
 
@@ -169,10 +197,12 @@ def lookup(key: str) -> Plan:
         ) from None
 
 
-def prepare(mask: Mask, n_q: int, n_k: int, *, device=None) -> Plan:
+def prepare(mask: Mask, n_q: int, n_k: int, *, device=None, reorder="auto") -> Plan:
     """Analyse ``mask`` for attention of ``n_q`` queries over ``n_k`` keys on ``device``.
 
     The plan is reusable across layers, heads and steps: ``md.attention(q, k, v, plan)``.
+    ``reorder`` ("auto", "rcm" or None) is as in ``md.attention``: a TensorMask or a Tree
+    by itself may run with its token positions permuted (maskdsl.reorder); results never change.
     Plans are cached by (mask, n_q, n_k, device): preparing an equal mask again returns
     the same plan. A TensorMask's tensor edited in place gets a new plan (the cache key holds
     its version counter); a plan whose tensor changed after ``prepare`` is refused by
@@ -190,14 +220,14 @@ def prepare(mask: Mask, n_q: int, n_k: int, *, device=None) -> Plan:
     device = torch.device("cpu") if device is None else torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    plan = cached(mask, int(n_q), int(n_k), device)
+    plan = cached(mask, int(n_q), int(n_k), device, reorder)
     if device.type == "cuda":
         plan.warm(2, 64).warm(2, 128)
     return plan
 
 
-def cached(mask: Mask, n_q: int, n_k: int, device: torch.device) -> Plan:
-    key = (mask, mask._data_version(), n_q, n_k, str(device))
+def cached(mask: Mask, n_q: int, n_k: int, device: torch.device, reorder="auto") -> Plan:
+    key = (mask, mask._data_version(), n_q, n_k, str(device), reorder)
     with _GUARD:
         plan = _CACHE.get(key)
         if plan is not None:
@@ -205,7 +235,7 @@ def cached(mask: Mask, n_q: int, n_k: int, device: torch.device) -> Plan:
             _REGISTRY[plan.key] = plan
             _REGISTRY.move_to_end(plan.key)
             return plan
-    plan = Plan(mask, n_q, n_k, device)
+    plan = Plan(mask, n_q, n_k, device, reorder)
     with _GUARD:
         _CACHE[key] = plan
         while len(_CACHE) > _MAX_PLANS // 2:

@@ -165,10 +165,23 @@ def test_attention_equals_reference_on_cpu(b, h_q, h_kv, n_q, n_k, d, dtype, mas
 
 @pytest.mark.parametrize("reorder", ["auto", "rcm", None])
 def test_reorder_never_changes_the_result(reorder):
-    q, k, v = qkv()
-    mask = md.Document([4, 5]) & md.Causal()
-    torch.testing.assert_close(md.attention(q, k, v, mask, reorder=reorder),
-                               reference.attention(q, k, v, mask)[0], **TOL[torch.float32])
+    q, k, v = qkv(n_q=9, n_k=9)
+    n = q.shape[2]
+    for mask in (md.TensorMask(torch.rand(n, n) < 0.3), md.Tree([-1] + [x // 2 for x in range(n - 1)])):
+        torch.testing.assert_close(md.attention(q, k, v, mask, reorder=reorder),
+                                   reference.attention(q, k, v, mask)[0], **TOL[torch.float32])
+    if reorder != "rcm":
+        mask = md.Document([4, 5]) & md.Causal()
+        torch.testing.assert_close(md.attention(q, k, v, mask, reorder=reorder),
+                                   reference.attention(q, k, v, mask)[0], **TOL[torch.float32])
+
+
+def test_rcm_on_a_mask_it_cannot_reorder_is_an_error():
+    q, k, v = qkv(n_q=9, n_k=9)
+    with pytest.raises(ValueError, match=r"reorder='rcm' cannot reorder this mask: Document"):
+        md.attention(q, k, v, md.Document([4, 5]) & md.Causal(), reorder="rcm")
+    with pytest.raises(ValueError, match=r"reorder='rcm' cannot reorder this mask: .*differ"):
+        md.attention(q[:, :, :5], k, v, md.TensorMask(torch.ones(5, k.shape[2], dtype=torch.bool)), reorder="rcm")
 
 
 @pytest.mark.parametrize("scale", [0.3, 2, None])

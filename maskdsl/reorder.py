@@ -1,0 +1,119 @@
+"""Token reordering: fewer non-empty blocks for masks whose allowed entries are scattered.
+
+A permutation ``perm`` of the N positions (``perm[new] = old``) maps a mask M to
+``M'(a, b) = M(perm[a], perm[b])``. Attention under M of (q, k, v) equals attention
+under M' of the permuted (q, k, v), permuted back. Two orders:
+
+- TensorMask: Reverse Cuthill-McKee on the symmetrised pattern (``M | M^T``), from
+  ``scipy.sparse.csgraph.reverse_cuthill_mckee``: it gathers a scrambled band back
+  into a band, so the allowed entries fall into fewer 128 x 128 blocks.
+- Tree: depth-first pre-order (each subtree contiguous, parents first), which keeps
+  the tree a valid Tree mask (``parents[i] < i``) and packs every subtree's rows.
+
+Only a mask that is a TensorMask or a Tree by itself, with n_q == n_k and no
+batch dimension, is reordered: masks built from the other primitives are already
+described by their structure. ``reorder="auto"`` reorders when the non-empty
+128 x 128 blocks fall by enough to pay for the permutation (``worth_it``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
+import torch
+
+from .masks import Mask, TensorMask, Tree, _euler
+
+__all__ = ["MODES", "permutation", "permuted", "worth_it", "choose"]
+
+MODES = ("auto", "rcm", None)
+
+# "auto" considers RCM only for tensor masks this sparse (allowed / N^2): RCM gathers scattered
+# entries of sparse graphs; on denser masks it costs seconds of CPU and rarely saves a block.
+AUTO_MAX_DENSITY = 0.05
+
+# The permutation gathers q, k, v, out (and in the backward dout, out, lse, then scatters dq, dk,
+# dv): about 8 reads and 8 writes of a [B, H, N, D] tensor. Per (head, 128 query rows) at D = 64
+# in bf16 that is 8 * 2 * 128 * 64 * 2 bytes = 262 kB, ~90 ns at ~3 TB/s; a non-empty 128 x 128
+# block costs ~42 ns of forward+backward per head (Full, N = 16384, D = 64: 89.3 ms for
+# 128 heads x 16384 blocks on an H200, docs/benchmarks/attention.md). So reordering pays when
+# it removes more than ~2 blocks per block row; "auto" asks for 3, and 10% of the blocks.
+AUTO_BLOCKS_PER_ROW = 3
+AUTO_MIN_FRACTION = 0.10
+
+
+def applies(mask: Mask, n_q: int, n_k: int) -> str | None:
+    """Why ``mask`` cannot be reordered at these sizes, or None when it can."""
+    if n_q != n_k:
+        return f"n_q={n_q} and n_k={n_k} differ (queries and keys must share one order)"
+    if isinstance(mask, TensorMask):
+        t = mask.tensor
+        if t.dim() == 4 and tuple(t.shape[:2]) != (1, 1):
+            return f"the TensorMask has per-batch or per-head data {list(t.shape)} (one order serves one pattern)"
+        return None
+    if isinstance(mask, Tree):
+        if mask.batch_shape is not None:
+            return "the Tree has one tree per batch element (one order serves one tree)"
+        return None
+    return (f"{mask!r} is analysed from its structure; only a TensorMask or a Tree by itself is "
+            "reordered")
+
+
+def permutation(mask: Mask, n: int) -> torch.Tensor:
+    """``perm`` (int64, CPU) with ``perm[new] = old``: RCM for a TensorMask, DFS pre-order for a Tree."""
+    if isinstance(mask, Tree):
+        tin, _ = _euler(mask.parents[:n])
+        return torch.argsort(tin.long())
+    t = mask.tensor.reshape(n, n).to("cpu", torch.bool)
+    rows, cols = torch.nonzero(t | t.T, as_tuple=True)
+    graph = scipy.sparse.csr_matrix((np.ones(rows.numel(), dtype=np.int8), (rows.numpy(), cols.numpy())),
+                                    shape=(n, n))
+    order = scipy.sparse.csgraph.reverse_cuthill_mckee(graph, symmetric_mode=True)
+    return torch.from_numpy(order.astype(np.int64))
+
+
+def permuted(mask: Mask, perm: torch.Tensor) -> Mask:
+    """The mask of the permuted positions: ``M'(a, b) = M(perm[a], perm[b])``."""
+    if isinstance(mask, Tree):
+        n = perm.numel()
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(n)
+        old_parents = torch.tensor(mask.parents[:n])[perm]
+        parents = torch.where(old_parents < 0, old_parents, inv[old_parents.clamp_min(0)])
+        return Tree(parents.tolist())
+    t = mask.tensor
+    p = perm.to(t.device)
+    return TensorMask(t.index_select(-2, p).index_select(-1, p))
+
+
+def worth_it(before: int, after: int, block_rows: int) -> bool:
+    """Does a reordering that takes the non-empty 128 x 128 blocks from ``before`` to ``after``
+    pay for the permutation (``block_rows`` rows of blocks)?"""
+    saved = before - after
+    return saved >= AUTO_BLOCKS_PER_ROW * block_rows and saved >= AUTO_MIN_FRACTION * before
+
+
+def choose(mask: Mask, n_q: int, n_k: int, mode) -> tuple[torch.Tensor, Mask] | None:
+    """(perm, permuted mask) when ``mode`` asks to reorder and (for "auto") it pays, else None.
+    ``mode="rcm"`` on a mask that cannot be reordered raises ValueError."""
+    if mode is None:
+        return None
+    why_not = applies(mask, n_q, n_k)
+    if mode == "rcm":
+        if why_not:
+            raise ValueError(f"reorder='rcm' cannot reorder this mask: {why_not}; use reorder=None or 'auto'")
+    elif why_not:
+        return None
+    if mode == "auto" and isinstance(mask, TensorMask):
+        allowed = int(mask.tensor.count_nonzero())
+        if allowed > AUTO_MAX_DENSITY * n_q * n_k:
+            return None
+    perm = permutation(mask, n_q)
+    new = permuted(mask, perm)
+    if mode == "auto":
+        before = mask.block_layout(n_q, n_k).stats()
+        after = new.block_layout(n_q, n_k).stats()
+        rows = -(-n_q // 128)
+        if not worth_it(before["blocks"] - before["empty"], after["blocks"] - after["empty"], rows):
+            return None
+    return perm, new
