@@ -40,6 +40,7 @@ from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
 from . import symbolic as S
+from .preprocess import pack_bits
 
 __all__ = ["Predicate", "predicate_for", "pack_meta"]
 
@@ -232,19 +233,6 @@ def predicate_for(expr) -> Predicate:
     return Predicate(fn, src, tables, scalars, tuple(by_name[c] for c in consts), header)
 
 
-def _pack_bits(t: torch.Tensor) -> torch.Tensor:
-    """Bool [n, m] -> int32 [n, ceil(m / 32)], bit b of word w holding column 32 w + b."""
-    n, m = t.shape
-    words = -(-m // 32)
-    padded = torch.zeros(n, words * 32, dtype=torch.int64, device=t.device)
-    padded[:, :m] = t.to(torch.int64)
-    weights = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int64, device=t.device),
-                                       torch.arange(32, device=t.device))
-    packed = (padded.view(n, words, 32) * weights).sum(-1)
-    packed = torch.where(packed >= 1 << 31, packed - (1 << 32), packed)
-    return packed.to(torch.int32)
-
-
 def pack_meta(pred: Predicate, bound) -> torch.Tensor:
     """int32 ``[P, L]``: the header and data of every (batch, head) pair of ``bound``."""
     rows = []
@@ -255,7 +243,7 @@ def pack_meta(pred: Predicate, bound) -> torch.Tensor:
             t = bound.tables[name]
             t = t[min(b, t.shape[0] - 1)]
             if two_d:
-                t = _pack_bits(t[min(h, t.shape[0] - 1)].bool())
+                t = pack_bits(t[min(h, t.shape[0] - 1)])
                 header += [pos, t.shape[0], t.shape[1]]
             else:
                 header += [pos, t.shape[0], 0]

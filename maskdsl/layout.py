@@ -7,6 +7,8 @@ import numpy as np
 import torch
 
 from . import analysis as A
+from .masks import TensorMask
+from .preprocess import tensor_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -153,7 +155,14 @@ def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transp
     pairs = bound.pairs()
     grid = A.Grid(n_q, n_k, bq, bk)
     tgrid = A.Grid(n_k, n_q, bk, bq)
-    rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
+    if isinstance(mask, TensorMask):
+        # an arbitrary tensor by itself: classify every block in one read of the mask
+        t = mask.tensor if mask.tensor.dim() == 4 else mask.tensor[None, None]
+        classes = tensor_blocks(t, bq, bk, words=False)[0].cpu()
+        rows = _concat([A.dense_to_runs(c) for c in classes], grid.mq, grid.mk)
+        transpose_dense = True
+    else:
+        rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
 
     lead = () if bound.batch_shape is None else tuple(bound.batch_shape)
     # numpy's repeat fills the dense matrices ~50x faster than torch.repeat_interleave

@@ -1,0 +1,67 @@
+"""Preprocessing of an arbitrary bool mask: block classes and bit-packed rows, one read.
+
+One program per (query block, key block, pattern) loads its ``BLOCK_Q x BLOCK_K`` tile
+of the mask once and writes
+
+- the tile's class: 0 empty (no allowed entry), 1 partial, 3 full (every in-range entry
+  allowed), the codes of ``maskdsl.analysis``;
+- the tile's rows bit-packed into int32 words (bit b of word w holds column 32 w + b),
+  the format the generated predicates read.
+
+Patterns are the (b, h) slices of a [B, H, Nq, Nk] mask (stride 0 for a broadcast dim).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+EMPTY, PARTIAL, FULL = 0, 1, 3
+
+
+@triton.jit
+def tensor_mask_blocks_kernel(
+    M, CLASS, WORDS, stride_mb, stride_mh, stride_mq, stride_mk, H, N_Q, N_K, MQ, MK, W,
+    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tl.static_assert(BLOCK_K % 32 == 0)
+    i_q = tl.program_id(0)
+    i_k = tl.program_id(1)
+    i_p = tl.program_id(2)
+    offs_q = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    inside = (offs_q[:, None] < N_Q) & (offs_k[None, :] < N_K)
+    base = M + (i_p // H).to(tl.int64) * stride_mb + (i_p % H).to(tl.int64) * stride_mh
+    t = tl.load(base + offs_q[:, None].to(tl.int64) * stride_mq + offs_k[None, :].to(tl.int64) * stride_mk,
+                mask=inside, other=0)
+    bit = (t != 0).to(tl.int32)
+    count = tl.sum(tl.sum(bit, 1), 0)
+    valid = tl.minimum(N_Q - i_q * BLOCK_Q, BLOCK_Q) * tl.minimum(N_K - i_k * BLOCK_K, BLOCK_K)
+    cls = tl.where(count == 0, EMPTY, tl.where(count == valid, FULL, PARTIAL))
+    tl.store(CLASS + (i_p.to(tl.int64) * MQ + i_q) * MK + i_k, cls.to(tl.int8))
+    # 32 columns per word: bit b set for column 32 w + b; bit 31 is the sign bit, and a sum of
+    # distinct powers of two (2^31 counted as -2^31) is exactly the word's two's complement value
+    shifted = tl.reshape(bit, (BLOCK_Q, BLOCK_K // 32, 32)) << tl.arange(0, 32)[None, None, :]
+    words = tl.sum(shifted, 2)
+    offs_w = i_k * (BLOCK_K // 32) + tl.arange(0, BLOCK_K // 32)
+    p_w = WORDS + (i_p.to(tl.int64) * N_Q + offs_q[:, None]) * W + offs_w[None, :]
+    tl.store(p_w, words, mask=(offs_q[:, None] < N_Q) & (offs_w[None, :] < W))
+
+
+def tensor_mask_blocks(t: torch.Tensor, block_q: int, block_k: int):
+    """(classes int8 [P, Mq, Mk], words int32 [P, Nq, ceil(Nk / 32)]) of a bool or uint8 mask
+    ``t`` [B, H, Nq, Nk] (P = B * H patterns), on t's device, with the Triton kernel."""
+    B, H, n_q, n_k = t.shape
+    mq, mk, w = triton.cdiv(n_q, block_q), triton.cdiv(n_k, block_k), triton.cdiv(n_k, 32)
+    cls = torch.empty((B * H, mq, mk), dtype=torch.int8, device=t.device)
+    words = torch.empty((B * H, n_q, w), dtype=torch.int32, device=t.device)
+    # tiles for the kernel: at least 32 key columns (one word), at most 128 x 128
+    bk = max(32, min(128, triton.next_power_of_2(block_k)))
+    bq = max(16, min(128, triton.next_power_of_2(block_q)))
+    if (bq, bk) != (block_q, block_k):
+        raise ValueError(f"tensor_mask_blocks: blocks ({block_q}, {block_k}) must be powers of two with "
+                         f"16 <= block_q <= 128 and 32 <= block_k <= 128")
+    tensor_mask_blocks_kernel[(mq, mk, B * H)](
+        t, cls, words, *t.stride(), H, n_q, n_k, mq, mk, w, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=4,
+    )
+    return cls, words

@@ -1,0 +1,66 @@
+"""Block structure of an arbitrary bool mask (TensorMask), read once.
+
+``tensor_blocks(t, block_q, block_k)`` gives the class of every block (empty, partial,
+full: ``maskdsl.analysis`` codes) and the mask's rows bit-packed into int32 words, for
+each (b, h) pattern of ``t`` [B, H, Nq, Nk]. On CUDA it runs the Triton kernel
+``kernels.preprocess.tensor_mask_blocks_kernel``; elsewhere (or for tiles the kernel
+does not take) the torch path below, which gives identical results.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import analysis as A
+
+__all__ = ["tensor_blocks", "pack_bits"]
+
+
+def pack_bits(t: torch.Tensor) -> torch.Tensor:
+    """Bool [..., n, m] -> int32 [..., n, ceil(m / 32)], bit b of word w holding column 32 w + b."""
+    *lead, n, m = t.shape
+    words = -(-m // 32)
+    bits = torch.nn.functional.pad((t != 0).to(torch.int64), (0, words * 32 - m)).view(*lead, n, words, 32)
+    packed = (bits << torch.arange(32, device=t.device)).sum(-1)
+    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+
+
+def _classes_torch(t: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    B, H, n_q, n_k = t.shape
+    mq, mk = -(-n_q // block_q), -(-n_k // block_k)
+    pad = (0, mk * block_k - n_k, 0, mq * block_q - n_q)
+    # one byte per entry (a 16k x 16k mask: 256 MB, not 1 GB); the sums come out in int64
+    allowed = torch.nn.functional.pad((t != 0).to(torch.uint8), pad).view(B * H, mq, block_q, mk, block_k)
+    inside = torch.nn.functional.pad(torch.ones(n_q, n_k, dtype=torch.uint8, device=t.device), pad)
+    count = allowed.sum((2, 4))
+    valid = inside.view(mq, block_q, mk, block_k).sum((1, 3))
+    cls = torch.full(count.shape, A.PARTIAL, dtype=torch.int8, device=t.device)
+    cls[count == 0] = A.EMPTY
+    cls[count == valid] = A.FULL
+    return cls
+
+
+def _triton_takes(t: torch.Tensor, block_q: int, block_k: int) -> bool:
+    pow2 = all(b & (b - 1) == 0 for b in (block_q, block_k))
+    return pow2 and 16 <= block_q <= 128 and 32 <= block_k <= 128
+
+
+def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str | None = None, words: bool = True):
+    """(classes int8 [P, Mq, Mk], words int32 [P, Nq, ceil(Nk / 32)]) of a bool or uint8 mask
+    ``t`` [B, H, Nq, Nk], P = B * H, on t's device. ``backend`` "triton" or "torch" overrides
+    the choice (Triton on CUDA when the tiles suit it). ``words=False`` skips the packed rows on
+    the torch path (None in their place; the kernel writes them in the same pass anyway)."""
+    if t.dim() != 4:
+        raise ValueError(f"t must have shape [B, H, Nq, Nk], got {list(t.shape)}")
+    if t.dtype not in (torch.bool, torch.uint8):
+        raise ValueError(f"t must have dtype torch.bool or torch.uint8, got {t.dtype}")
+    if backend is None:
+        backend = "triton" if t.is_cuda and _triton_takes(t, block_q, block_k) else "torch"
+    if backend == "triton":
+        from kernels.preprocess import tensor_mask_blocks
+
+        return tensor_mask_blocks(t, block_q, block_k)
+    if backend != "torch":
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    B, H, n_q, n_k = t.shape
+    cls = _classes_torch(t, block_q, block_k)
+    return cls, (pack_bits(t).reshape(B * H, n_q, -1) if words else None)

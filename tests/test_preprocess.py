@@ -1,0 +1,149 @@
+"""Preprocessing of tensor masks (maskdsl.preprocess): block classes and bit-packed rows.
+
+The torch path against a brute-force loop over blocks; the Triton kernel against the torch
+path (under the interpreter on the CPU, compiled with ``-m gpu``); TensorMask layouts
+against the dense mask. Sizes, densities, structures and tiles are drawn at random.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import maskdsl as md
+from maskdsl import analysis as A
+from maskdsl.preprocess import pack_bits, tensor_blocks
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def brute_classes(t: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+    B, H, n_q, n_k = t.shape
+    mq, mk = -(-n_q // bq), -(-n_k // bk)
+    out = torch.empty(B * H, mq, mk, dtype=torch.int8)
+    for p in range(B * H):
+        s = t[p // H, p % H] != 0
+        for x in range(mq):
+            for y in range(mk):
+                tile = s[x * bq:(x + 1) * bq, y * bk:(y + 1) * bk]
+                out[p, x, y] = A.FULL if bool(tile.all()) else A.PARTIAL if bool(tile.any()) else A.EMPTY
+    return out
+
+
+def brute_words(t: torch.Tensor) -> torch.Tensor:
+    B, H, n_q, n_k = t.shape
+    w = -(-n_k // 32)
+    out = torch.zeros(B * H, n_q, w, dtype=torch.int64)
+    s = (t != 0).reshape(B * H, n_q, n_k)
+    for col in range(n_k):
+        out[:, :, col // 32] |= s[:, :, col].to(torch.int64) << (col % 32)
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+
+
+def random_mask(g: torch.Generator, shape, structure: str) -> torch.Tensor:
+    *lead, n_q, n_k = shape
+    if structure == "random":
+        return torch.rand(shape, generator=g) < torch.rand(1, generator=g).item()
+    if structure == "band":
+        w = int(torch.randint(0, max(1, n_k // 4) + 1, (1,), generator=g))
+        i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+        return ((i - j).abs() <= w).expand(shape).clone()
+    if structure == "blocks":  # block diagonal with ragged blocks: full, partial and empty tiles
+        cuts = torch.randint(0, max(n_q, n_k), (3,), generator=g).sort().values
+        di = torch.bucketize(torch.arange(n_q), cuts)
+        dj = torch.bucketize(torch.arange(n_k), cuts)
+        return (di[:, None] == dj[None, :]).expand(shape).clone()
+    return torch.full(shape, structure == "ones", dtype=torch.bool)
+
+
+CASES = []
+for seed in range(24):
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_k = (int(x) for x in torch.randint(1, 300, (2,), generator=g))
+    lead = [(1, 1), (2, 3), (3, 1)][seed % 3]
+    structure = ["random", "band", "blocks", "ones", "zeros", "random"][seed % 6]
+    blocks = [(16, 32), (32, 32), (64, 64), (128, 128), (128, 64), (16, 128)][seed % 6]
+    CASES.append(pytest.param(seed, (*lead, n_q, n_k), structure, blocks,
+                              id=f"{seed}-{structure}-{'x'.join(map(str, lead))}-{n_q}x{n_k}-{blocks[0]}x{blocks[1]}"))
+
+
+@pytest.mark.parametrize("seed, shape, structure, blocks", CASES)
+def test_torch_path_equals_brute_force(seed, shape, structure, blocks):
+    t = random_mask(torch.Generator().manual_seed(seed), shape, structure)
+    cls, words = tensor_blocks(t, *blocks, backend="torch")
+    assert torch.equal(cls, brute_classes(t, *blocks))
+    assert torch.equal(words, brute_words(t))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="interpreter tier; on CUDA see test_triton_path_gpu")
+@pytest.mark.parametrize("seed, shape, structure, blocks", CASES[::3])
+def test_triton_path_equals_torch_path_interpreter(seed, shape, structure, blocks):
+    t = random_mask(torch.Generator().manual_seed(seed), shape, structure)
+    got = tensor_blocks(t, *blocks, backend="triton")
+    want = tensor_blocks(t, *blocks, backend="torch")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("seed, shape, structure, blocks", CASES)
+def test_triton_path_gpu(seed, shape, structure, blocks):
+    t = random_mask(torch.Generator().manual_seed(seed), shape, structure).cuda()
+    got = tensor_blocks(t, *blocks)  # the default on CUDA
+    want = tensor_blocks(t.cpu(), *blocks, backend="torch")
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
+
+
+def test_uint8_broadcast_and_strided_inputs():
+    g = torch.Generator().manual_seed(7)
+    base = torch.randint(0, 4, (70, 90), generator=g, dtype=torch.uint8)  # nonzero (1, 2, 3) is allowed
+    strided = base.t()  # [90, 70], non-contiguous
+    broadcast = (base != 0)[None, None].expand(2, 3, 70, 90)  # stride 0 on B and H
+    for t, blocks in ((strided[None, None], (32, 32)), (broadcast, (16, 64))):
+        want = brute_classes(t, *blocks)
+        for backend in ("torch", "triton"):
+            if backend == "triton" and HAS_CUDA:
+                got = tensor_blocks(t.cuda(), *blocks)
+                got = tuple(x.cpu() for x in got)
+            else:
+                got = tensor_blocks(t, *blocks, backend=backend)
+            assert torch.equal(got[0], want), backend
+            assert torch.equal(got[1], brute_words(t)), backend
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"t must have shape \[B, H, Nq, Nk\]"):
+        tensor_blocks(torch.ones(3, 3, dtype=torch.bool), 16, 32)
+    with pytest.raises(ValueError, match="t must have dtype torch.bool or torch.uint8"):
+        tensor_blocks(torch.ones(1, 1, 3, 3), 16, 32)
+    with pytest.raises(ValueError, match="backend must be"):
+        tensor_blocks(torch.ones(1, 1, 3, 3, dtype=torch.bool), 16, 32, backend="cuda")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_tensor_mask_layout_matches_the_dense_mask(seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    n_q, n_k = (int(x) for x in torch.randint(1, 400, (2,), generator=g))
+    shape = [(n_q, n_k), (2, 1, n_q, n_k)][seed % 2]
+    t = random_mask(g, shape, ["random", "band", "blocks"][seed % 3])
+    block = [(64, 64), (32, 128), (128, 16)][seed % 3]
+    lay = md.TensorMask(t).block_layout(n_q, n_k, block=block)
+    t4 = t if t.dim() == 4 else t[None, None]
+    want = brute_classes(t4, *block).view(*lay.block_matrix.shape)
+    assert torch.equal(lay.block_matrix, want != A.EMPTY)
+    assert torch.equal(lay.full_matrix, want == A.FULL)
+    # the per-key-block lists hold the transposed classes: full runs and partial blocks
+    mk, mq = want.shape[-1], want.shape[-2]
+    cols = want.reshape(-1, mq, mk).transpose(1, 2).reshape(-1, mq)
+    ptr, st, en = lay.k_full_ptr.tolist(), lay.k_full_start.tolist(), lay.k_full_end.tolist()
+    pptr, pidx = lay.k_part_ptr.tolist(), lay.k_part_idx.tolist()
+    for r in range(cols.shape[0]):
+        full = [x for run in range(ptr[r], ptr[r + 1]) for x in range(st[run], en[run])]
+        assert full == (cols[r] == A.FULL).nonzero().flatten().tolist(), r
+        assert pidx[pptr[r]:pptr[r + 1]] == (cols[r] == A.PARTIAL).nonzero().flatten().tolist(), r
+
+
+def test_pack_bits_sign_bit():
+    row = torch.zeros(1, 64, dtype=torch.bool)
+    row[0, 31] = True  # the sign bit of word 0
+    row[0, 32] = True  # bit 0 of word 1
+    assert pack_bits(row).tolist() == [[-(1 << 31), 1]]
