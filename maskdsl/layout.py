@@ -8,7 +8,7 @@ import torch
 
 from . import analysis as A
 from .masks import TensorMask
-from .preprocess import tensor_blocks
+from .preprocess import cached_classes
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,8 +157,7 @@ def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transp
     tgrid = A.Grid(n_k, n_q, bk, bq)
     if isinstance(mask, TensorMask):
         # an arbitrary tensor by itself: classify every block in one read of the mask
-        t = mask.tensor if mask.tensor.dim() == 4 else mask.tensor[None, None]
-        classes = tensor_blocks(t, bq, bk, words=False)[0].cpu()
+        classes = cached_classes(mask.tensor, bq, bk)
         rows = _concat([A.dense_to_runs(c) for c in classes], grid.mq, grid.mk)
         transpose_dense = True
     else:

@@ -8,11 +8,15 @@ does not take) the torch path below, which gives identical results.
 """
 from __future__ import annotations
 
+import collections
+import threading
+import weakref
+
 import torch
 
 from . import analysis as A
 
-__all__ = ["tensor_blocks", "pack_bits"]
+__all__ = ["tensor_blocks", "pack_bits", "cached_classes"]
 
 
 def pack_bits(t: torch.Tensor) -> torch.Tensor:
@@ -64,3 +68,38 @@ def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str |
     B, H, n_q, n_k = t.shape
     cls = _classes_torch(t, block_q, block_k)
     return cls, (pack_bits(t).reshape(B * H, n_q, -1) if words else None)
+
+
+# ---------------------------------------------------------------------------
+# layout cache: an unchanged tensor is classified once per tile shape
+# ---------------------------------------------------------------------------
+
+_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_CACHE_MAX = 64
+_LOCK = threading.Lock()
+
+
+def cached_classes(tensor: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
+    """Block classes (int8 [P, Mq, Mk], CPU) of a TensorMask's tensor, cached.
+
+    The key is the tensor's data pointer, version counter (bumped by every in-place
+    edit), shape, strides, dtype and device, and the entry keeps a weak reference to the
+    tensor itself: a hit needs the same live tensor object, unedited. A new tensor that
+    reuses a freed one's memory, or an edited one, is classified again. Inference tensors
+    keep no version counter and are never cached."""
+    t4 = tensor if tensor.dim() == 4 else tensor[None, None]
+    if tensor.is_inference():
+        return tensor_blocks(t4, block_q, block_k, words=False)[0].cpu()
+    key = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.stride(), tensor.dtype,
+           str(tensor.device), block_q, block_k)
+    with _LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None and hit[0]() is tensor:
+            _CACHE.move_to_end(key)
+            return hit[1]
+    classes = tensor_blocks(t4, block_q, block_k, words=False)[0].cpu()
+    with _LOCK:
+        _CACHE[key] = (weakref.ref(tensor), classes)
+        while len(_CACHE) > _CACHE_MAX:
+            _CACHE.popitem(last=False)
+    return classes

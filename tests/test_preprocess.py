@@ -147,3 +147,71 @@ def test_pack_bits_sign_bit():
     row[0, 31] = True  # the sign bit of word 0
     row[0, 32] = True  # bit 0 of word 1
     assert pack_bits(row).tolist() == [[-(1 << 31), 1]]
+
+
+# ---------------------------------------------------------------------------
+# the layout cache
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the classifications (calls of tensor_blocks) that the layout cache lets through."""
+    from maskdsl import preprocess
+
+    calls = []
+    real = preprocess.tensor_blocks
+
+    def counting(*args, **kwargs):
+        calls.append(args[1:3])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "tensor_blocks", counting)
+    monkeypatch.setattr(preprocess, "_CACHE", type(preprocess._CACHE)())
+    return calls
+
+
+def _check_layout(t, block=(32, 32)):
+    n_q, n_k = t.shape[-2:]
+    lay = md.TensorMask(t).block_layout(n_q, n_k, block=block)
+    want = brute_classes(t if t.dim() == 4 else t[None, None], *block).view(*lay.block_matrix.shape)
+    assert torch.equal(lay.block_matrix, want != A.EMPTY) and torch.equal(lay.full_matrix, want == A.FULL)
+
+
+def test_unchanged_tensor_is_classified_once(counted):
+    t = torch.rand(100, 90) < 0.2
+    _check_layout(t)
+    _check_layout(t)  # a new TensorMask over the same, unedited tensor
+    md.TensorMask(t).block_layout(100, 90, block=(32, 32))
+    assert len(counted) == 1
+    _check_layout(t, block=(64, 32))  # another tile shape is another classification
+    assert len(counted) == 2
+
+
+def test_tensor_edited_in_place_is_classified_again(counted):
+    t = torch.zeros(100, 90, dtype=torch.bool)
+    _check_layout(t)
+    t[5:40, 10:60] = True  # in place: same object, same pointer, new version
+    _check_layout(t)
+    t.fill_(True)
+    _check_layout(t)
+    assert len(counted) == 3
+
+
+def test_new_tensor_in_freed_memory_is_not_served_the_old_layout(counted):
+    import gc
+
+    for k in range(4):  # the allocator often hands the freed block to the next tensor of the same size
+        t = torch.full((100, 90), k % 2 == 0, dtype=torch.bool)
+        _check_layout(t)
+        del t
+        gc.collect()
+    assert len(counted) == 4
+
+
+def test_inference_tensors_are_never_cached(counted):
+    with torch.inference_mode():
+        t = torch.rand(100, 90) < 0.5
+        _check_layout(t)
+        t[:50] = False  # an in-place edit no version counter records
+        _check_layout(t)
+    assert len(counted) == 2
