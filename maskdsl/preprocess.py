@@ -3,12 +3,14 @@
 ``tensor_blocks(t, block_q, block_k)`` gives the class of every block (empty, partial,
 full: ``maskdsl.analysis`` codes) and the mask's rows bit-packed into int32 words, for
 each (b, h) pattern of ``t`` [B, H, Nq, Nk]. On CUDA it runs the Triton kernel
-``kernels.preprocess.tensor_mask_blocks_kernel``; elsewhere (or for tiles the kernel
-does not take) the torch path below, which gives identical results.
+``kernels.preprocess.tensor_mask_blocks_kernel`` when ``MASKDSL_PREPROCESS=triton`` (it
+has been verified under the Triton interpreter, not yet on a GPU); otherwise, and for tiles
+the kernel does not take, the torch path below (on the tensor's device), identical results.
 """
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import weakref
 
@@ -58,7 +60,11 @@ def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str |
     if t.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"t must have dtype torch.bool or torch.uint8, got {t.dtype}")
     if backend is None:
-        backend = "triton" if t.is_cuda and _triton_takes(t, block_q, block_k) else "torch"
+        # The kernel has run under the Triton interpreter only: until its GPU tests and benchmark
+        # have run (docs/benchmarks/preprocess.md), CUDA tensors take the torch path too, unless
+        # MASKDSL_PREPROCESS=triton asks for the kernel.
+        wanted = os.environ.get("MASKDSL_PREPROCESS", "torch") == "triton"
+        backend = "triton" if wanted and t.is_cuda and _triton_takes(t, block_q, block_k) else "torch"
     if backend == "triton":
         from kernels.preprocess import tensor_mask_blocks
 

@@ -88,7 +88,7 @@ def test_triton_path_equals_torch_path_interpreter(seed, shape, structure, block
 @pytest.mark.parametrize("seed, shape, structure, blocks", CASES)
 def test_triton_path_gpu(seed, shape, structure, blocks):
     t = random_mask(torch.Generator().manual_seed(seed), shape, structure).cuda()
-    got = tensor_blocks(t, *blocks)  # the default on CUDA
+    got = tensor_blocks(t, *blocks, backend="triton")
     want = tensor_blocks(t.cpu(), *blocks, backend="torch")
     assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])
 
@@ -102,7 +102,7 @@ def test_uint8_broadcast_and_strided_inputs():
         want = brute_classes(t, *blocks)
         for backend in ("torch", "triton"):
             if backend == "triton" and HAS_CUDA:
-                got = tensor_blocks(t.cuda(), *blocks)
+                got = tensor_blocks(t.cuda(), *blocks, backend="triton")
                 got = tuple(x.cpu() for x in got)
             else:
                 got = tensor_blocks(t, *blocks, backend=backend)
