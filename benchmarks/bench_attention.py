@@ -120,7 +120,7 @@ import torch
 import torch.nn.functional as F
 
 import maskdsl as md
-from maskdsl.data import pack_alpaca
+from maskdsl.data import medusa_tree, pack_alpaca
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 128
@@ -239,19 +239,7 @@ def lf_global(n: int) -> Workload:
     return Workload(md.Window(WINDOW) | md.Global(idx), mask_mod, n)
 
 
-def medusa_parents(heads: int, candidates: int) -> list[int]:
-    """A complete tree of depth ``heads``, branching ``candidates``, without its
-    root, in BFS order: nodes 0..c-1 are roots (parent -1), then their children."""
-    parents: list[int] = []
-    level = [-1]
-    for _ in range(heads):
-        nxt = []
-        for p in level:
-            for _ in range(candidates):
-                parents.append(p)
-                nxt.append(len(parents) - 1)
-        level = nxt
-    return parents
+medusa_parents = medusa_tree  # the paper's trees (maskdsl.data)
 
 
 def euler_tour(parents) -> tuple[list[int], list[int]]:

@@ -11,6 +11,7 @@ import torch
 
 import maskdsl as md
 from maskdsl import reorder
+from maskdsl.data import medusa_tree
 
 from .test_kernels import F16, F32, _device_and_tiles, _use_tiles, make_inputs, run_and_check, seed  # noqa: F401
 
@@ -30,22 +31,9 @@ def _nonempty(mask, n: int, block: int = 128) -> int:
     return s["blocks"] - s["empty"]
 
 
-def _medusa(heads: int, candidates: int) -> list:
-    """A complete tree of depth ``heads`` and branching ``candidates`` without its root, BFS order."""
-    parents, level = [], [-1]
-    for _ in range(heads):
-        nxt = []
-        for p in level:
-            for _ in range(candidates):
-                parents.append(p)
-                nxt.append(len(parents) - 1)
-        level = nxt
-    return parents
-
-
 def test_permuted_mask_reads_the_original_through_the_permutation():
     g = torch.Generator().manual_seed(1)
-    tree = md.Tree(_medusa(3, 6))  # 258 nodes
+    tree = md.Tree(medusa_tree(3, 6))  # 258 nodes
     for mask, n in ((md.TensorMask(torch.rand(300, 300, generator=g) < 0.1), 300), (tree, 258), (tree, 200)):
         perm = reorder.permutation(mask, n)
         assert sorted(perm.tolist()) == list(range(n))
@@ -66,7 +54,7 @@ def test_rcm_restores_a_scrambled_band():
 
 
 def test_dfs_order_packs_a_medusa_tree():
-    parents = _medusa(4, 6)  # 1554 nodes in BFS order
+    parents = medusa_tree(4, 6)  # 1554 nodes in BFS order
     n = len(parents)
     tree = md.Tree(parents)
     after = _nonempty(reorder.permuted(tree, reorder.permutation(tree, n)), n)
@@ -114,7 +102,7 @@ def test_kernels_on_reordered_positions_match_the_reference(kind, dtype, seed, m
     elif kind == "tensor-4d":
         mask = md.TensorMask(_scrambled_band(n, 3, g)[None, None].to(device))
     else:
-        mask = md.Tree(_medusa(3, 5)[:n] if n <= 155 else _medusa(4, 6)[:n])
+        mask = md.Tree(medusa_tree(3, 5)[:n] if n <= 155 else medusa_tree(4, 6)[:n])
     plan = md.prepare(mask, n, n, device=device, reorder="rcm")
     assert plan.permutation is not None
     q, k, v, do = make_inputs(2, 4, 2, n, n, 16 if tiles else 64, dtype, device)

@@ -19,7 +19,7 @@ import functools
 import random
 from pathlib import Path
 
-__all__ = ["ALPACA_CSV", "alpaca_lengths", "pack_alpaca"]
+__all__ = ["ALPACA_CSV", "alpaca_lengths", "medusa_tree", "pack_alpaca"]
 
 ALPACA_CSV = Path(__file__).parent / "alpaca_seed_lengths.csv"
 
@@ -84,3 +84,20 @@ def pack_alpaca(n: int, *, seed: int | None = None) -> tuple[list[int], list[int
             docs.append(prompt + output)
             prompts.append(prompt)
             left -= prompt + output
+
+
+def medusa_tree(heads: int, candidates: int) -> list[int]:
+    """Parents of a complete tree of depth ``heads`` and branching ``candidates`` without
+    its root, in BFS order (MEDUSA's candidate layout): nodes 0..candidates-1 are roots
+    (parent -1), then their children. The paper's MEDUSA 5x5 and 8x3 trees have 3905 and
+    9840 nodes."""
+    parents: list[int] = []
+    level = [-1]
+    for _ in range(heads):
+        nxt = []
+        for p in level:
+            for _ in range(candidates):
+                parents.append(p)
+                nxt.append(len(parents) - 1)
+        level = nxt
+    return parents
