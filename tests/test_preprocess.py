@@ -215,3 +215,22 @@ def test_inference_tensors_are_never_cached(counted):
         t[:50] = False  # an in-place edit no version counter records
         _check_layout(t)
     assert len(counted) == 2
+
+
+def test_bench_preprocess_dry_run(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_preprocess.py"
+    spec = importlib.util.spec_from_file_location("bench_preprocess", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "p.md"
+    assert bench.main(["--dry-run", "--out", str(out)]) == 0
+    text = out.read_text()
+    for expected in ("Copy bandwidth", "| 1024 |", "band 256 scrambled", "MEDUSA 5x5"):
+        assert expected in text
+    # the scrambled band loses blocks when reordered
+    row = next(line for line in text.splitlines() if line.startswith("| band 256 scrambled"))
+    before, after = (int(x) for x in row.split("|")[2:4])
+    assert after < before
