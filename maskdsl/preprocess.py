@@ -34,11 +34,14 @@ def _classes_torch(t: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     B, H, n_q, n_k = t.shape
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     pad = (0, mk * block_k - n_k, 0, mq * block_q - n_q)
-    # one byte per entry (a 16k x 16k mask: 256 MB, not 1 GB); the sums come out in int64
-    allowed = torch.nn.functional.pad((t != 0).to(torch.uint8), pad).view(B * H, mq, block_q, mk, block_k)
-    inside = torch.nn.functional.pad(torch.ones(n_q, n_k, dtype=torch.uint8, device=t.device), pad)
-    count = allowed.sum((2, 4))
-    valid = inside.view(mq, block_q, mk, block_k).sum((1, 3))
+    # one byte per entry (a 16k x 16k mask: 256 MB, not 1 GB); sum the contiguous key axis
+    # first, then the query rows of each block (a strided 2-axis sum is ~5x slower on a CPU)
+    bits = (t if t.dtype == torch.bool else t != 0).view(torch.uint8)  # a bool is one byte, 0 or 1: no copy
+    allowed = torch.nn.functional.pad(bits, pad).view(B * H, mq * block_q, mk, block_k)
+    count = allowed.sum(-1, dtype=torch.int32).view(B * H, mq, block_q, mk).sum(2, dtype=torch.int32)
+    rows = (torch.clamp(n_q - torch.arange(mq, device=t.device) * block_q, max=block_q))
+    cols = (torch.clamp(n_k - torch.arange(mk, device=t.device) * block_k, max=block_k))
+    valid = (rows[:, None] * cols[None, :]).to(torch.int32)
     cls = torch.full(count.shape, A.PARTIAL, dtype=torch.int8, device=t.device)
     cls[count == 0] = A.EMPTY
     cls[count == valid] = A.FULL
