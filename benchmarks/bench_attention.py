@@ -105,6 +105,7 @@ import datetime
 import gc
 import inspect
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -1027,9 +1028,12 @@ def compact_table(rows) -> str:
 # ---------------------------------------------------------------------------
 
 def machine(dry: bool, argv) -> dict:
+    # MASKDSL_COMMIT names the commit where git cannot (a copy of the tree whose .git is stale,
+    # as on the lent GPU machines: run with MASKDSL_COMMIT=<hash of the tree you sent>)
+    rev = os.environ.get("MASKDSL_COMMIT", "")
     try:
-        rev = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True).stdout.strip() or "unknown"
+        rev = rev or subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
+                                    capture_output=True, text=True).stdout.strip() or "unknown"
     except OSError:
         rev = "unknown"
     try:
