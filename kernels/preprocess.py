@@ -48,19 +48,22 @@ def tensor_mask_blocks_kernel(
     tl.store(p_w, words, mask=(offs_q[:, None] < N_Q) & (offs_w[None, :] < W))
 
 
+def takes_tiles(block_q: int, block_k: int) -> bool:
+    """The kernel's tiles: powers of two, 16 <= block_q <= 128, 32 <= block_k <= 128 (a word or more)."""
+    pow2 = all(b & (b - 1) == 0 for b in (block_q, block_k))
+    return pow2 and 16 <= block_q <= 128 and 32 <= block_k <= 128
+
+
 def tensor_mask_blocks(t: torch.Tensor, block_q: int, block_k: int):
     """(classes int8 [P, Mq, Mk], words int32 [P, Nq, ceil(Nk / 32)]) of a bool or uint8 mask
     ``t`` [B, H, Nq, Nk] (P = B * H patterns), on t's device, with the Triton kernel."""
+    if not takes_tiles(block_q, block_k):
+        raise ValueError(f"tensor_mask_blocks: blocks ({block_q}, {block_k}) must be powers of two with "
+                         f"16 <= block_q <= 128 and 32 <= block_k <= 128")
     B, H, n_q, n_k = t.shape
     mq, mk, w = triton.cdiv(n_q, block_q), triton.cdiv(n_k, block_k), triton.cdiv(n_k, 32)
     cls = torch.empty((B * H, mq, mk), dtype=torch.int8, device=t.device)
     words = torch.empty((B * H, n_q, w), dtype=torch.int32, device=t.device)
-    # tiles for the kernel: at least 32 key columns (one word), at most 128 x 128
-    bk = max(32, min(128, triton.next_power_of_2(block_k)))
-    bq = max(16, min(128, triton.next_power_of_2(block_q)))
-    if (bq, bk) != (block_q, block_k):
-        raise ValueError(f"tensor_mask_blocks: blocks ({block_q}, {block_k}) must be powers of two with "
-                         f"16 <= block_q <= 128 and 32 <= block_k <= 128")
     tensor_mask_blocks_kernel[(mq, mk, B * H)](
         t, cls, words, *t.stride(), H, n_q, n_k, mq, mk, w, BLOCK_Q=block_q, BLOCK_K=block_k, num_warps=4,
     )

@@ -15,7 +15,6 @@ from .plan import Plan
 __all__ = ["attention"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_REORDERS = ("auto", "rcm", None)
 
 
 def attention(q, k, v, mask, *, scale=None, reorder="auto"):
@@ -172,10 +171,6 @@ def _backward(ctx, d_out, d_lse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _has_inference_tensor(mask) -> bool:
-    return any(getattr(leaf, "tensor", None) is not None and leaf.tensor.is_inference() for leaf in mask._symbolic[1])
-
-
 def _check_inputs(q, k, v, mask, scale, reorder) -> None:
     """Validate everything before any compute; each error names the argument."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -211,8 +206,7 @@ def _check_inputs(q, k, v, mask, scale, reorder) -> None:
             raise ValueError(f"scale must be None or a positive finite float, got {type(scale).__name__} {scale!r}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"scale must be None or a positive finite float, got {scale!r}")
-    if not (reorder is None or (isinstance(reorder, str) and reorder in _REORDERS)):
-        raise ValueError(f"reorder must be one of 'auto', 'rcm' or None, got {reorder!r}")
+    _reorder.check(reorder)
     if isinstance(mask, Plan):
         if reorder != "auto" and reorder != mask.reorder:
             raise ValueError(f"reorder={reorder!r} differs from the plan's reorder={mask.reorder!r}: a plan's "
@@ -223,14 +217,12 @@ def _check_inputs(q, k, v, mask, scale, reorder) -> None:
         if mask.device != q.device:
             raise ValueError(f"mask is a plan prepared for device {mask.device}, but q is on {q.device}")
         mask.mask.check_size(q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1])
-        if mask.mask._data_version() != mask.data_version and not _has_inference_tensor(mask.mask):
+        if mask.is_stale():
             raise ValueError("mask is a plan whose TensorMask tensor was modified in place (or moved) since "
                              "md.prepare: its block layout would be stale; call md.prepare again")
-    elif isinstance(mask, Mask) and reorder == "rcm":
-        why_not = _reorder.applies(mask, q.shape[2], k.shape[2])
-        if why_not:
-            raise ValueError(f"reorder='rcm' cannot reorder this mask: {why_not}; use reorder=None or 'auto'")
-    elif not isinstance(mask, Mask):
+    elif isinstance(mask, Mask):
+        _reorder.check(reorder, mask, q.shape[2], k.shape[2])
+    else:
         raise TypeError(
             f"mask must be a maskdsl.Mask or a plan from md.prepare, got {type(mask).__name__}: build one from the "
             "primitives (md.Causal(), md.Window(256), md.Document(lengths), ... combined with |, &, ~) "

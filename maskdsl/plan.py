@@ -20,7 +20,7 @@ from kernels.launch import Lists
 
 from . import codegen
 from . import reorder as _reorder
-from .masks import Mask
+from .masks import Mask, TensorMask
 
 __all__ = ["Plan", "prepare"]
 
@@ -39,12 +39,7 @@ class Plan:
 
     def __init__(self, mask: Mask, n_q: int, n_k: int, device, reorder="auto"):
         mask.check_size(n_q, n_k)
-        if reorder not in _reorder.MODES:
-            raise ValueError(f"reorder must be one of 'auto', 'rcm' or None, got {reorder!r}")
-        if reorder == "rcm":
-            why_not = _reorder.applies(mask, n_q, n_k)
-            if why_not:
-                raise ValueError(f"reorder='rcm' cannot reorder this mask: {why_not}; use reorder=None or 'auto'")
+        _reorder.check(reorder, mask, n_q, n_k)
         self.mask = mask
         self.reorder = reorder
         self.n_q, self.n_k = int(n_q), int(n_k)
@@ -79,9 +74,13 @@ class Plan:
         if not self._reordering:
             return None
         perm = self._reordering[0]
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
-        return perm.to(self.device), inv.to(self.device)
+        return perm.to(self.device), torch.argsort(perm).to(self.device)
+
+    def is_stale(self) -> bool:
+        """Has a TensorMask tensor of this plan been edited in place (or moved) since the plan
+        was made? Inference tensors keep no version counter: they cannot tell, and say no."""
+        untracked = any(leaf.tensor.is_inference() for leaf in self.mask._symbolic[1] if isinstance(leaf, TensorMask))
+        return not untracked and self.mask._data_version() != self.data_version
 
     @functools.cached_property
     def _bound(self):

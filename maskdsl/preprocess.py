@@ -48,11 +48,6 @@ def _classes_torch(t: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     return cls
 
 
-def _triton_takes(t: torch.Tensor, block_q: int, block_k: int) -> bool:
-    pow2 = all(b & (b - 1) == 0 for b in (block_q, block_k))
-    return pow2 and 16 <= block_q <= 128 and 32 <= block_k <= 128
-
-
 def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str | None = None, words: bool = True):
     """(classes int8 [P, Mq, Mk], words int32 [P, Nq, ceil(Nk / 32)]) of a bool or uint8 mask
     ``t`` [B, H, Nq, Nk], P = B * H, on t's device. ``backend`` "triton" or "torch" overrides
@@ -67,7 +62,9 @@ def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str |
         # have run (docs/benchmarks/preprocess.md), CUDA tensors take the torch path too, unless
         # MASKDSL_PREPROCESS=triton asks for the kernel.
         wanted = os.environ.get("MASKDSL_PREPROCESS", "torch") == "triton"
-        backend = "triton" if wanted and t.is_cuda and _triton_takes(t, block_q, block_k) else "torch"
+        from kernels.preprocess import takes_tiles
+
+        backend = "triton" if wanted and t.is_cuda and takes_tiles(block_q, block_k) else "torch"
     if backend == "triton":
         from kernels.preprocess import tensor_mask_blocks
 

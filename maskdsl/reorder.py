@@ -24,7 +24,7 @@ import torch
 
 from .masks import Mask, TensorMask, Tree, _euler
 
-__all__ = ["MODES", "permutation", "permuted", "worth_it", "choose"]
+__all__ = ["MODES", "applies", "check", "permutation", "permuted", "worth_it", "choose"]
 
 MODES = ("auto", "rcm", None)
 
@@ -59,6 +59,17 @@ def applies(mask: Mask, n_q: int, n_k: int) -> str | None:
             "reordered")
 
 
+def check(mode, mask: Mask | None = None, n_q: int = 0, n_k: int = 0) -> None:
+    """ValueError unless ``mode`` is "auto", "rcm" or None, and, for "rcm" with a mask given,
+    the mask can be reordered at these sizes (``applies``)."""
+    if not (mode is None or (isinstance(mode, str) and mode in MODES)):
+        raise ValueError(f"reorder must be one of 'auto', 'rcm' or None, got {mode!r}")
+    if mode == "rcm" and mask is not None:
+        why_not = applies(mask, n_q, n_k)
+        if why_not:
+            raise ValueError(f"reorder='rcm' cannot reorder this mask: {why_not}; use reorder=None or 'auto'")
+
+
 def permutation(mask: Mask, n: int) -> torch.Tensor:
     """``perm`` (int64, CPU) with ``perm[new] = old``: RCM for a TensorMask, DFS pre-order for a Tree."""
     if isinstance(mask, Tree):
@@ -76,8 +87,7 @@ def permuted(mask: Mask, perm: torch.Tensor) -> Mask:
     """The mask of the permuted positions: ``M'(a, b) = M(perm[a], perm[b])``."""
     if isinstance(mask, Tree):
         n = perm.numel()
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(n)
+        inv = torch.argsort(perm)
         old_parents = torch.tensor(mask.parents[:n])[perm]
         parents = torch.where(old_parents < 0, old_parents, inv[old_parents.clamp_min(0)])
         return Tree(parents.tolist())
@@ -96,13 +106,8 @@ def worth_it(before: int, after: int, block_rows: int) -> bool:
 def choose(mask: Mask, n_q: int, n_k: int, mode) -> tuple[torch.Tensor, Mask] | None:
     """(perm, permuted mask) when ``mode`` asks to reorder and (for "auto") it pays, else None.
     ``mode="rcm"`` on a mask that cannot be reordered raises ValueError."""
-    if mode is None:
-        return None
-    why_not = applies(mask, n_q, n_k)
-    if mode == "rcm":
-        if why_not:
-            raise ValueError(f"reorder='rcm' cannot reorder this mask: {why_not}; use reorder=None or 'auto'")
-    elif why_not:
+    check(mode, mask, n_q, n_k)
+    if mode is None or applies(mask, n_q, n_k):
         return None
     if mode == "auto" and isinstance(mask, TensorMask):
         allowed = int(mask.tensor.count_nonzero())

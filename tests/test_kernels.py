@@ -652,3 +652,14 @@ def test_plan_of_an_edited_tensor_mask_is_refused():
     with pytest.raises(ValueError, match="modified in place"):
         md.attention(q, k, v, plan)
     md.attention(q, k, v, md.prepare(plan.mask, 30, 30))  # prepared again: fine
+
+
+def test_plan_of_an_inference_tensor_mask_cannot_tell_and_is_not_refused():
+    with torch.inference_mode():
+        t = torch.rand(30, 30) < 0.5
+        plan = md.prepare(md.TensorMask(t), 30, 30)
+        assert not plan.is_stale()
+        t[0, 5] = not bool(t[0, 5])  # no version counter records this
+        assert not plan.is_stale()
+        q = torch.randn(1, 1, 30, 16)
+        md.attention(q, q, q, plan)

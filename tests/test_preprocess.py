@@ -117,6 +117,9 @@ def test_bad_inputs_are_named():
         tensor_blocks(torch.ones(1, 1, 3, 3), 16, 32)
     with pytest.raises(ValueError, match="backend must be"):
         tensor_blocks(torch.ones(1, 1, 3, 3, dtype=torch.bool), 16, 32, backend="cuda")
+    for blocks in ((16, 16), (48, 32), (16, 256)):  # the kernel's tiles: powers of two, 16..128 x 32..128
+        with pytest.raises(ValueError, match=r"must be powers of two with 16 <= block_q <= 128"):
+            tensor_blocks(torch.ones(1, 1, 3, 3, dtype=torch.bool), *blocks, backend="triton")
 
 
 @pytest.mark.parametrize("seed", range(6))
