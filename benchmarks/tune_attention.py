@@ -3,6 +3,7 @@
     python benchmarks/tune_attention.py --check            # bf16/fp16 kernels vs the fp32 reference
     python benchmarks/tune_attention.py --sweep fwd        # time candidate tiles of one pass
     python benchmarks/tune_attention.py --sweep dq,dkdv --d 128 --workloads causal,lf_global
+    python benchmarks/tune_attention.py --sweep fwd --candidates 64x64x4x2,128x64x8x3
 
 The sweep times each candidate ``TileConfig`` (``kernels.configs.OVERRIDE``) on a
 few workloads (B=4, H=32, bf16) with ``triton.testing.do_bench`` (median) and
@@ -88,7 +89,18 @@ CANDIDATES = {
 }
 
 
-def sweep(passes, dims, names, n):
+def parse_candidates(text: str) -> list:
+    """``"64x64x4x2,128x64x8x3"`` (BLOCK_M x BLOCK_N x warps x stages, comma separated) -> TileConfigs."""
+    out = []
+    for item in filter(None, text.split(",")):
+        parts = item.lower().split("x")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--candidates: expected BLOCK_MxBLOCK_NxWARPSxSTAGES such as 64x64x4x2, got {item!r}")
+        out.append(TileConfig(*map(int, parts)))
+    return out
+
+
+def sweep(passes, dims, names, n, candidates=None):
     from triton.testing import do_bench
 
     for d in dims:
@@ -99,7 +111,7 @@ def sweep(passes, dims, names, n):
         plans = {w: md.prepare(workload(w, n), n, n, device="cuda") for w in names}
         for pass_name in passes:
             results = []
-            for cfg in CANDIDATES[pass_name]:
+            for cfg in candidates or CANDIDATES[pass_name]:
                 configs.OVERRIDE.clear()
                 configs.OVERRIDE[pass_name] = cfg
                 total, per = 0.0, []
@@ -135,13 +147,16 @@ def main(argv=None):
     ap.add_argument("--d", default="64,128")
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--workloads", default="causal,alpaca_seq,lf_global")
+    ap.add_argument("--candidates", default="", help="tiles to time instead of the built-in grid, "
+                    "BLOCK_MxBLOCK_NxWARPSxSTAGES, comma separated")
     args = ap.parse_args(argv)
     status = 0
     if args.check:
         status = check()
         print(f"check: {status} failures")
     if args.sweep:
-        sweep(args.sweep.split(","), [int(x) for x in args.d.split(",")], args.workloads.split(","), args.n)
+        sweep(args.sweep.split(","), [int(x) for x in args.d.split(",")], args.workloads.split(","), args.n,
+              parse_candidates(args.candidates))
     return 1 if status else 0
 
 

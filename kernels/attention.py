@@ -7,7 +7,8 @@ list of *partial* key blocks, where ``PRED(i, j, meta)``, a ``@triton.jit``
 function passed as a constexpr, decides each entry in registers. The dK/dV pass
 walks the transposed lists (per key block: its query blocks), looping over the
 query heads of its GQA group, so no atomics are needed and gradients are
-deterministic.
+deterministic. The dQ pass also writes delta = rowsum(dO * O) of its rows, which
+the dK/dV pass (launched after it) reads: no separate pre-pass over dO and O.
 
 Scheduling: a 1-D grid whose programs take the rows of one (batch, head) after
 another, so programs running together share that head's keys and values in L2.
@@ -151,31 +152,8 @@ def attn_fwd_kernel(
 
 
 # ---------------------------------------------------------------------------
-# backward: delta = rowsum(dO * O) in float32, read once from the 16-bit tensors
-# ---------------------------------------------------------------------------
-
-@triton.jit
-def attn_bwd_delta_kernel(
-    O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_od, stride_dob, stride_doh, stride_dom, stride_dod,
-    H, N_Q, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    i_m = tl.program_id(0)
-    i_bh = tl.program_id(1)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
-    b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-                  + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, mask=m, other=0.0)
-    b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                   + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=m, other=0.0)
-    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-    tl.store(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
-
-
-# ---------------------------------------------------------------------------
-# backward: dQ over each query block's key list
+# backward: dQ over each query block's key list; each program first writes its rows'
+# delta = rowsum(dO * O) (float32) for the dK/dV pass, launched after it
 # ---------------------------------------------------------------------------
 
 @triton.jit
@@ -211,11 +189,12 @@ def _dq_block(
 
 @triton.jit
 def attn_bwd_dq_kernel(
-    Q, K, V, DO, DQ, LSE, DELTA, META,
+    Q, K, V, O, DO, DQ, LSE, DELTA, META,
     FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
@@ -239,7 +218,10 @@ def attn_bwd_dq_kernel(
     lse = tl.load(LSE + i_bh.to(tl.int64) * N_Q + offs_m, mask=m_row, other=float("inf"))
     # rows past N_Q and rows with no allowed key: +inf makes every probability 0
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, mask=m_row, other=0.0)
+    b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+                  + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, mask=m_qd, other=0.0)
+    delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
+    tl.store(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_row)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     r0 = tl.load(FULL_PTR + row)

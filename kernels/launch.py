@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from .attention import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+from .attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
 from .configs import TileConfig
 
 # Tests set this to fill outputs with NaN before each launch, so that an element
@@ -44,7 +44,8 @@ class Lists:
                 self.part_idx, self.order, self.num_heavy)
 
 
-def _empty(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """An output buffer on ``like``'s device (filled with NaN when ``POISON`` is set)."""
     dtype = like.dtype if dtype is None else dtype
     if POISON:
         return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
@@ -62,13 +63,16 @@ def _precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scale: float, cfg: TileConfig):
-    """(out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32, natural log, -inf on empty rows)."""
+def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scale: float, cfg: TileConfig,
+            out=None):
+    """(out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32, natural log, -inf on empty rows).
+    ``out``: a tensor of q's shape and dtype (any strides) to write the output into."""
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
     assert lists.block_rows == cfg.BLOCK_M and lists.block_cols == cfg.BLOCK_N, "layout does not match the tiles"
-    o = _empty(q.shape, q)
-    lse = _empty((B, H, n_q), q, torch.float32)
+    assert out is None or (out.shape == q.shape and out.dtype == q.dtype)
+    o = new_output(q.shape, q) if out is None else out
+    lse = new_output((B, H, n_q), q, torch.float32)
     attn_fwd_kernel[(B * H * lists.num_rows,)](
         q, k, v, o, lse, meta, *lists.args(),
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
@@ -82,25 +86,25 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
 
 
 def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, pair_b: int, pair_h: int, pred,
-             scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig):
-    """(dq, dk, dv) in the dtypes of q, k, v. Deterministic: no atomics."""
+             scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig, out=None):
+    """(dq, dk, dv) in the dtypes of q, k, v. Deterministic: no atomics. ``out``: three tensors
+    shaped like q, k, v (any strides) to write the gradients into."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
     assert dkdv_lists.block_rows == dkdv_cfg.BLOCK_N and dkdv_lists.block_cols == dkdv_cfg.BLOCK_M
     block_d = _block_d(D)
-    delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)  # rowsum(dO * O)
-    attn_bwd_delta_kernel[(triton.cdiv(n_q, 64), B * H)](
-        o, do, delta, *o.stride(), *do.stride(), H, n_q, HEAD_D=D, BLOCK_M=64, BLOCK_D=block_d, num_warps=4,
-    )
+    delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ pass
     lse = lse.contiguous()
-    dq = _empty(q.shape, q)
-    dk = _empty(k.shape, k)
-    dv = _empty(v.shape, v)
+    if out is None:
+        dq, dk, dv = new_output(q.shape, q), new_output(k.shape, k), new_output(v.shape, v)
+    else:
+        dq, dk, dv = out
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
     attn_bwd_dq_kernel[(B * H * dq_lists.num_rows,)](
-        q, k, v, do, dq, lse, delta, meta, *dq_lists.args(),
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        q, k, v, o, do, dq, lse, delta, meta, *dq_lists.args(),
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
         H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
         scale * math.log2(math.e), scale,
         BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=n_k % dq_cfg.BLOCK_N == 0,

@@ -41,7 +41,9 @@ def attention(q, k, v, mask, *, scale=None, reorder="auto"):
             default 1 / sqrt(D).
         reorder: "auto" (the kernels run permuted token positions, Reverse
             Cuthill-McKee for a TensorMask and depth-first order for a Tree, only
-            where that cuts the non-empty blocks enough to pay for the permutation),
+            where that cuts the non-empty blocks enough to pay for the permutation;
+            a dilated mask, ``md.Dilated(w, d)`` alone or with windows and causal
+            masks, runs as its d residue classes on strided views, no copy),
             "rcm" (always; a ValueError for a mask that cannot be reordered: only a
             TensorMask or a Tree by itself, with Nq == Nk and one pattern for all
             batches and heads) or None (never). Reordering never changes the result,
@@ -107,21 +109,48 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str,
         return reference.forward(q, k, v, p.mask, scale, reference.default_chunk(q, k.shape[2]))
     from kernels import launch
 
-    cfg = p.tiles("fwd", q.element_size(), q.shape[3])
+    if p.interleaved:  # a dilated mask: its residue classes r::d, one after another, on strided views
+        out, lse = launch.new_output(q.shape, q), launch.new_output(q.shape[:3], q, torch.float32)
+        for sl, sub in _classes(p):
+            _, lse_r = _kernel_forward(sub, q[:, :, sl], k[:, :, sl], v[:, :, sl], scale, out=out[:, :, sl])
+            lse[:, :, sl] = lse_r
+        return out, lse
     perm = p.permutation  # the kernels run the reordered positions; out and lse come back in order
     if perm is not None:
         q, k, v = (t.index_select(2, perm[0]) for t in (q, k, v))
-    out, lse = launch.forward(q, k, v, lists=p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), meta=p.meta, pair_b=p.pair_b,
-                              pair_h=p.pair_h, pred=p.predicate.fn, scale=scale, cfg=cfg)
+    out, lse = _kernel_forward(p, q, k, v, scale)
     if perm is not None:
         out, lse = out.index_select(2, perm[1]), lse.index_select(2, perm[1])
     return out, lse
 
 
-@_attention_fwd.register_fake
-def _(q, k, v, plan, scale, backend):
-    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return torch.empty_like(q, dtype=wide if backend == "reference" else q.dtype), q.new_empty(q.shape[:3], dtype=wide)
+def _classes(p):
+    """(slice of the positions of class r, the plan of its sizes) for each residue class of an
+    interleaved plan (``Plan.interleaved``)."""
+    d, subs = p.interleaved
+    for r in range(d):
+        yield slice(r, None, d), subs[(len(range(r, p.n_q, d)), len(range(r, p.n_k, d)))]
+
+
+def _kernel_forward(p, q, k, v, scale, out=None):
+    from kernels import launch
+
+    cfg = p.tiles("fwd", q.element_size(), q.shape[3])
+    return launch.forward(q, k, v, lists=p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), meta=p.meta, pair_b=p.pair_b,
+                          pair_h=p.pair_h, pred=p.predicate.fn, scale=scale, cfg=cfg, out=out)
+
+
+def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):
+    from kernels import launch
+
+    es, d = q.element_size(), q.shape[3]
+    dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
+    return launch.backward(
+        do, q, k, v, o, lse,
+        dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),
+        meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn, scale=scale,
+        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg, out=out,
+    )
 
 
 @torch.library.custom_op("maskdsl::attention_bwd", mutates_args=())
@@ -134,17 +163,16 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
                                   reference.default_chunk(q, k.shape[2]))
     from kernels import launch
 
-    es, d = q.element_size(), q.shape[3]
-    dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
+    if p.interleaved:
+        grads = tuple(launch.new_output(t.shape, t) for t in (q, k, v))
+        for sl, sub in _classes(p):
+            _kernel_backward(sub, do[:, :, sl], q[:, :, sl], k[:, :, sl], v[:, :, sl], o[:, :, sl], lse[:, :, sl],
+                             scale, out=tuple(g[:, :, sl] for g in grads))
+        return grads
     perm = p.permutation
     if perm is not None:
         do, q, k, v, o, lse = (t.index_select(2, perm[0]) for t in (do, q, k, v, o, lse))
-    grads = launch.backward(
-        do, q, k, v, o, lse,
-        dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),
-        meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn, scale=scale,
-        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg,
-    )
+    grads = _kernel_backward(p, do, q, k, v, o, lse, scale)
     if perm is not None:
         grads = tuple(g.index_select(2, perm[1]) for g in grads)
     return grads

@@ -163,6 +163,58 @@ class _Emitter:
         )
 
 
+def _mixes(e) -> bool:
+    free = e.free_symbols
+    return S.I in free and S.J in free
+
+
+def _split(e):
+    """(terms of e in i, j or neither; terms in j alone) of a sum, or None when a term mixes i and j."""
+    i_part, j_part = [], []
+    for t in sympy.Add.make_args(sympy.expand(e)):
+        if _mixes(t):
+            return None
+        (j_part if S.J in t.free_symbols else i_part).append(t)
+    return sympy.Add(*i_part), sympy.Add(*j_part)
+
+
+_FLIP = {sympy.Lt: sympy.Gt, sympy.Le: sympy.Ge, sympy.Gt: sympy.Lt, sympy.Ge: sympy.Le,
+         sympy.Eq: sympy.Eq, sympy.Ne: sympy.Ne}
+
+
+def _separate(e):
+    """An equivalent expression whose comparisons set a term of ``j`` against one of ``i``.
+
+    A comparison such as ``i - j <= c`` costs two operations per element of a
+    ``[BM, BN]`` tile (a subtraction, then the comparison); ``j >= i - c`` costs
+    one, as ``i - c`` is a ``[BM, 1]`` vector. Likewise ``Mod(i - j, m) == 0``
+    (three per element) becomes ``Mod(i, m) == Mod(j, m)`` (one): ``m`` divides
+    ``a + b`` exactly when ``Mod(a, m) == Mod(-b, m)``, for any integers. Only
+    comparisons that mix ``i`` and ``j`` in one sum are rewritten, exactly (integer
+    arithmetic, no division), so the block analysis and the kernels agree entry by entry.
+    """
+    if isinstance(e, (sympy.And, sympy.Or, sympy.Not)):
+        return e.func(*(_separate(a) for a in e.args))
+    if type(e) not in _FLIP or not (_mixes(e.lhs) or _mixes(e.rhs)):
+        return e
+    rel, lhs, rhs = type(e), e.lhs, e.rhs
+    if rel in (sympy.Eq, sympy.Ne) and rhs == 0 and isinstance(lhs, sympy.Mod) and lhs.args[1] != 0 \
+            and not _mixes(lhs.args[1]):
+        parts = _split(lhs.args[0])
+        if parts is not None and parts[0] != 0 and parts[1] != 0:
+            m = lhs.args[1]
+            return rel(sympy.Mod(parts[0], m), sympy.Mod(-parts[1], m), evaluate=False)
+        return e
+    parts = _split(lhs - rhs)
+    if parts is None:
+        return e
+    i_part, j_part = parts
+    if j_part.could_extract_minus_sign():
+        # lhs - rhs = i_part + j_part: compare -j_part with i_part, the relation flipped
+        return _FLIP[rel](-j_part, i_part, evaluate=False)
+    return rel(j_part, -i_part, evaluate=False)
+
+
 def _fold(fn: str, args: list) -> str:
     out = args[0]
     for a in args[1:]:
@@ -226,7 +278,7 @@ def _generate(lifted) -> tuple:
 
 def predicate_for(expr) -> Predicate:
     """The generated predicate of a bound mask expression (cached by structure)."""
-    lifted, values = _lift_constants(expr)
+    lifted, values = _lift_constants(_separate(expr))
     fn, src, tables, scalars, consts, header = _generate(lifted)
     assert len(consts) == len(values)
     by_name = dict(zip((f"_c{k}" for k in range(len(values))), values))

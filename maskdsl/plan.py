@@ -76,6 +76,20 @@ class Plan:
         perm = self._reordering[0]
         return perm.to(self.device), torch.argsort(perm).to(self.device)
 
+    @functools.cached_property
+    def interleaved(self):
+        """``(d, {(n_q_r, n_k_r): Plan})`` when the kernels run a dilated mask as its ``d`` residue
+        classes (``maskdsl.reorder.interleaving``; ``reorder="auto"`` only), each class ``r`` on the
+        strided positions ``r::d`` under the plan of its sizes; else None."""
+        if self.reorder != "auto" or self._reordering:
+            return None
+        found = _reorder.interleaving(self.mask, self.n_q, self.n_k)
+        if found is None:
+            return None
+        d, inner = found
+        sizes = {(len(range(r, self.n_q, d)), len(range(r, self.n_k, d))) for r in range(d)}
+        return d, {s: Plan(inner, *s, self.device, reorder=None) for s in sorted(sizes)}
+
     def is_stale(self) -> bool:
         """Has a TensorMask tensor of this plan been edited in place (or moved) since the plan
         was made? Inference tensors keep no version counter: they cannot tell, and say no."""
@@ -126,6 +140,10 @@ class Plan:
 
     def warm(self, element_size: int, head_dim: int) -> "Plan":
         """Build the lists the kernels use for this element size and head dim now, not at the first call."""
+        if self.interleaved:
+            for sub in self.interleaved[1].values():
+                sub.warm(element_size, head_dim)
+            return self
         for name, by in (("fwd", "q"), ("dq", "q"), ("dkdv", "k")):
             cfg = self.tiles(name, element_size, head_dim)
             self.lists(cfg.BLOCK_M, cfg.BLOCK_N, by)

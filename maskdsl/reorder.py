@@ -11,9 +11,17 @@ under M' of the permuted (q, k, v), permuted back. Two orders:
   the tree a valid Tree mask (``parents[i] < i``) and packs every subtree's rows.
 
 Only a mask that is a TensorMask or a Tree by itself, with n_q == n_k and no
-batch dimension, is reordered: masks built from the other primitives are already
+batch dimension, is permuted: masks built from the other primitives are already
 described by their structure. ``reorder="auto"`` reorders when the non-empty
 128 x 128 blocks fall by enough to pay for the permutation (``worth_it``).
+
+One structured order needs no permutation at all (``interleaving``): a dilated
+mask, ``Dilated(w, d)``, alone or intersected with windows and causal masks, lets
+query ``i`` see key ``j`` only when ``i = j (mod d)``. Its ``d`` residue classes
+are independent problems, each a plain window over every d-th position: under
+``reorder="auto"`` the kernels run them one by one on strided views of q, k, v
+(no copy), with a band of ``~3`` blocks per block row where the dilated band
+covers ``~2 w d / block + 1`` partial blocks.
 """
 from __future__ import annotations
 
@@ -22,9 +30,9 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
-from .masks import Mask, TensorMask, Tree, _euler
+from .masks import And, Causal, Dilated, Full, Mask, TensorMask, Tree, Window, _euler
 
-__all__ = ["MODES", "applies", "check", "permutation", "permuted", "worth_it", "choose"]
+__all__ = ["MODES", "applies", "check", "permutation", "permuted", "worth_it", "choose", "interleaving"]
 
 MODES = ("auto", "rcm", None)
 
@@ -122,3 +130,47 @@ def choose(mask: Mask, n_q: int, n_k: int, mode) -> tuple[torch.Tensor, Mask] | 
         if not worth_it(before["blocks"] - before["empty"], after["blocks"] - after["empty"], rows):
             return None
     return perm, new
+
+
+# "auto" splits a dilated mask into its residue classes when each class has at least this many
+# queries and keys (shorter classes would launch several small grids for little saving)
+INTERLEAVE_MIN_LENGTH = 128
+
+
+def _conjuncts(mask: Mask) -> list:
+    return _conjuncts(mask.a) + _conjuncts(mask.b) if isinstance(mask, And) else [mask]
+
+
+def interleaving(mask: Mask, n_q: int, n_k: int, min_length: int | None = None) -> tuple[int, Mask] | None:
+    """``(d, inner)`` when ``mask`` allows query ``i`` and key ``j`` only for ``i = j (mod d)``
+    and, within one residue class (``i = d t + r``, ``j = d u + r``), equals ``inner`` over
+    ``(t, u)``; else None.
+
+    Holds for one ``Dilated(w, d)`` (d >= 2) intersected with any of ``Window``, ``Causal`` and
+    ``Full``, which depend on ``i - j = d (t - u)`` alone: ``|i - j| <= w d`` becomes
+    ``|t - u| <= w``, ``j <= i + c`` becomes ``u <= t + floor(c / d)`` and ``i - l <= j``
+    becomes ``t - floor(l / d) <= u``. Every class must hold ``min_length`` (default
+    ``INTERLEAVE_MIN_LENGTH``) queries and keys.
+    """
+    parts = _conjuncts(mask)
+    dilated = [m for m in parts if isinstance(m, Dilated)]
+    if len(dilated) != 1 or dilated[0].dilation < 2:
+        return None
+    d = dilated[0].dilation
+    least = INTERLEAVE_MIN_LENGTH if min_length is None else min_length
+    if min(n_q, n_k) // d < max(least, 1):
+        return None
+    inner = None
+    for m in parts:
+        if isinstance(m, Dilated):
+            term = Window(m.window)
+        elif isinstance(m, Window):
+            term = Window(m.left // d, m.right // d)
+        elif isinstance(m, Causal):
+            term = Causal(m.offset // d)
+        elif isinstance(m, Full):
+            term = Full()
+        else:
+            return None
+        inner = term if inner is None else inner & term
+    return d, inner

@@ -107,3 +107,53 @@ def test_kernels_on_reordered_positions_match_the_reference(kind, dtype, seed, m
     assert plan.permutation is not None
     q, k, v, do = make_inputs(2, 4, 2, n, n, 16 if tiles else 64, dtype, device)
     run_and_check(mask, q, k, v, do, target=plan, context=f"{kind}, reorder='rcm', seed {seed}")
+
+
+# ---------------------------------------------------------------------------
+# dilated masks: residue classes on strided views (maskdsl.reorder.interleaving)
+# ---------------------------------------------------------------------------
+
+INTERLEAVED = [
+    (md.Dilated(3, 4), 50, 50), (md.Dilated(2, 3), 41, 47), (md.Dilated(5, 2) & md.Causal(), 40, 40),
+    (md.Dilated(4, 3) & md.Causal(-7), 44, 38), (md.Window(7, 2) & md.Dilated(9, 3), 45, 45),
+    (md.Dilated(6, 5) & md.Full() & md.Window(11), 53, 60),
+]
+
+
+@pytest.mark.parametrize("mask,n_q,n_k", INTERLEAVED, ids=[repr(m) for m, _, _ in INTERLEAVED])
+def test_interleaved_classes_equal_the_mask(mask, n_q, n_k):
+    d, inner = reorder.interleaving(mask, n_q, n_k, min_length=1)
+    dense = mask.to_dense(n_q, n_k)
+    for r in range(d):
+        rows, cols = torch.arange(r, n_q, d), torch.arange(r, n_k, d)
+        assert torch.equal(inner.to_dense(len(rows), len(cols)), dense[rows][:, cols]), r
+    # nothing is allowed between different classes
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    assert not dense[(i - j) % d != 0].any()
+
+
+def test_interleaving_applies_to_dilated_conjunctions_only():
+    assert reorder.interleaving(md.Dilated(256, 4), 16384, 16384)[0] == 4
+    assert reorder.interleaving(md.Dilated(256, 4), 400, 400) is None  # classes of 100 < 128
+    assert reorder.interleaving(md.Dilated(256, 1), 4096, 4096) is None  # no dilation
+    assert reorder.interleaving(md.Dilated(8, 2) | md.Causal(), 4096, 4096) is None
+    assert reorder.interleaving(md.Dilated(8, 2) & md.Document([2048, 2048]), 4096, 4096) is None
+    assert reorder.interleaving(md.Dilated(8, 2) & md.Dilated(8, 3), 4096, 4096) is None
+    assert md.prepare(md.Dilated(256, 4), 4096, 4096).interleaved[0] == 4
+    assert md.prepare(md.Dilated(256, 4), 4096, 4096, reorder=None).interleaved is None
+
+
+@pytest.mark.parametrize("mask,n_q,n_k", INTERLEAVED[:4], ids=[repr(m) for m, _, _ in INTERLEAVED[:4]])
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_kernels_on_interleaved_classes_match_the_reference(mask, n_q, n_k, layout, seed, monkeypatch):
+    device, tiles = _device_and_tiles()
+    _use_tiles(monkeypatch, tiles)
+    if tiles:  # small shapes under the interpreter: split classes of any length
+        monkeypatch.setattr(reorder, "INTERLEAVE_MIN_LENGTH", 1)
+    else:
+        n_q, n_k = n_q * 40, n_k * 40
+    plan = md.prepare(mask, n_q, n_k, device=device)
+    assert plan.interleaved is not None
+    dtype = F32 if tiles else F16
+    q, k, v, do = make_inputs(2, 4, 2, n_q, n_k, 16 if tiles else 64, dtype, device, layout)
+    run_and_check(mask, q, k, v, do, target=plan, context=f"{mask!r} interleaved, seed {seed}")
