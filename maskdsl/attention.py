@@ -124,6 +124,12 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str,
     return out, lse
 
 
+@_attention_fwd.register_fake
+def _(q, k, v, plan, scale, backend):
+    wide = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return torch.empty_like(q, dtype=wide if backend == "reference" else q.dtype), q.new_empty(q.shape[:3], dtype=wide)
+
+
 def _classes(p):
     """(slice of the positions of class r, the plan of its sizes) for each residue class of an
     interleaved plan (``Plan.interleaved``)."""
