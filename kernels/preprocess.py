@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-EMPTY, PARTIAL, FULL = 0, 1, 3
+# constexpr globals: compiled Triton (unlike the interpreter) reads no other module globals
+EMPTY, PARTIAL, FULL = tl.constexpr(0), tl.constexpr(1), tl.constexpr(3)
 
 
 @triton.jit
