@@ -9,7 +9,7 @@ import torch
 
 from . import analysis as A
 from .masks import TensorMask, Tree
-from .preprocess import cached_classes, tensor_blocks
+from .preprocess import cached_classes, layout_arrays, tensor_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -167,8 +167,10 @@ def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transp
     grid = A.Grid(n_q, n_k, bq, bk)
     tgrid = A.Grid(n_k, n_q, bk, bq)
     dense_tree = isinstance(mask, Tree) and n_q * n_k * len(pairs) <= _DENSE_TREE_MAX
+    lead = () if bound.batch_shape is None else tuple(bound.batch_shape)
     if isinstance(mask, TensorMask) or dense_tree:
-        # an arbitrary tensor by itself: classify every block in one read of the mask. A tree
+        # an arbitrary tensor by itself: classify every block in one read of the mask, and derive
+        # every array from the classes with torch ops (maskdsl.preprocess.layout_arrays). A tree
         # by itself too, from its dense form: its ancestor sets defeat the interval analysis
         # (~80 ms for a 340-node tree, 1.3 s for MEDUSA 8x3), while the dense mask of a tree
         # of a few thousand nodes is built and read in milliseconds.
@@ -177,12 +179,16 @@ def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transp
             classes = tensor_blocks(dense if dense.dim() == 4 else dense[None, None], bq, bk, words=False)[0]
         else:
             classes = cached_classes(mask.tensor, bq, bk)
-        rows = _concat([A.dense_to_runs(c) for c in classes.cpu()], grid.mq, grid.mk)
-        transpose_dense = True
-    else:
-        rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
+        arrays = layout_arrays(classes)
+        shaped = {"block_matrix": (*lead, grid.mq, grid.mk), "full_matrix": (*lead, grid.mq, grid.mk),
+                  "offset": (*lead, grid.mq), "total_ones": (*lead, grid.mq)}
+        lay = BlockLayout(n_q, n_k, bq, bk, bound.batch_shape,
+                          *[arrays[f].reshape(shaped[f]) if f in shaped else arrays[f] for f in _TENSOR_FIELDS])
+        if device is not None:
+            lay = BlockLayout(n_q, n_k, bq, bk, bound.batch_shape, *[getattr(lay, f).to(device) for f in _TENSOR_FIELDS])
+        return lay
+    rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
 
-    lead = () if bound.batch_shape is None else tuple(bound.batch_shape)
     # numpy's repeat fills the dense matrices ~50x faster than torch.repeat_interleave
     # on one core (34 ms vs 1.8 s for the 8192 x 8192 blocks of a causal mask at N = 1M)
     lens = (rows.end - rows.start).numpy()

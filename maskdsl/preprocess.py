@@ -6,6 +6,9 @@ each (b, h) pattern of ``t`` [B, H, Nq, Nk]. On CUDA it runs the Triton kernel
 ``kernels.preprocess.tensor_mask_blocks_kernel`` when ``MASKDSL_PREPROCESS=triton`` (it
 has been verified under the Triton interpreter, not yet on a GPU); otherwise, and for tiles
 the kernel does not take, the torch path below (on the tensor's device), identical results.
+``layout_arrays(classes)`` turns the classes into every array of a BlockLayout (block and
+full matrices, offset/total_ones, the compact lists both ways) with torch ops, on the
+classes' device.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import torch
 
 from . import analysis as A
 
-__all__ = ["tensor_blocks", "pack_bits", "cached_classes"]
+__all__ = ["tensor_blocks", "pack_bits", "cached_classes", "layout_arrays"]
 
 
 def pack_bits(t: torch.Tensor) -> torch.Tensor:
@@ -74,6 +77,58 @@ def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str |
     B, H, n_q, n_k = t.shape
     cls = _classes_torch(t, block_q, block_k)
     return cls, (pack_bits(t).reshape(B * H, n_q, -1) if words else None)
+
+
+# ---------------------------------------------------------------------------
+# from block classes to the layout's arrays, with torch ops on the classes' device
+# ---------------------------------------------------------------------------
+
+def _csr(rows: torch.Tensor, nrows: int) -> torch.Tensor:
+    ptr = torch.zeros(nrows + 1, dtype=torch.int64, device=rows.device)
+    ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=nrows), 0)
+    return ptr.to(torch.int32)
+
+
+def _lists(cls: torch.Tensor):
+    """(full_ptr, full_start, full_end, part_ptr, part_idx) of the rows of classes ``[R, C]``:
+    each row's maximal runs of full blocks ``[start, end)`` and its partial blocks, CSR, int32."""
+    nrows = cls.shape[0]
+    full = cls == A.FULL
+    before = torch.nn.functional.pad(full[:, :-1], (1, 0))  # the block to the left is full
+    after = torch.nn.functional.pad(full[:, 1:], (0, 1))
+    s_row, s_col = torch.nonzero(full & ~before, as_tuple=True)  # row-major: starts and ends pair up
+    e_col = torch.nonzero(full & ~after, as_tuple=True)[1]
+    p_row, p_col = torch.nonzero(cls == A.PARTIAL, as_tuple=True)
+    return (_csr(s_row, nrows), s_col.to(torch.int32), (e_col + 1).to(torch.int32), _csr(p_row, nrows),
+            p_col.to(torch.int32))
+
+
+def _longest_full_run(cls: torch.Tensor):
+    """(offset, total_ones) int32 ``[R]``: start and length of each row's longest run of full
+    blocks (the first on ties; 0, 0 for none)."""
+    full = cls == A.FULL
+    col = torch.arange(cls.shape[1], device=cls.device)
+    last_break = torch.cummax(torch.where(full, -1, col), dim=1).values  # last non-full column so far
+    run = torch.where(full, col - last_break, 0)  # length of the run of full blocks ending here
+    total, end = run.max(1) if cls.shape[1] else (run.sum(1), run.sum(1))
+    offset = torch.where(total > 0, end - total + 1, 0)
+    return offset.to(torch.int32), total.to(torch.int32)
+
+
+def layout_arrays(classes: torch.Tensor) -> dict:
+    """The BlockLayout arrays of block classes ``[P, Mq, Mk]`` (int8, ``maskdsl.analysis``
+    codes; P = B * H patterns), computed where ``classes`` live (one GPU pass of torch ops, or
+    the CPU): ``block_matrix``, ``full_matrix`` ``[P, Mq, Mk]``, ``offset``, ``total_ones``
+    ``[P, Mq]`` and the compact lists per query block (``q_*``, rows ``p * Mq + m``) and per key
+    block (``k_*``, rows ``p * Mk + n``)."""
+    p, mq, mk = classes.shape
+    offset, total = _longest_full_run(classes.reshape(p * mq, mk))
+    out = {"block_matrix": classes != A.EMPTY, "full_matrix": classes == A.FULL,
+           "offset": offset.view(p, mq), "total_ones": total.view(p, mq)}
+    for prefix, rows in (("q", classes.reshape(p * mq, mk)), ("k", classes.transpose(1, 2).reshape(p * mk, mq))):
+        for name, t in zip(("full_ptr", "full_start", "full_end", "part_ptr", "part_idx"), _lists(rows)):
+            out[f"{prefix}_{name}"] = t
+    return out
 
 
 # ---------------------------------------------------------------------------

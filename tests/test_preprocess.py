@@ -11,7 +11,10 @@ import torch
 
 import maskdsl as md
 from maskdsl import analysis as A
+from maskdsl import preprocess
 from maskdsl.preprocess import pack_bits, tensor_blocks
+
+from .test_kernels import seed  # noqa: F401  (fixture: a fresh, printed seed per test)
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -56,14 +59,14 @@ def random_mask(g: torch.Generator, shape, structure: str) -> torch.Tensor:
 
 
 CASES = []
-for seed in range(24):
-    g = torch.Generator().manual_seed(seed)
+for case in range(24):
+    g = torch.Generator().manual_seed(case)
     n_q, n_k = (int(x) for x in torch.randint(1, 300, (2,), generator=g))
-    lead = [(1, 1), (2, 3), (3, 1)][seed % 3]
-    structure = ["random", "band", "blocks", "ones", "zeros", "random"][seed % 6]
-    blocks = [(16, 32), (32, 32), (64, 64), (128, 128), (128, 64), (16, 128)][seed % 6]
-    CASES.append(pytest.param(seed, (*lead, n_q, n_k), structure, blocks,
-                              id=f"{seed}-{structure}-{'x'.join(map(str, lead))}-{n_q}x{n_k}-{blocks[0]}x{blocks[1]}"))
+    lead = [(1, 1), (2, 3), (3, 1)][case % 3]
+    structure = ["random", "band", "blocks", "ones", "zeros", "random"][case % 6]
+    blocks = [(16, 32), (32, 32), (64, 64), (128, 128), (128, 64), (16, 128)][case % 6]
+    CASES.append(pytest.param(case, (*lead, n_q, n_k), structure, blocks,
+                              id=f"{case}-{structure}-{'x'.join(map(str, lead))}-{n_q}x{n_k}-{blocks[0]}x{blocks[1]}"))
 
 
 @pytest.mark.parametrize("seed, shape, structure, blocks", CASES)
@@ -237,3 +240,51 @@ def test_bench_preprocess_dry_run(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| band 256 scrambled"))
     before, after = (int(x) for x in row.split("|")[2:4])
     assert after < before
+
+
+# ---------------------------------------------------------------------------
+# layout arrays from block classes, with torch ops (any device)
+# ---------------------------------------------------------------------------
+
+def _arrays_by_runs(classes: torch.Tensor) -> dict:
+    """The same arrays through the symbolic analysis' run machinery (maskdsl.layout)."""
+    from maskdsl import layout as L
+
+    p, mq, mk = classes.shape
+    rows = L._concat([A.dense_to_runs(c) for c in classes.cpu()], mq, mk)
+    cols = L._concat([A.dense_to_runs(c.T.contiguous()) for c in classes.cpu()], mk, mq)
+    offset, total = L._longest_full_run(rows)
+    out = {"offset": offset.view(p, mq), "total_ones": total.view(p, mq)}
+    for prefix, runs in (("q", rows), ("k", cols)):
+        out.update({f"{prefix}_{n}": t for n, t in zip(("full_ptr", "full_start", "full_end", "part_ptr",
+                                                          "part_idx"), L._lists(runs))})
+    return out
+
+
+def _random_classes(g, p, mq, mk, device="cpu"):
+    # runs of full blocks (ties of the longest run included) among partial and empty ones
+    codes = torch.tensor([A.EMPTY, A.PARTIAL, A.FULL, A.FULL, A.FULL], dtype=torch.int8)
+    return codes[torch.randint(0, 5, (p, mq, mk), generator=g)].to(device)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 5), (3, 16, 16), (2, 33, 9), (1, 128, 128)])
+def test_layout_arrays_equal_the_run_analysis(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    classes = _random_classes(g, *shape)
+    got = preprocess.layout_arrays(classes)
+    want = _arrays_by_runs(classes)
+    for name, t in want.items():
+        assert got[name].dtype == torch.int32 and torch.equal(got[name], t), name
+    assert torch.equal(got["block_matrix"], classes != A.EMPTY)
+    assert torch.equal(got["full_matrix"], classes == A.FULL)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_layout_arrays_on_the_gpu_equal_the_cpu(seed):
+    g = torch.Generator().manual_seed(seed)
+    classes = _random_classes(g, 2, 130, 129)
+    got = preprocess.layout_arrays(classes.cuda())
+    want = preprocess.layout_arrays(classes)
+    for name, t in want.items():
+        assert got[name].is_cuda and torch.equal(got[name].cpu(), t), name
