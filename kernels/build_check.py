@@ -1,5 +1,10 @@
 """Compile every Triton kernel for a Hopper GPU (sm_90) without one: ``python -m kernels.build_check``.
 
+``--registers`` adds each kernel's registers and spilled bytes (ptxas -v), for the ragged and the
+even variant: a resource report that costs no GPU time. Seen on 2026-11-23 (triton 3.6 and 3.9
+alike): the D = 128 kernels and the D = 64 "dense" dK/dV kernel spill; 8-warp tiles that do not
+spill were nonetheless slower in the H100 sweeps (docs/benchmarks/attention_h100.md).
+
 The interpreter (TRITON_INTERPRET=1, which the CPU tests use) runs kernels as Python and accepts
 code the compiler rejects (a plain module global read inside a kernel, say). This compiles each
 kernel, with the tiles of the tuned table, down to sm_90 machine code on any machine, and
@@ -58,7 +63,38 @@ def cases():
     return out
 
 
-def main() -> int:
+def ptxas_report(ptx: str) -> str:
+    """``"R registers, S bytes spilled"`` from ptxas -v for sm_90a (the ptxas binaries Triton ships;
+    the first that accepts the PTX version), or "" when none runs here."""
+    import glob
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+
+    tools = sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas*")),
+                   reverse=True)  # ptxas-blackwell (newer) first
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        for tool in tools:
+            run = subprocess.run([tool, "-arch=sm_90a", "-v", path, "-o", os.devnull], capture_output=True, text=True)
+            regs = re.search(r"Used (\d+) registers", run.stderr)
+            if run.returncode == 0 and regs:
+                spill = re.search(r"(\d+) bytes spill stores", run.stderr)
+                return f"{regs.group(1)} registers, {spill.group(1) if spill else 0} bytes spilled"
+    return ""
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--registers", action="store_true",
+                    help="also report registers and spills (ptxas -v), for the ragged and the even variant")
+    args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("build_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
@@ -69,16 +105,24 @@ def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failures = 0
     for name, kernel, consts, warps, stages in cases():
-        try:
-            src = ASTSource(kernel, _signature(kernel, consts), constexprs=consts)
-            compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
-            shared = compiled.metadata.shared
-            ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
-            note = f"shared {shared} B"
-        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-            ok, note = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-        failures += not ok
-        print(f"{'ok  ' if ok else 'FAIL'} {name}: {note}", flush=True)
+        variants = [consts]
+        even = [key for key in ("EVEN_N", "EVEN_M") if key in consts]
+        if args.registers and even:
+            variants.append({**consts, even[0]: True})
+        for cx in variants:
+            label = name + (" even" if any(cx.get(key) for key in even) else "")
+            try:
+                src = ASTSource(kernel, _signature(kernel, cx), constexprs=cx)
+                compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+                shared = compiled.metadata.shared
+                ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
+                note = f"shared {shared} B"
+                if args.registers:
+                    note += "; " + (ptxas_report(compiled.asm["ptx"]) or "no ptxas report")
+            except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+                ok, note = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            failures += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} {label}: {note}", flush=True)
     print(f"build_check: {failures} failures")
     return 1 if failures else 0
 
