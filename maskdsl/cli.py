@@ -1,11 +1,18 @@
 """The ``maskdsl`` command line.
 
+    maskdsl show "Window(256) | Global([0, 4096])" --n 16384 [--nk N] [--block 128] [--png out.png]
+    maskdsl check
     maskdsl demo [--n 2048] [--block 128]
 
-``demo`` builds the masks of the Binary Block Masking paper's workloads
-(MEDUSA trees, packed ALPACA, LongFormer) plus full and causal attention,
-prints each one's block map and block statistics, and runs ``md.attention``
-once against the float32 reference.
+``show`` parses a mask expression safely (``maskdsl.expr``: the primitives, integer
+lists, ``range``, ``|``, ``&``, ``~``; nothing is evaluated), prints its block map and
+statistics (entry density, block density, full / partial / empty blocks, the layout's
+memory) and with ``--png`` saves a picture of the mask and its blocks (matplotlib,
+``pip install maskdsl[plot]``). ``check`` runs a short correctness self-test of the
+kernels on this machine's device (``maskdsl.selfcheck``). ``demo`` builds the masks of
+the Binary Block Masking paper's workloads (MEDUSA trees, packed ALPACA, LongFormer)
+plus full and causal attention, prints each one's block map and block statistics, and
+runs ``md.attention`` once against the float32 reference.
 """
 from __future__ import annotations
 
@@ -159,14 +166,134 @@ def _demo_attention(n: int) -> int:
     return 0 if ok else 1
 
 
+# entry densities are counted over dense row chunks up to this many entries in all (16k x 16k x 4)
+_COUNT_MAX = 1 << 30
+_PICTURE_PX = 512  # the mask picture is pooled down to at most this many pixels per side
+
+
+def _row_chunks(bound, n_q: int, n_k: int):
+    step = max(1, (1 << 24) // max(n_k, 1))
+    for r0 in range(0, n_q, step):
+        yield r0, bound.dense(rows=(r0, min(n_q, r0 + step)))
+
+
+def _density_and_picture(mask, n_q: int, n_k: int, picture: bool):
+    """(allowed / (n_q * n_k) or None when too large to count, pooled [h, w] float picture or None)."""
+    pairs = 1 if mask.batch_shape is None else mask.batch_shape[0] * mask.batch_shape[1]
+    if n_q * n_k * pairs > _COUNT_MAX:
+        return None, None
+    bound = mask.bind(n_q, n_k)
+    fq, fk = -(-n_q // _PICTURE_PX), -(-n_k // _PICTURE_PX)
+    allowed, rows = 0, []
+    for r0, chunk in _row_chunks(bound, n_q, n_k):
+        chunk = chunk.reshape(-1, *chunk.shape[-2:])[0] if chunk.dim() > 2 else chunk  # first (batch, head)
+        allowed += int(chunk.sum())
+        if picture:
+            rows.append(chunk.float())
+    density = allowed / (n_q * n_k)
+    if not picture:
+        return density, None
+    dense = torch.cat(rows)
+    dense = torch.nn.functional.pad(dense, (0, (-n_k) % fk, 0, (-n_q) % fq))
+    pooled = dense.view(dense.shape[0] // fq, fq, dense.shape[1] // fk, fk).amax((1, 3))  # any allowed
+    return density, pooled
+
+
+def _save_picture(path: str, title: str, pooled, lay) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap
+    except ImportError:
+        raise SystemExit("maskdsl show --png needs matplotlib: pip install 'maskdsl[plot]' (or pip install matplotlib)")
+    bm, fm = lay.block_matrix, lay.full_matrix
+    if bm.dim() > 2:
+        bm, fm = bm.reshape(-1, *bm.shape[-2:])[0], fm.reshape(-1, *fm.shape[-2:])[0]
+    code = bm.to(torch.int8) + fm.to(torch.int8)  # 0 empty, 1 partial, 2 full
+    fig, axes = plt.subplots(1, 2 if pooled is not None else 1, figsize=(11 if pooled is not None else 5.5, 5.2),
+                             squeeze=False)
+    ax = axes[0][0]
+    if pooled is not None:
+        ax.imshow(pooled.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
+                  extent=(0, lay.n_k, lay.n_q, 0))
+        ax.set_title("mask: dark where any entry is allowed" if max(lay.n_q, lay.n_k) > _PICTURE_PX
+                     else "mask: allowed entries dark")
+        ax.set_xlabel("key position j")
+        ax.set_ylabel("query position i")
+        ax = axes[0][1]
+    ax.imshow(code.numpy(), cmap=ListedColormap(["#ffffff", "#f4a259", "#2a6f97"]), vmin=0, vmax=2,
+              interpolation="nearest", extent=(0, lay.n_k, lay.n_q, 0))
+    ax.set_title(f"{lay.block_q} x {lay.block_k} blocks: full (blue), partial (orange), empty")
+    ax.set_xlabel("key position j")
+    fig.suptitle(title[:120])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _show(args) -> int:
+    from .expr import MaskSyntaxError, parse_mask
+
+    try:
+        mask = parse_mask(args.expr)
+    except MaskSyntaxError as e:
+        print(e, file=sys.stderr)  # the caret lines up with the text it marks
+        return 2
+    n_q, n_k, b = args.n, args.nk if args.nk is not None else args.n, args.block
+    try:
+        mask.check_size(n_q, n_k)
+        if b < 1:
+            raise ValueError(f"--block must be a positive integer, got {b}")
+        t0 = time.perf_counter()
+        lay = mask.block_layout(n_q, n_k, block=(b, b))
+        took = time.perf_counter() - t0
+    except ValueError as e:
+        print(f"maskdsl show: {e}", file=sys.stderr)
+        return 2
+    s = lay.stats()
+    density, pooled = _density_and_picture(mask, n_q, n_k, picture=bool(args.png))
+    group = -(-max(lay.num_q_blocks, lay.num_k_blocks) // _MAP_MAX)
+    print(f"{_short(repr(mask))}  at Nq={n_q}, Nk={n_k}, blocks {b} x {b}")
+    print("block map: '#' full, '+' partial, '.' empty"
+          + (f" (one character per {group} x {group} blocks)" if group > 1 else " (one character per block)"))
+    print(block_map(lay))
+    matrices = lay.block_matrix.numel() * 2  # the two bool matrices, one byte per block each
+    print(f"entry density   {density:.4f}" if density is not None
+          else "entry density   n/a (too large to count here)")
+    print(f"block density   {s['block_density']:.4f} of {s['blocks']} blocks: "
+          f"full {s['full']}, partial {s['partial']}, empty {s['empty']}")
+    print(f"layout memory   {s['list_bytes']} bytes of compact lists (+ {matrices} bytes of block matrices); "
+          f"analysis {took * 1e3:.1f} ms")
+    if args.png:
+        _save_picture(args.png, f"{_short(repr(mask), 100)}  (Nq={n_q}, Nk={n_k})", pooled, lay)
+        print(f"picture         {args.png}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the ``maskdsl`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="maskdsl", description="maskdsl: masks, block analysis and attention")
     sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="a mask expression's block map, statistics and (--png) picture")
+    show.add_argument("expr", help='a mask expression, e.g. "Window(256) | Global([0, 4096])"')
+    show.add_argument("--n", type=int, default=4096, help="number of queries (default 4096)")
+    show.add_argument("--nk", type=int, default=None, help="number of keys (default: --n)")
+    show.add_argument("--block", type=int, default=128, help="block size for queries and keys (default 128)")
+    show.add_argument("--png", default=None, help="save a picture of the mask and its blocks here")
+    check = sub.add_parser("check", help="a short correctness self-test of the kernels on this machine")
+    check.add_argument("--interpreted", action="store_true", help=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="build the paper's masks, print block maps and statistics, run attention")
     demo.add_argument("--n", type=int, default=2048, help="sequence length (default 2048)")
     demo.add_argument("--block", type=int, default=128, help="block size for queries and keys (default 128)")
     args = parser.parse_args(argv)
+    if args.command == "show":
+        return _show(args)
+    if args.command == "check":
+        from .selfcheck import run
+
+        return run(interpreted=args.interpreted)
     if args.command == "demo":
         return _demo(args)
     parser.error(f"unknown command {args.command}")  # pragma: no cover
