@@ -2,6 +2,7 @@
 
     maskdsl show "Window(256) | Global([0, 4096])" --n 16384 [--nk N] [--block 128] [--png out.png]
     maskdsl check
+    maskdsl bench [--quick] [--workloads alpaca_seq,lf_global] [--out DIR]
     maskdsl demo [--n 2048] [--block 128]
 
 ``show`` parses a mask expression safely (``maskdsl.expr``: the primitives, integer
@@ -9,7 +10,9 @@ lists, ``range``, ``|``, ``&``, ``~``; nothing is evaluated), prints its block m
 statistics (entry density, block density, full / partial / empty blocks, the layout's
 memory) and with ``--png`` saves a picture of the mask and its blocks (matplotlib,
 ``pip install maskdsl[plot]``). ``check`` runs a short correctness self-test of the
-kernels on this machine's device (``maskdsl.selfcheck``). ``demo`` builds the masks of
+kernels on this machine's device (``maskdsl.selfcheck``). ``bench`` runs the attention
+benchmark (``maskdsl.bench``) with a progress bar and writes its CSV, a markdown report and
+PNG plots (time against N per workload, a line per provider) into ``--out``. ``demo`` builds the masks of
 the Binary Block Masking paper's workloads (MEDUSA trees, packed ALPACA, LongFormer)
 plus full and causal attention, prints each one's block map and block statistics, and
 runs ``md.attention`` once against the float32 reference.
@@ -272,6 +275,36 @@ def _show(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from pathlib import Path
+
+    from . import bench
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, report = out / "attention.csv", out / "attention.md"
+    csv_path.unlink(missing_ok=True)  # the harness appends: start this run's table afresh
+    argv = ["--csv", str(csv_path), "--report", str(report)]
+    if args.workloads:
+        argv += ["--workloads", args.workloads]
+    if not torch.cuda.is_available():
+        print("maskdsl bench: no GPU here, so the CPU smoke sizes (maskdsl's float32 reference only)", file=sys.stderr)
+        argv.append("--dry-run")
+    elif args.quick:
+        argv += ["--n", "4096", "--d", "64", "--modes", "fwdbwd", "--providers", "maskdsl,flex,sdpa_flash,ideal"]
+    status = bench.main(argv)
+    if status:
+        return status
+    try:
+        pictures = bench.plot(bench.read_csvs([str(csv_path)]), out)
+    except ImportError:
+        print("maskdsl bench: plots need matplotlib (pip install 'maskdsl[plot]'); tables written", file=sys.stderr)
+        pictures = []
+    for path in pictures:
+        print(f"plot: {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     """Entry point of the ``maskdsl`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="maskdsl", description="maskdsl: masks, block analysis and attention")
@@ -282,6 +315,13 @@ def main(argv=None) -> int:
     show.add_argument("--nk", type=int, default=None, help="number of keys (default: --n)")
     show.add_argument("--block", type=int, default=128, help="block size for queries and keys (default 128)")
     show.add_argument("--png", default=None, help="save a picture of the mask and its blocks here")
+    bench = sub.add_parser("bench", help="time attention against its peers; tables and PNG plots")
+    bench.add_argument("--quick", action="store_true",
+                       help="N = 4096, D = 64, forward+backward, maskdsl / flex / dense flash / ideal only "
+                            "(without a GPU: the CPU smoke sizes)")
+    bench.add_argument("--workloads", default=None, help="comma list (default: all): see maskdsl.bench")
+    bench.add_argument("--out", default="maskdsl-bench", help="directory for the CSV, report and plots "
+                                                              "(default ./maskdsl-bench)")
     check = sub.add_parser("check", help="a short correctness self-test of the kernels on this machine")
     check.add_argument("--interpreted", action="store_true", help=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="build the paper's masks, print block maps and statistics, run attention")
@@ -290,6 +330,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "show":
         return _show(args)
+    if args.command == "bench":
+        return _bench(args)
     if args.command == "check":
         from .selfcheck import run
 
