@@ -23,6 +23,7 @@ import torch
 import maskdsl as md
 from kernels import configs
 from kernels.configs import TileConfig
+from maskdsl import selfcheck
 from maskdsl.attention import _attention
 from maskdsl.data import pack_alpaca
 
@@ -38,10 +39,6 @@ def workload(name: str, n: int):
         "lf_dilated": lambda: md.Dilated(256, 4),
         "lf_global": lambda: md.Window(256) | md.Global([k * n // 16 for k in range(16)]),
     }[name]()
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
 
 def check():
@@ -60,22 +57,10 @@ def check():
     for dtype, d in itertools.product((torch.bfloat16, torch.float16), (32, 64, 128)):
         for name, mask, nq, nk in cases:
             mask = mask if mask is not None else workload(name, nq)
-            b, hq, hk = 2, 4, 2
-            q = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype, requires_grad=True)
-            k = torch.randn(b, hk, nk, d, device="cuda", dtype=dtype, requires_grad=True)
-            v = torch.randn(b, hk, nk, d, device="cuda", dtype=dtype, requires_grad=True)
-            do = torch.randn(b, hq, nq, d, device="cuda", dtype=dtype)
-            o, lse = _attention(q, k, v, mask)
-            g = torch.autograd.grad(o, (q, k, v), do)
-            qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
-            ro, rlse = md.reference.attention(qf, kf, vf, mask)
-            rg = torch.autograd.grad(ro, (qf, kf, vf), do.float())
-            errs = {n: rel(a, r) for n, a, r in zip(("out", "dq", "dk", "dv"), (o, *g), (ro, *rg))}
-            finite = torch.isfinite(rlse)
-            errs["lse"] = (lse[finite] - rlse[finite]).abs().max().item() if finite.any() else 0.0
-            bad_inf = bool((torch.isfinite(lse) != finite).any())
-            nan = any(torch.isnan(t).any().item() for t in (o, *g))
-            ok = not nan and not bad_inf and max(errs.values()) < 2e-2
+            e = selfcheck.compare(mask, nq, nk, "cuda", dtype, d)
+            ok = e["ok"]
+            errs = {k: e[k] for k in ("out", "lse", "dq", "dk", "dv")}
+            nan = e["nan"]
             fails += not ok
             print(f"{'ok ' if ok else 'BAD'} {str(dtype)[6:]:8s} D={d:3d} {name:12s} "
                   + " ".join(f"{k}={v:.1e}" for k, v in errs.items()) + (" NaN" if nan else ""), flush=True)
