@@ -202,7 +202,7 @@ def _density_and_picture(mask, n_q: int, n_k: int, picture: bool):
     return density, pooled
 
 
-def _save_picture(path: str, title: str, pooled, lay) -> None:
+def _save_picture(path: str, title: str, pooled, lay, dpi: int = 110) -> None:
     try:
         import matplotlib
 
@@ -221,18 +221,18 @@ def _save_picture(path: str, title: str, pooled, lay) -> None:
     if pooled is not None:
         ax.imshow(pooled.numpy(), cmap="Greys", vmin=0, vmax=1, interpolation="nearest",
                   extent=(0, lay.n_k, lay.n_q, 0))
-        ax.set_title("mask: dark where any entry is allowed" if max(lay.n_q, lay.n_k) > _PICTURE_PX
-                     else "mask: allowed entries dark")
+        ax.set_title("mask (dark: any entry allowed)" if max(lay.n_q, lay.n_k) > _PICTURE_PX
+                     else "mask (dark: allowed)")
         ax.set_xlabel("key position j")
         ax.set_ylabel("query position i")
         ax = axes[0][1]
     ax.imshow(code.numpy(), cmap=ListedColormap(["#ffffff", "#f4a259", "#2a6f97"]), vmin=0, vmax=2,
               interpolation="nearest", extent=(0, lay.n_k, lay.n_q, 0))
-    ax.set_title(f"{lay.block_q} x {lay.block_k} blocks: full (blue), partial (orange), empty")
+    ax.set_title(f"{lay.block_q} x {lay.block_k} blocks (blue full, orange partial)")
     ax.set_xlabel("key position j")
     fig.suptitle(title[:120])
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
