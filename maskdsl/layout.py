@@ -64,14 +64,17 @@ class BlockLayout:
 
     @property
     def num_q_blocks(self) -> int:
+        """Mq = ceil(n_q / block_q), the number of query blocks."""
         return -(-self.n_q // self.block_q)
 
     @property
     def num_k_blocks(self) -> int:
+        """Mk = ceil(n_k / block_k), the number of key blocks."""
         return -(-self.n_k // self.block_k)
 
     @property
     def partial_matrix(self) -> torch.Tensor:
+        """bool [..., Mq, Mk]: the block has allowed and masked entries (non-empty, not full)."""
         return self.block_matrix & ~self.full_matrix
 
     def stats(self) -> dict:
