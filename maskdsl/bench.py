@@ -1048,6 +1048,14 @@ def plot(rows, out_dir: Path) -> list[Path]:
         for mode in [m for m in MODES if any(r["mode"] == m and int(r["d"]) == d for r in timed)]:
             sel = [r for r in timed if int(r["d"]) == d and r["mode"] == mode]
             names = list(dict.fromkeys(r["workload"] for r in sel))
+            device = sel[0].get("device", "")
+            title = (f"{MODE_NAMES[mode]}, D = {d}, {sel[0].get('dtype', '')}, B = {sel[0].get('b')}, "
+                     f"H = {sel[0].get('h')} ({device})")
+            path = out_dir / f"attention_d{d}_{mode}.png"
+            if all(len({r["n"] for r in sel if r["workload"] == name}) == 1 for name in names):
+                _bars(plt, sel, names, title, path)  # one N per workload: no lines to draw
+                written.append(path)
+                continue
             cols = min(4, len(names))
             fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4 * cols, 3.2 * -(-len(names) // cols)),
                                      squeeze=False)
@@ -1067,15 +1075,39 @@ def plot(rows, out_dir: Path) -> list[Path]:
                 ax.axis("off")
             handles, labels = axes.flat[0].get_legend_handles_labels()
             fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), frameon=False)
-            device = sel[0].get("device", "")
-            fig.suptitle(f"{MODE_NAMES[mode]}, D = {d}, {sel[0].get('dtype', '')}, B = {sel[0].get('b')}, "
-                         f"H = {sel[0].get('h')} ({device})")
+            fig.suptitle(title)
             fig.tight_layout(rect=(0, 0.06, 1, 0.96))
-            path = out_dir / f"attention_d{d}_{mode}.png"
             fig.savefig(path, dpi=100)
             plt.close(fig)
             written.append(path)
     return written
+
+
+def _bars(plt, sel, names, title: str, path: Path) -> None:
+    """Grouped bars, a group per workload (its N in the label) and a bar per provider, log time."""
+    providers = list(dict.fromkeys(r["provider"] for r in sel))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(names) * max(1, len(providers)) / 3), 4.2))
+    width = 0.8 / len(providers)
+    for k, prov in enumerate(providers):
+        xs, ys = [], []
+        for x, name in enumerate(names):
+            got = [float(r["ms"]) for r in sel if r["workload"] == name and r["provider"] == prov]
+            if got:
+                xs.append(x + (k - (len(providers) - 1) / 2) * width)
+                ys.append(got[0])
+        ax.bar(xs, ys, width, label=prov, hatch="//" if prov == "ideal" else None,
+               edgecolor="black" if prov == "maskdsl" else None)
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{name}\nN={next(r['n'] for r in sel if r['workload'] == name)}" for name in names],
+                       fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, ncol=min(4, len(providers)))
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def machine(dry: bool, argv) -> dict:

@@ -282,6 +282,11 @@ def _bench(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.from_csv:
+        status = bench.main(["--report", str(out / "attention.md"), "--from-csv", args.from_csv])
+        for path in bench.plot(bench.read_csvs(args.from_csv.split(",")), out) if not status else []:
+            print(f"plot: {path}")
+        return status
     csv_path, report = out / "attention.csv", out / "attention.md"
     csv_path.unlink(missing_ok=True)  # the harness appends: start this run's table afresh
     argv = ["--csv", str(csv_path), "--report", str(report)]
@@ -322,6 +327,8 @@ def main(argv=None) -> int:
     bench.add_argument("--workloads", default=None, help="comma list (default: all): see maskdsl.bench")
     bench.add_argument("--out", default="maskdsl-bench", help="directory for the CSV, report and plots "
                                                               "(default ./maskdsl-bench)")
+    bench.add_argument("--from-csv", default=None, help="draw the report and plots of these CSVs (comma list) "
+                                                         "instead of running")
     check = sub.add_parser("check", help="a short correctness self-test of the kernels on this machine")
     check.add_argument("--interpreted", action="store_true", help=argparse.SUPPRESS)
     demo = sub.add_parser("demo", help="build the paper's masks, print block maps and statistics, run attention")

@@ -168,3 +168,12 @@ def test_bench_writes_tables_and_plots(tmp_path, capsys):
     assert pngs == ["attention_d32_fwd.png", "attention_d32_fwdbwd.png"]
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert "[####################]" in printed.err  # the progress bar reached the end
+
+
+def test_bench_redraws_from_csv(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    csv = ROOT / "docs" / "benchmarks" / "data" / "attention_h100_n16384_d64_sparse.csv"
+    assert cli.main(["bench", "--from-csv", str(csv), "--out", str(tmp_path)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["attention_d64_fwd.png", "attention_d64_fwdbwd.png"]
+    assert "lf_dilated" in (tmp_path / "attention.md").read_text()
+    assert "plot: " in capsys.readouterr().out
