@@ -2,6 +2,7 @@
 
     PYTHONPATH=$PWD python benchmarks/bench_preprocess.py --out docs/benchmarks/preprocess.md
     python benchmarks/bench_preprocess.py --dry-run --out /tmp/p.md      # CPU smoke test, small sizes
+    PYTHONPATH=$PWD python benchmarks/bench_preprocess.py --out docs/benchmarks/preprocess.md --png docs/benchmarks/reordering.png
 
 Part 1 (the paper's Table 2 columns): a random bool mask [N, N] (density 0.1) for
 N = 256 ... 16384, median times of
@@ -32,6 +33,7 @@ after one warm-up.
 from __future__ import annotations
 
 import argparse
+import os
 import datetime
 import platform
 import statistics
@@ -154,9 +156,39 @@ def part2(n: int, device: str, bench, attention: bool) -> list[str]:
     return lines
 
 
+def plot_reordering(lines: list[str], path: str) -> None:
+    """The reordering table as a figure in the paper's Figure 2 style: non-empty blocks as given and
+    reordered per mask (bars), with the attention speedup above them where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    names = [r[0] for r in rows]
+    before, after = [int(r[1]) for r in rows], [int(r[2]) for r in rows]
+    fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], before, 0.4, label="as given")
+    ax.bar([x + 0.2 for x in xs], after, 0.4, label="reordered (RCM / DFS)")
+    for x, r in zip(xs, rows):
+        if len(r) >= 7:
+            ax.annotate(f"{r[6]}x", (x, max(before[x], after[x])), ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(names, fontsize=8)
+    ax.set_ylabel("non-empty 128 x 128 blocks")
+    ax.legend(fontsize=8)
+    ax.set_title("reordering: blocks" + (" and forward+backward speedup" if rows and len(rows[0]) >= 7 else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="write the markdown report here")
+    p.add_argument("--png", help="save the reordering figure (blocks before and after, speedup) here")
     p.add_argument("--dry-run", action="store_true", help="CPU, small sizes: a smoke test of the script")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.dry_run else "cpu"
@@ -171,7 +203,11 @@ def main(argv=None) -> int:
     lines += part1(sizes, device, bench)
     lines += ["", "## Reordering: non-empty 128 x 128 blocks" + (" and md.attention time" if device == "cuda" else ""),
               ""]
-    lines += part2(1024 if args.dry_run else 16384, device, bench, attention=device == "cuda")
+    reordering = part2(1024 if args.dry_run else 16384, device, bench, attention=device == "cuda")
+    lines += reordering
+    if args.png:
+        plot_reordering(reordering, args.png)
+        lines += ["", f"![reordering]({os.path.basename(args.png)})"]
     text = "\n".join(lines) + "\n"
     if args.out:
         with open(args.out, "w") as f:

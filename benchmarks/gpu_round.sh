@@ -45,7 +45,7 @@ bench)
     --csv "$OUT/attention_d${d}.csv" 2>>"$OUT/bench_d${d}.log" | tail -6
   ;;
 preprocess)
-  timeout 500 python benchmarks/bench_preprocess.py --out "$OUT/preprocess.md" 2>&1 | tail -30
+  timeout 500 python benchmarks/bench_preprocess.py --out "$OUT/preprocess.md" --png "$OUT/reordering.png" 2>&1 | tail -30
   ;;
 *)
   echo "unknown part $part" >&2; exit 2

@@ -231,9 +231,14 @@ def test_bench_preprocess_dry_run(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_preprocess", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    out = tmp_path / "p.md"
-    assert bench.main(["--dry-run", "--out", str(out)]) == 0
+    out, png = tmp_path / "p.md", tmp_path / "reordering.png"
+    args = ["--dry-run", "--out", str(out)]
+    if importlib.util.find_spec("matplotlib"):
+        args += ["--png", str(png)]
+    assert bench.main(args) == 0
     text = out.read_text()
+    if "--png" in args:
+        assert png.read_bytes()[:4] == b"\x89PNG" and "![reordering](reordering.png)" in text
     for expected in ("Copy bandwidth", "| 1024 |", "band 256 scrambled", "MEDUSA 5x5"):
         assert expected in text
     # the scrambled band loses blocks when reordered
