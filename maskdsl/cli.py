@@ -189,11 +189,10 @@ def _density_and_picture(mask, n_q: int, n_k: int, picture: bool):
     fq, fk = -(-n_q // _PICTURE_PX), -(-n_k // _PICTURE_PX)
     allowed, rows = 0, []
     for r0, chunk in _row_chunks(bound, n_q, n_k):
-        chunk = chunk.reshape(-1, *chunk.shape[-2:])[0] if chunk.dim() > 2 else chunk  # first (batch, head)
-        allowed += int(chunk.sum())
-        if picture:
-            rows.append(chunk.float())
-    density = allowed / (n_q * n_k)
+        allowed += int(chunk.sum())  # over every (batch, head) pattern, as the block statistics are
+        if picture:  # the picture shows the first pattern, as the block map does
+            rows.append((chunk.reshape(-1, *chunk.shape[-2:])[0] if chunk.dim() > 2 else chunk).float())
+    density = allowed / (n_q * n_k * pairs)
     if not picture:
         return density, None
     dense = torch.cat(rows)

@@ -177,3 +177,10 @@ def test_bench_redraws_from_csv(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["attention_d64_fwd.png", "attention_d64_fwdbwd.png"]
     assert "lf_dilated" in (tmp_path / "attention.md").read_text()
     assert "plot: " in capsys.readouterr().out
+
+
+def test_show_counts_every_batch_pattern(capsys):
+    mask = md.Document([[10, 20], [30]])  # one document list per batch element
+    assert cli.main(["show", "Document([[10, 20], [30]])", "--n", "40", "--block", "8"]) == 0
+    density = float(mask.to_dense(40, 40).float().mean())
+    assert f"entry density   {density:.4f}" in capsys.readouterr().out
