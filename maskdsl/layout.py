@@ -9,7 +9,7 @@ import torch
 
 from . import analysis as A
 from .masks import TensorMask, Tree
-from .preprocess import cached_classes, layout_arrays, tensor_blocks
+from .preprocess import cached_classes, csr_ptr, layout_arrays, tensor_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,22 +115,16 @@ def _concat(parts: list[A.Runs], nrows_each: int, ncols: int) -> A.Runs:
                   torch.cat([p.val for p in parts]))
 
 
-def _csr(owner: torch.Tensor, nrows: int) -> torch.Tensor:
-    ptr = torch.zeros(nrows + 1, dtype=torch.long)
-    ptr[1:] = torch.cumsum(torch.bincount(owner, minlength=nrows), 0)
-    return ptr.to(torch.int32)
-
-
 def _lists(runs: A.Runs):
     """(full_ptr, full_start, full_end, part_ptr, part_idx) of exact runs."""
     end = runs.end
     full = runs.val == A.FULL
     prow, pidx = A.blocks_of(runs, runs.val == A.PARTIAL)
     return (
-        _csr(runs.row[full], runs.nrows),
+        csr_ptr(runs.row[full], runs.nrows),
         runs.start[full].to(torch.int32),
         end[full].to(torch.int32),
-        _csr(prow, runs.nrows),
+        csr_ptr(prow, runs.nrows),
         pidx.to(torch.int32),
     )
 
@@ -183,41 +177,39 @@ def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transp
         else:
             classes = cached_classes(mask.tensor, bq, bk)
         arrays = layout_arrays(classes)
-        shaped = {"block_matrix": (*lead, grid.mq, grid.mk), "full_matrix": (*lead, grid.mq, grid.mk),
-                  "offset": (*lead, grid.mq), "total_ones": (*lead, grid.mq)}
-        lay = BlockLayout(n_q, n_k, bq, bk, bound.batch_shape,
-                          *[arrays[f].reshape(shaped[f]) if f in shaped else arrays[f] for f in _TENSOR_FIELDS])
-        if device is not None:
-            lay = BlockLayout(n_q, n_k, bq, bk, bound.batch_shape, *[getattr(lay, f).to(device) for f in _TENSOR_FIELDS])
-        return lay
-    rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
+    else:
+        arrays = _analysed_arrays(bound, grid, tgrid, transpose_dense)
+    shaped = {"block_matrix": (*lead, grid.mq, grid.mk), "full_matrix": (*lead, grid.mq, grid.mk),
+              "offset": (*lead, grid.mq), "total_ones": (*lead, grid.mq)}
+    fields = [arrays[f].reshape(shaped[f]) if f in shaped else arrays[f] for f in _TENSOR_FIELDS]
+    if device is not None:
+        fields = [t.to(device) for t in fields]
+    return BlockLayout(n_q, n_k, bq, bk, bound.batch_shape, *fields)
 
+
+def _analysed_arrays(bound, grid, tgrid, transpose_dense) -> dict:
+    """The layout arrays of a mask from the symbolic analysis (runs, never the dense mask)."""
+    pairs = bound.pairs()
+    rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
     # numpy's repeat fills the dense matrices ~50x faster than torch.repeat_interleave
     # on one core (34 ms vs 1.8 s for the 8192 x 8192 blocks of a causal mask at N = 1M)
     lens = (rows.end - rows.start).numpy()
     val = rows.val.numpy()
-    block_matrix = torch.from_numpy(np.repeat(val != A.EMPTY, lens)).view(*lead, grid.mq, grid.mk)
-    full_matrix = torch.from_numpy(np.repeat(val == A.FULL, lens)).view(*lead, grid.mq, grid.mk)
+    block_matrix = torch.from_numpy(np.repeat(val != A.EMPTY, lens)).view(-1, grid.mq, grid.mk)
+    full_matrix = torch.from_numpy(np.repeat(val == A.FULL, lens)).view(-1, grid.mq, grid.mk)
     if transpose_dense is None:
         transpose_dense = grid.mq * grid.mk <= _DENSE_TRANSPOSE_MAX
     if transpose_dense:
-        code = (block_matrix.to(torch.int8) + full_matrix.to(torch.int8) * (A.FULL - 1)).view(-1, grid.mq, grid.mk)
+        code = block_matrix.to(torch.int8) + full_matrix.to(torch.int8) * (A.FULL - 1)
         cols = A.dense_to_runs(code.transpose(1, 2).reshape(-1, grid.mq))
     else:
         cols = _concat([A.analyse(bound, b, h, tgrid, transposed=True) for b, h in pairs], tgrid.mq, tgrid.mk)
     offset, total = _longest_full_run(rows)
-    q_lists = _lists(rows)
-    k_lists = _lists(cols)
-    lay = BlockLayout(
-        n_q, n_k, bq, bk, bound.batch_shape,
-        block_matrix, full_matrix,
-        offset.view(*lead, grid.mq), total.view(*lead, grid.mq),
-        *q_lists, *k_lists,
-    )
-    if device is not None:
-        lay = BlockLayout(n_q, n_k, bq, bk, bound.batch_shape,
-                          *[getattr(lay, f).to(device) for f in _TENSOR_FIELDS])
-    return lay
+    arrays = {"block_matrix": block_matrix, "full_matrix": full_matrix, "offset": offset, "total_ones": total}
+    for prefix, runs in (("q", rows), ("k", cols)):
+        arrays.update(zip((f"{prefix}_{n}" for n in ("full_ptr", "full_start", "full_end", "part_ptr", "part_idx")),
+                          _lists(runs)))
+    return arrays
 
 
 _TENSOR_FIELDS = [

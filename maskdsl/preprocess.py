@@ -83,7 +83,8 @@ def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str |
 # from block classes to the layout's arrays, with torch ops on the classes' device
 # ---------------------------------------------------------------------------
 
-def _csr(rows: torch.Tensor, nrows: int) -> torch.Tensor:
+def csr_ptr(rows: torch.Tensor, nrows: int) -> torch.Tensor:
+    """int32 ``[nrows + 1]``: CSR row pointers of entries owned by ``rows`` (sorted), on their device."""
     ptr = torch.zeros(nrows + 1, dtype=torch.int64, device=rows.device)
     ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=nrows), 0)
     return ptr.to(torch.int32)
@@ -99,7 +100,7 @@ def _lists(cls: torch.Tensor):
     s_row, s_col = torch.nonzero(full & ~before, as_tuple=True)  # row-major: starts and ends pair up
     e_col = torch.nonzero(full & ~after, as_tuple=True)[1]
     p_row, p_col = torch.nonzero(cls == A.PARTIAL, as_tuple=True)
-    return (_csr(s_row, nrows), s_col.to(torch.int32), (e_col + 1).to(torch.int32), _csr(p_row, nrows),
+    return (csr_ptr(s_row, nrows), s_col.to(torch.int32), (e_col + 1).to(torch.int32), csr_ptr(p_row, nrows),
             p_col.to(torch.int32))
 
 
