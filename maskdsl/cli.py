@@ -281,26 +281,28 @@ def _bench(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    report = out / "attention.md"
     if args.from_csv:
-        status = bench.main(["--report", str(out / "attention.md"), "--from-csv", args.from_csv])
-        for path in bench.plot(bench.read_csvs(args.from_csv.split(",")), out) if not status else []:
-            print(f"plot: {path}")
-        return status
-    csv_path, report = out / "attention.csv", out / "attention.md"
-    csv_path.unlink(missing_ok=True)  # the harness appends: start this run's table afresh
-    argv = ["--csv", str(csv_path), "--report", str(report)]
-    if args.workloads:
-        argv += ["--workloads", args.workloads]
-    if not torch.cuda.is_available():
-        print("maskdsl bench: no GPU here, so the CPU smoke sizes (maskdsl's float32 reference only)", file=sys.stderr)
-        argv.append("--dry-run")
-    elif args.quick:
-        argv += ["--n", "4096", "--d", "64", "--modes", "fwdbwd", "--providers", "maskdsl,flex,sdpa_flash,ideal"]
+        csvs = args.from_csv.split(",")
+        argv = ["--report", str(report), "--from-csv", args.from_csv]
+    else:
+        csv_path = out / "attention.csv"
+        csv_path.unlink(missing_ok=True)  # the harness appends: start this run's table afresh
+        csvs = [str(csv_path)]
+        argv = ["--csv", str(csv_path), "--report", str(report)]
+        if args.workloads:
+            argv += ["--workloads", args.workloads]
+        if not torch.cuda.is_available():
+            print("maskdsl bench: no GPU here, so the CPU smoke sizes (maskdsl's float32 reference only)",
+                  file=sys.stderr)
+            argv.append("--dry-run")
+        elif args.quick:
+            argv += ["--n", "4096", "--d", "64", "--modes", "fwdbwd", "--providers", "maskdsl,flex,sdpa_flash,ideal"]
     status = bench.main(argv)
     if status:
         return status
     try:
-        pictures = bench.plot(bench.read_csvs([str(csv_path)]), out)
+        pictures = bench.plot(bench.read_csvs(csvs), out)
     except ImportError:
         print("maskdsl bench: plots need matplotlib (pip install 'maskdsl[plot]'); tables written", file=sys.stderr)
         pictures = []
