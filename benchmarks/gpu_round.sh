@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One part of a GPU round, each well inside the device tool's 10-minute limit; results under $OUT.
 #
-#   bash benchmarks/gpu_round.sh tests        # every GPU test, four pytest processes at once
+#   bash benchmarks/gpu_round.sh tests        # every GPU test, eight pytest processes at once
 #   bash benchmarks/gpu_round.sh examples     # maskdsl check, then every example at full size
 #   bash benchmarks/gpu_round.sh bench 64     # the attention harness at D = 64 (N = 4096, 16384, trees)
 #   bash benchmarks/gpu_round.sh preprocess   # tensor-mask preprocessing and reordering report
@@ -19,8 +19,9 @@ case $part in
 tests)
   # Compiling the kernels is most of the time and runs on the CPU: split the tests over processes.
   pt() { timeout 540 python -m pytest -q -p no:logging -p no:cacheprovider "$@"; }
-  pt -m gpu tests/test_kernels.py -k "random" > "$OUT/tests_kernels_random.txt" 2>&1 &
-  pt -m gpu tests/test_kernels.py -k "not random" > "$OUT/tests_kernels.txt" 2>&1 &
+  for i in 0 1 2 3 4 5; do
+    MASKDSL_SHARD=$i/6 pt -m gpu tests/test_kernels.py > "$OUT/tests_kernels_$i.txt" 2>&1 &
+  done
   pt -m gpu tests/test_preprocess.py tests/test_compile.py > "$OUT/tests_preprocess_compile.txt" 2>&1 &
   # the CPU tests that take the CUDA path when a GPU is there (reordering, interleaving, the CLI)
   pt tests/test_reorder.py tests/test_expr_and_cli.py tests/test_attention_api.py > "$OUT/tests_cuda_paths.txt" 2>&1 &
