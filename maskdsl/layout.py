@@ -178,6 +178,10 @@ def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transp
             classes = cached_classes(mask.tensor, bq, bk)
         arrays = layout_arrays(classes)
     else:
+        if any(t.device.type != "cpu" for t in bound.tables.values()):
+            # the analysis runs on the CPU: a TensorMask (or other data) living on the GPU inside
+            # a composite mask is read there, not compared against CPU positions
+            bound = mask.bind(n_q, n_k, device="cpu")
         arrays = _analysed_arrays(bound, grid, tgrid, transpose_dense)
     shaped = {"block_matrix": (*lead, grid.mq, grid.mk), "full_matrix": (*lead, grid.mq, grid.mk),
               "offset": (*lead, grid.mq), "total_ones": (*lead, grid.mq)}

@@ -148,7 +148,7 @@ def test_check_reports_a_wrong_kernel(monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------
-# maskdsl bench (on the CPU: the smoke sizes)
+# maskdsl bench (on the CPU: the smoke sizes; on a GPU: --quick)
 # ---------------------------------------------------------------------------
 
 def test_bench_writes_tables_and_plots(tmp_path, capsys):
@@ -158,14 +158,15 @@ def test_bench_writes_tables_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     (out).mkdir()
     (out / "attention.csv").write_text("stale\n")  # a previous run's table is replaced, not appended to
-    assert cli.main(["bench", "--workloads", "causal,lf_global", "--out", str(out)]) == 0
+    gpu = __import__("torch").cuda.is_available()  # --quick there: N = 4096, D = 64, forward+backward
+    assert cli.main(["bench", "--workloads", "causal,lf_global", "--out", str(out)] + ["--quick"] * gpu) == 0
     printed = capsys.readouterr()
     rows = (out / "attention.csv").read_text().splitlines()
     assert rows[0].startswith("workload,") and "stale" not in rows
     assert {r.split(",")[0] for r in rows[1:]} == {"causal", "lf_global"}
     assert "lf_global" in (out / "attention.md").read_text()
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["attention_d32_fwd.png", "attention_d32_fwdbwd.png"]
+    assert pngs == (["attention_d64_fwdbwd.png"] if gpu else ["attention_d32_fwd.png", "attention_d32_fwdbwd.png"])
     assert all((out / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     assert "[####################]" in printed.err  # the progress bar reached the end
 

@@ -201,6 +201,9 @@ FAMILIES = {
     "tree": lambda c, g: md.Tree(_parents(max(c.n_q, c.n_k), g)),
     "tensor": lambda c, g: md.TensorMask(torch.rand(c.n_q, c.n_k, generator=g) < 0.3),
     "tensor-heads": lambda c, g: md.TensorMask(torch.rand(c.b, c.h_q, c.n_q, c.n_k, generator=g) < 0.4),
+    # the tensor made where the case runs (on the GPU: a composite reading device data)
+    "prefix|tensor": lambda c, g: md.Prefix(max(c.n_q, c.n_k) // 5)
+    | md.TensorMask((torch.rand(c.n_q, c.n_k, generator=g) < 0.2).to(c.device)),
     "causal&window": lambda c, g: md.Causal() & md.Window(max(2, max(c.n_q, c.n_k) // 6)),
     # the paper's compositions
     "doc&causal": lambda c, g: md.Document(_doc_lens(max(c.n_q, c.n_k), g)) & md.Causal(),
