@@ -7,11 +7,13 @@
 Part 1 (the paper's Table 2 columns): a random bool mask [N, N] (density 0.1) for
 N = 256 ... 16384, median times of
 
-- ``classes``: ``maskdsl.preprocess.tensor_blocks(t, 128, 128)`` (block classes, plus the
-  bit-packed rows on the Triton path), for each backend ("torch", and "triton" on CUDA);
+- ``block matrix``: ``maskdsl.preprocess.tensor_blocks(t, 128, 128, words=False)`` (the block
+  classes alone), for each backend ("torch", and "triton" on CUDA);
+- ``+ run arrays``: the same and ``maskdsl.preprocess.run_arrays`` (block_matrix, full_matrix,
+  offset/total_ones: the paper's Table 2 and the issue's "run arrays included" figure);
+- ``+ packed rows`` (Triton): also the bit-packed rows that partial blocks read;
 - ``on-device layout``: the classes and ``maskdsl.preprocess.layout_arrays`` on the mask's
-  device (block_matrix, full_matrix, offset/total_ones and the compact lists in both
-  directions, all where the mask lives: the issue's "run arrays included" figure);
+  device (the run arrays and the compact lists in both directions, all where the mask lives);
 - ``layout``: ``md.TensorMask(t).block_layout(N, N)`` (the same arrays as the library builds
   them today: classes on the mask's device, the arrays on the CPU), the layout cache cleared
   before each call;
@@ -76,23 +78,34 @@ def part1(sizes, device: str, bench) -> list[str]:
     copy_gbs = 2 * big.numel() / copy_ms / 1e6
     del big
     backends = ["torch"] + (["triton"] if device == "cuda" else [])
-    head = ("| N | " + " | ".join(f"classes ({b}) ms | GB/s" for b in backends)
+    # per backend: the block classes alone (the paper's block matrix), with the run arrays (block
+    # and full matrices, offset/total_ones: the "run arrays included" figure), and for the
+    # kernel also with the bit-packed rows that partial blocks read
+    cols = [(b, words, runs) for b in backends
+            for words, runs in ((False, False), (False, True)) + (((True, True),) if b == "triton" else ())]
+    names = {(False, False): "block matrix", (False, True): "+ run arrays", (True, True): "+ packed rows"}
+    head = ("| N | " + " | ".join(f"{names[w, r]} ({b}) ms | GB/s" for b, w, r in cols)
             + " | on-device layout ms | layout ms |")
     lines = [f"Copy bandwidth ({device}, clone of a {max(sizes)}^2 bool tensor): {copy_gbs:.0f} GB/s.", "",
-             head, "|" + "---|" * (3 + 2 * len(backends))]
+             head, "|" + "---|" * (3 + 2 * len(cols))]
     g = torch.Generator().manual_seed(0)
     for n in sizes:
         t = (torch.rand(n, n, generator=g) < 0.1).to(device)
         t4 = t[None, None]
         cells = []
-        for b in backends:
-            ms = bench(lambda b=b: preprocess.tensor_blocks(t4, 128, 128, backend=b, words=b == "triton"))
+        for b, words, runs in cols:
+            def step(b=b, words=words, runs=runs):
+                classes = preprocess.tensor_blocks(t4, 128, 128, backend=b, words=words)[0]
+                if runs:
+                    preprocess.run_arrays(classes, backend=b)
+
+            ms = bench(step)
             cells += [f"{ms:.3f}", f"{n * n / ms / 1e6:.3g}"]
 
         fast = backends[-1]
 
         def on_device():
-            classes = preprocess.tensor_blocks(t4, 128, 128, backend=fast, words=fast == "triton")[0]
+            classes, _ = preprocess.tensor_blocks(t4, 128, 128, backend=fast, words=fast == "triton")
             return preprocess.layout_arrays(classes)
 
         cells.append(f"{bench(on_device):.3f}")
@@ -107,9 +120,11 @@ def part1(sizes, device: str, bench) -> list[str]:
     return lines
 
 
-def _scrambled_band(n: int, w: int, g) -> torch.Tensor:
+def _scrambled_band(n: int, w: int, g, scramble: bool = True) -> torch.Tensor:
     i = torch.arange(n)
     band = (i[:, None] - i[None, :]).abs() <= w
+    if not scramble:
+        return band
     sigma = torch.randperm(n, generator=g)
     return band[sigma][:, sigma]
 
@@ -132,12 +147,17 @@ def part2(n: int, device: str, bench, attention: bool) -> list[str]:
     ]
     head = "| mask | blocks | reordered | ratio |" + (" fwd+bwd ms | reordered ms | speedup |" if attention else "")
     lines = [head, "|---|---|---|---|" + ("---|---|---|" if attention else "")]
+    notes = []
     for name, mask, size in cases:
         if size > 4 * n:  # the dry run keeps to small sizes
             continue
         perm = reorder.permutation(mask, size)
         before, after = _nonempty(mask, size), _nonempty(reorder.permuted(mask, perm), size)
         cells = [name, str(before), str(after), f"{after / before:.2f}"]
+        if name.startswith("band"):
+            band = _nonempty(md.TensorMask(_scrambled_band(size, 256, None, scramble=False)), size)
+            notes.append(f"The band unscrambled has {band} non-empty blocks: RCM's order has "
+                         f"{after / band:.3f} x as many.")
         if attention:
             q, k, v, do = (torch.randn(4, 32, size, 64, device=device, dtype=torch.bfloat16) for _ in range(4))
             for x in (q, k, v):
@@ -153,7 +173,7 @@ def part2(n: int, device: str, bench, attention: bool) -> list[str]:
             cells += [f"{times[0]:.3f}", f"{times[1]:.3f}", f"{times[0] / times[1]:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
         print(lines[-1], flush=True)
-    return lines
+    return lines + [""] + notes if notes else lines
 
 
 def plot_reordering(lines: list[str], path: str) -> None:
@@ -164,7 +184,7 @@ def plot_reordering(lines: list[str], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line.startswith("|")]
     names = [r[0] for r in rows]
     before, after = [int(r[1]) for r in rows], [int(r[2]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.8 * len(rows) + 2, 4))

@@ -19,7 +19,7 @@ import sys
 # the largest dynamic shared memory a block may use on an H100 / H200 (227 KiB)
 SHARED_LIMIT = 227 * 1024
 
-_DATA = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
+_DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
          "sm_scale": "fp32"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
@@ -57,7 +57,7 @@ def cases():
     """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned 2-byte tile."""
     from . import attention as K
     from . import configs
-    from .preprocess import tensor_mask_blocks_kernel
+    from .preprocess import block_rows_kernel, tensor_mask_blocks_kernel
 
     pred = _predicate()
     out = []
@@ -70,7 +70,10 @@ def cases():
                               PREC="tf32")
                 consts[even] = False  # the ragged edge: the most code and registers
                 out.append((f"{pass_name} d={d} {kind} {cfg}", kernel, consts, cfg.num_warps, cfg.num_stages))
-    out.append(("preprocess 128x128", tensor_mask_blocks_kernel, dict(BLOCK_Q=128, BLOCK_K=128), 4, 2))
+    for pack in (True, False):
+        out.append((f"preprocess 128x128 words={pack}", tensor_mask_blocks_kernel,
+                    dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2))
+    out.append(("run arrays 128 columns", block_rows_kernel, dict(BLOCK=128), 4, 2))
     return out
 
 

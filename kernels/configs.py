@@ -32,12 +32,13 @@ CONFIGS = [
     # (128, 128, 8, 3) is ~10% faster on Full at N = 8192 but needs more shared memory than an
     # H100/H200 has once the ragged edge is masked (N not a multiple of 128): not used
     ("fwd", (2,), (128,), "dense", TileConfig(128, 64, 8, 3)),
-    ("fwd", (2,), (128,), "sparse", TileConfig(64, 64, 4, 3)),
+    # 64 x 32 spills 8 bytes against 64 x 64's 592: 6% faster on lf_window, 19% on alpaca_seq (H100, N = 16384)
+    ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 3)),
     ("fwd", (2,), (256,), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
     ("dq", (2,), (16, 32, 64), "dense", TileConfig(64, 128, 4, 3)),
-    ("dq", (2,), (16, 32, 64), "sparse", TileConfig(64, 32, 4, 2)),
+    ("dq", (2,), (16, 32, 64), "sparse", TileConfig(64, 32, 4, 3)),
     ("dq", (2,), (128,), "dense", TileConfig(128, 64, 8, 2)),
     ("dq", (2,), (128,), "sparse", TileConfig(64, 32, 4, 3)),
     ("dq", (2,), (256,), "any", TileConfig(64, 32, 4, 1)),

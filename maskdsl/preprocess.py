@@ -3,12 +3,12 @@
 ``tensor_blocks(t, block_q, block_k)`` gives the class of every block (empty, partial,
 full: ``maskdsl.analysis`` codes) and the mask's rows bit-packed into int32 words, for
 each (b, h) pattern of ``t`` [B, H, Nq, Nk]. On CUDA it runs the Triton kernel
-``kernels.preprocess.tensor_mask_blocks_kernel`` when ``MASKDSL_PREPROCESS=triton`` (it
-has been verified under the Triton interpreter, not yet on a GPU); otherwise, and for tiles
-the kernel does not take, the torch path below (on the tensor's device), identical results.
-``layout_arrays(classes)`` turns the classes into every array of a BlockLayout (block and
-full matrices, offset/total_ones, the compact lists both ways) with torch ops, on the
-classes' device.
+``kernels.preprocess.tensor_mask_blocks_kernel`` (``MASKDSL_PREPROCESS=torch`` opts out);
+on the CPU, and for tiles the kernel does not take, the torch path below (on the tensor's
+device), with identical results. ``layout_arrays(classes)`` turns the classes into every
+array of a BlockLayout on the classes' device: the block and full matrices and
+offset/total_ones (the paper's "run arrays") in one Triton launch on CUDA
+(``kernels.preprocess.block_rows``), the compact lists both ways with torch ops.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 
 from . import analysis as A
 
-__all__ = ["tensor_blocks", "pack_bits", "cached_classes", "layout_arrays"]
+__all__ = ["tensor_blocks", "pack_bits", "cached_classes", "run_arrays", "layout_arrays"]
 
 
 def pack_bits(t: torch.Tensor) -> torch.Tensor:
@@ -54,24 +54,21 @@ def _classes_torch(t: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
 def tensor_blocks(t: torch.Tensor, block_q: int, block_k: int, *, backend: str | None = None, words: bool = True):
     """(classes int8 [P, Mq, Mk], words int32 [P, Nq, ceil(Nk / 32)]) of a bool or uint8 mask
     ``t`` [B, H, Nq, Nk], P = B * H, on t's device. ``backend`` "triton" or "torch" overrides
-    the choice (Triton on CUDA when the tiles suit it). ``words=False`` skips the packed rows on
-    the torch path (None in their place; the kernel writes them in the same pass anyway)."""
+    the choice (Triton on CUDA when the tiles suit it). ``words=False`` skips the packed rows
+    (None in their place)."""
     if t.dim() != 4:
         raise ValueError(f"t must have shape [B, H, Nq, Nk], got {list(t.shape)}")
     if t.dtype not in (torch.bool, torch.uint8):
         raise ValueError(f"t must have dtype torch.bool or torch.uint8, got {t.dtype}")
     if backend is None:
-        # The kernel has run under the Triton interpreter only: until its GPU tests and benchmark
-        # have run (docs/benchmarks/preprocess.md), CUDA tensors take the torch path too, unless
-        # MASKDSL_PREPROCESS=triton asks for the kernel.
-        wanted = os.environ.get("MASKDSL_PREPROCESS", "torch") == "triton"
         from kernels.preprocess import takes_tiles
 
+        wanted = os.environ.get("MASKDSL_PREPROCESS", "triton") != "torch"
         backend = "triton" if wanted and t.is_cuda and takes_tiles(block_q, block_k) else "torch"
     if backend == "triton":
         from kernels.preprocess import tensor_mask_blocks
 
-        return tensor_mask_blocks(t, block_q, block_k)
+        return tensor_mask_blocks(t, block_q, block_k, words=words)
     if backend != "torch":
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
     B, H, n_q, n_k = t.shape
@@ -116,16 +113,35 @@ def _longest_full_run(cls: torch.Tensor):
     return offset.to(torch.int32), total.to(torch.int32)
 
 
+def run_arrays(classes: torch.Tensor, *, backend: str | None = None) -> dict:
+    """``block_matrix``, ``full_matrix`` (bool ``[P, Mq, Mk]``), ``offset`` and ``total_ones``
+    (int32 ``[P, Mq]``: the first column and length of each row's longest run of full blocks,
+    the first on ties, 0 and 0 for none) of block classes ``[P, Mq, Mk]`` (int8). ``backend``
+    "triton" (the default on CUDA: one launch) or "torch" (any device)."""
+    p, mq, mk = classes.shape
+    if backend is None:
+        from kernels.preprocess import MAX_ROW_BLOCKS
+
+        backend = "triton" if classes.is_cuda and mk <= MAX_ROW_BLOCKS else "torch"
+    if backend == "triton":
+        from kernels.preprocess import block_rows
+
+        block, full, offset, total = block_rows(classes)
+        return {"block_matrix": block, "full_matrix": full, "offset": offset, "total_ones": total}
+    if backend != "torch":
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    offset, total = _longest_full_run(classes.reshape(p * mq, mk))
+    return {"block_matrix": classes != A.EMPTY, "full_matrix": classes == A.FULL,
+            "offset": offset.view(p, mq), "total_ones": total.view(p, mq)}
+
+
 def layout_arrays(classes: torch.Tensor) -> dict:
     """The BlockLayout arrays of block classes ``[P, Mq, Mk]`` (int8, ``maskdsl.analysis``
-    codes; P = B * H patterns), computed where ``classes`` live (one GPU pass of torch ops, or
-    the CPU): ``block_matrix``, ``full_matrix`` ``[P, Mq, Mk]``, ``offset``, ``total_ones``
-    ``[P, Mq]`` and the compact lists per query block (``q_*``, rows ``p * Mq + m``) and per key
-    block (``k_*``, rows ``p * Mk + n``)."""
+    codes; P = B * H patterns), computed where ``classes`` live: ``run_arrays`` (block and full
+    matrices, offset, total_ones) and the compact lists per query block (``q_*``, rows
+    ``p * Mq + m``) and per key block (``k_*``, rows ``p * Mk + n``), with torch ops."""
     p, mq, mk = classes.shape
-    offset, total = _longest_full_run(classes.reshape(p * mq, mk))
-    out = {"block_matrix": classes != A.EMPTY, "full_matrix": classes == A.FULL,
-           "offset": offset.view(p, mq), "total_ones": total.view(p, mq)}
+    out = run_arrays(classes)
     for prefix, rows in (("q", classes.reshape(p * mq, mk)), ("k", classes.transpose(1, 2).reshape(p * mk, mq))):
         for name, t in zip(("full_ptr", "full_start", "full_end", "part_ptr", "part_idx"), _lists(rows)):
             out[f"{prefix}_{name}"] = t

@@ -293,3 +293,28 @@ def test_layout_arrays_on_the_gpu_equal_the_cpu(seed):
     want = preprocess.layout_arrays(classes)
     for name, t in want.items():
         assert got[name].is_cuda and torch.equal(got[name].cpu(), t), name
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 7, 5), (3, 16, 16), (2, 33, 9), (1, 4, 130)])
+def test_run_arrays_kernel_equals_the_torch_path(seed, shape):
+    """kernels.preprocess.block_rows (interpreter on the CPU, compiled on CUDA) against the torch
+    path and the run analysis, rows with every block full and every block empty included."""
+    g = torch.Generator().manual_seed(seed)
+    classes = _random_classes(g, *shape)
+    classes[0, 0] = A.FULL
+    if shape[1] > 1:
+        classes[0, 1] = A.EMPTY
+    device = "cuda" if HAS_CUDA else "cpu"
+    got = preprocess.run_arrays(classes.to(device), backend="triton")
+    want = preprocess.run_arrays(classes, backend="torch")
+    runs = _arrays_by_runs(classes)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        assert torch.equal(got[name].cpu(), t), name
+    for name in ("offset", "total_ones"):
+        assert torch.equal(want[name], runs[name]), name
+
+
+def test_run_arrays_bad_backend_is_named():
+    with pytest.raises(ValueError, match="backend must be 'triton', 'torch' or None"):
+        preprocess.run_arrays(torch.zeros(1, 2, 2, dtype=torch.int8), backend="cuda")
