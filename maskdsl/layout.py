@@ -1,15 +1,14 @@
 """BlockLayout: the block structure of a mask, as the paper defines it and as kernels consume it."""
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from . import analysis as A
-from .masks import TensorMask, Tree
-from .preprocess import cached_classes, csr_ptr, layout_arrays, tensor_blocks
+from .masks import TensorMask, Tree, _euler
+from .preprocess import cached_classes, csr_ptr, layout_arrays
 
 
 @dataclass(frozen=True, eq=False)
@@ -146,15 +145,42 @@ def _longest_full_run(runs: A.Runs):
 # beyond it, from the transposed analysis, whose cost follows the runs, not Mq x Mk.
 _DENSE_TRANSPOSE_MAX = 1 << 16
 
-# Trees with at most this many mask entries (over all batch elements) are classified from
-# their dense form (one byte per entry: 64 MB), larger ones by the analysis.
-_DENSE_TREE_MAX = 1 << 26
+def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
+    """Block classes (int8 ``[B, Mq, Mk]``, ``maskdsl.analysis`` codes) of ``Tree(parents)``
+    (one parents row, or one per batch element) at sizes (n_q, n_k), without its dense mask.
 
-
-@functools.lru_cache(maxsize=2)
-def _dense_tree(mask, n_q: int, n_k: int) -> torch.Tensor:
-    # a plan builds several layouts (one per tile shape) of one tree: build its dense form once
-    return mask.to_dense(n_q, n_k)
+    Query i sees key j when j is i or an ancestor of i: ``tin[j] <= tin[i] < tout[j]`` in the
+    Euler tour. For each query block the tour times of its rows are sorted once; each key then
+    counts the rows of every query block inside its interval with two binary searches, and a
+    block's count of allowed entries is the sum over its keys: exactly 0 (empty), every entry
+    (full) or in between (partial). Work ~ Mq x Nk x log(block_q), memory in chunks."""
+    rows = parents if parents and isinstance(parents[0], (tuple, list)) else (parents,)
+    mq, mk = -(-n_q // block_q), -(-n_k // block_k)
+    out = torch.empty((len(rows), mq, mk), dtype=torch.int8)
+    rows_per_block = (torch.arange(mq) * block_q).neg().add(n_q).clamp(max=block_q)  # rows in each query block
+    cols_per_block = (torch.arange(mk) * block_k).neg().add(n_k).clamp(max=block_k)
+    valid = rows_per_block[:, None] * cols_per_block[None, :]
+    big = torch.iinfo(torch.int64).max
+    chunk = max(1, (1 << 24) // max(n_k, 1))  # query blocks per step: at most ~16M counts at once
+    for b, row in enumerate(rows):
+        tin, tout = (t.to(torch.int64) for t in _euler(tuple(row)))
+        # the tour times of each query block's rows, sorted; padding rows sort last and match nothing
+        times = torch.full((mq * block_q,), big, dtype=torch.int64)
+        times[:n_q] = tin[:n_q]
+        times = times.view(mq, block_q).sort(dim=1).values
+        lo, hi = tin[:n_k], tout[:n_k]
+        counts = torch.zeros((mq, mk), dtype=torch.int64)
+        for m0 in range(0, mq, chunk):
+            seq = times[m0:m0 + chunk]
+            inside = (torch.searchsorted(seq, hi.expand(seq.shape[0], -1).contiguous())
+                      - torch.searchsorted(seq, lo.expand(seq.shape[0], -1).contiguous()))  # [chunk, n_k]
+            padded = torch.nn.functional.pad(inside, (0, mk * block_k - n_k))
+            counts[m0:m0 + chunk] = padded.view(-1, mk, block_k).sum(-1)
+        cls = torch.full((mq, mk), A.PARTIAL, dtype=torch.int8)
+        cls[counts == 0] = A.EMPTY
+        cls[counts == valid] = A.FULL
+        out[b] = cls
+    return out
 
 
 def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transpose_dense=None) -> BlockLayout:
@@ -163,17 +189,14 @@ def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transp
     pairs = bound.pairs()
     grid = A.Grid(n_q, n_k, bq, bk)
     tgrid = A.Grid(n_k, n_q, bk, bq)
-    dense_tree = isinstance(mask, Tree) and n_q * n_k * len(pairs) <= _DENSE_TREE_MAX
     lead = () if bound.batch_shape is None else tuple(bound.batch_shape)
-    if isinstance(mask, TensorMask) or dense_tree:
+    if isinstance(mask, (TensorMask, Tree)):
         # an arbitrary tensor by itself: classify every block in one read of the mask, and derive
         # every array from the classes with torch ops (maskdsl.preprocess.layout_arrays). A tree
-        # by itself too, from its dense form: its ancestor sets defeat the interval analysis
-        # (~80 ms for a 340-node tree, 1.3 s for MEDUSA 8x3), while the dense mask of a tree
-        # of a few thousand nodes is built and read in milliseconds.
-        if dense_tree:
-            dense = _dense_tree(mask, n_q, n_k)
-            classes = tensor_blocks(dense if dense.dim() == 4 else dense[None, None], bq, bk, words=False)[0]
+        # by itself too, from counts over its Euler tour (tree_classes): its ancestor sets defeat
+        # the interval analysis (~1 s for MEDUSA 8x3), and its dense form grows as N^2.
+        if isinstance(mask, Tree):
+            classes = tree_classes(mask.parents, n_q, n_k, bq, bk)
         else:
             classes = cached_classes(mask.tensor, bq, bk)
         arrays = layout_arrays(classes)

@@ -40,12 +40,10 @@ MODES = ("auto", "rcm", None)
 # entries of sparse graphs; on denser masks it costs seconds of CPU and rarely saves a block.
 AUTO_MAX_DENSITY = 0.05
 
-# The permutation gathers q, k, v, out (and in the backward dout, out, lse, then scatters dq, dk,
-# dv): about 8 reads and 8 writes of a [B, H, N, D] tensor. Per (head, 128 query rows) at D = 64
-# in bf16 that is 8 * 2 * 128 * 64 * 2 bytes = 262 kB, ~90 ns at ~3 TB/s; a non-empty 128 x 128
-# block costs ~42 ns of forward+backward per head (Full, N = 16384, D = 64: 89.3 ms for
-# 128 heads x 16384 blocks on an H200, docs/benchmarks/attention.md). So reordering pays when
-# it removes more than ~2 blocks per block row; "auto" asks for 3, and 10% of the blocks.
+# The permutation gathers q, k, v (and in the backward dout, out, lse) and scatters out, dq, dk,
+# dv. Measured on an H100 (docs/benchmarks/preprocess.md, B = 4, H = 32, D = 64, bf16,
+# forward+backward): it costs ~38 us per 128-row block row, a non-empty 128 x 128 block ~22 us,
+# so reordering pays from ~2 blocks saved per block row; "auto" asks for 3, and 10% of the blocks.
 AUTO_BLOCKS_PER_ROW = 3
 AUTO_MIN_FRACTION = 0.10
 

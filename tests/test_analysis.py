@@ -179,3 +179,35 @@ def test_layout_device_and_stats(n_q, n_k, data):
     lay = mask.block_layout(n_q, n_k, (8, 8), device="cpu")
     s = lay.stats()
     assert s["full"] + s["partial"] + s["empty"] == s["blocks"] == lay.block_matrix.numel()
+
+
+@st.composite
+def random_tree(draw, n: int):
+    """Parents of a tree over n positions: chains, bushes and forests (parents[i] < i)."""
+    style = draw(st.sampled_from(["any", "chain", "bush", "forest"]))
+    parents = []
+    for x in range(n):
+        if x == 0 or (style == "forest" and draw(st.integers(0, 7)) == 0):
+            parents.append(-1)
+        elif style == "chain":
+            parents.append(x - 1)
+        elif style == "bush":
+            parents.append(draw(st.integers(max(0, x - 3), x - 1)) if draw(st.booleans()) else 0)
+        else:
+            parents.append(draw(st.integers(-1, x - 1)))
+    return parents
+
+
+@given(st.data(), BLOCKS, BLOCKS)
+@settings(max_examples=120)
+def test_tree_layouts_from_the_euler_tour_are_exact(data, bq, bk):
+    """A Tree by itself is classified by counting over its Euler tour (maskdsl.layout.tree_classes):
+    exact against the dense mask, for one tree or one per batch element, and Nq != Nk."""
+    n = data.draw(st.integers(1, 300))
+    n_q, n_k = data.draw(st.integers(1, n)), data.draw(st.integers(1, n))
+    if data.draw(st.booleans()):
+        mask = md.Tree(data.draw(random_tree(n)))
+    else:
+        mask = md.Tree([data.draw(random_tree(n)) for _ in range(data.draw(st.integers(1, 3)))])
+    check_layout(mask, n_q, n_k, bq, bk)
+
