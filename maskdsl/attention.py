@@ -86,7 +86,14 @@ def _attention(q, k, v, mask, *, scale=None, backend=None, reorder="auto"):
         key = mask.key
     else:
         key = _plan_key(mask, q.shape[0], q.shape[1], q.shape[2], k.shape[2], str(q.device), reorder)
-    return torch.ops.maskdsl.attention_fwd(q, k, v, key, scale, backend)
+    if torch.compiler.is_compiling():
+        # traced: the custom ops keep the plan lookup and the kernels out of the graph
+        return torch.ops.maskdsl.attention_fwd(q, k, v, key, scale, backend)
+    # eager: the same implementations under a plain autograd.Function. The custom op's Python
+    # layers (its autograd wrapper, dispatch and output checks) cost ~0.3 ms per call in the
+    # forward and as much again in the backward on an H100 host (torch.profiler, session 5),
+    # more than the three kernel launches themselves (~0.2 ms).
+    return _EagerAttention.apply(q, k, v, key, scale, backend)
 
 
 @torch.compiler.assume_constant_result
@@ -101,9 +108,8 @@ def _plan_key(mask, batch: int, heads: int, n_q: int, n_k: int, device: str, reo
 # the custom ops: torch.compile traces through attention() with no graph break
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("maskdsl::attention_fwd", mutates_args=())
-def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str, scale: float,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_impl(q, k, v, plan: str, scale: float, backend: str):
+    """(out, lse) of a plan's key: the body of both the custom op and the eager Function."""
     p = _plans.lookup(plan)
     if backend == "reference":
         return reference.forward(q, k, v, p.mask, scale, reference.default_chunk(q, k.shape[2]))
@@ -122,6 +128,12 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str,
     if perm is not None:
         out, lse = out.index_select(2, perm[1]), lse.index_select(2, perm[1])
     return out, lse
+
+
+@torch.library.custom_op("maskdsl::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str, scale: float,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward_impl(q, k, v, plan, scale, backend)
 
 
 @_attention_fwd.register_fake
@@ -159,10 +171,8 @@ def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):
     )
 
 
-@torch.library.custom_op("maskdsl::attention_bwd", mutates_args=())
-def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                   lse: torch.Tensor, plan: str, scale: float,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_impl(do, q, k, v, o, lse, plan: str, scale: float, backend: str):
+    """(dq, dk, dv): the body of both the custom op and the eager Function."""
     p = _plans.lookup(plan)
     if backend == "reference":
         return reference.backward(q, k, v, o, lse, do, None, p.mask, scale,
@@ -184,6 +194,13 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     return grads
 
 
+@torch.library.custom_op("maskdsl::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, plan: str, scale: float,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_impl(do, q, k, v, o, lse, plan, scale, backend)
+
+
 @_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, plan, scale, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -203,6 +220,28 @@ def _backward(ctx, d_out, d_lse):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """md.attention outside torch.compile: the custom ops' implementations, without their layers.
+    lse carries no gradient (as on the custom op's Triton path), and none is materialised."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, backend):
+        out, lse = _forward_impl(q, k, v, plan, scale, backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan, ctx.scale, ctx.backend = plan, scale, backend
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if d_out is None:
+            return None, None, None, None, None, None
+        dq, dk, dv = _backward_impl(d_out, q, k, v, out, lse, ctx.plan, ctx.scale, ctx.backend)
+        return dq, dk, dv, None, None, None
 
 
 def _check_inputs(q, k, v, mask, scale, reorder) -> None:

@@ -146,6 +146,25 @@ def test_compile_triton_path_under_interpreter(small_tiles):
     assert_same(forward_backward(compiled, q, k, v, do), forward_backward(fn, q, k, v, do), **EXACT)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_eager_function_and_custom_op_agree_bitwise(backend, small_tiles):
+    """Outside torch.compile md.attention runs the custom ops' implementations under a plain
+    autograd.Function (less host time per call); the custom op itself (what a compiled graph
+    calls) gives the same output and gradients to the bit, and neither gives lse a gradient."""
+    if backend == "triton" and HAS_CUDA:
+        pytest.skip("the interpreter variant")
+    mask = _masks(37)["window|global"]
+    plan = md.prepare(mask, 37, 37)
+    q, k, v, do = inputs(b=1, h_q=2, h_kv=1)
+    out, lse = _attention(q, k, v, plan, backend=backend)
+    assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+    assert not lse.requires_grad
+    eager = (out,) + torch.autograd.grad(out, (q, k, v), do.to(out.dtype))
+    op_out, _ = torch.ops.maskdsl.attention_fwd(q, k, v, plan.key, 1.0 / 4.0, backend)
+    op = (op_out,) + torch.autograd.grad(op_out, (q, k, v), do.to(op_out.dtype))
+    assert_same(eager, op)
+
+
 # ---------------------------------------------------------------------------
 # opcheck: the custom op's registrations
 # ---------------------------------------------------------------------------
