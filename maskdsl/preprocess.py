@@ -25,12 +25,29 @@ __all__ = ["tensor_blocks", "pack_bits", "cached_classes", "run_arrays", "layout
 
 
 def pack_bits(t: torch.Tensor) -> torch.Tensor:
-    """Bool [..., n, m] -> int32 [..., n, ceil(m / 32)], bit b of word w holding column 32 w + b."""
+    """Bool [..., n, m] -> int32 [..., n, ceil(m / 32)], bit b of word w holding column 32 w + b.
+
+    On CUDA the preprocessing kernel packs the rows (one read, no temporaries); elsewhere torch
+    operations do, a block of rows at a time so that the int64 temporary stays near 64 MB (the
+    whole mask at once would take 8 bytes per entry: 2 GB at 16384 x 16384)."""
     *lead, n, m = t.shape
     words = -(-m // 32)
-    bits = torch.nn.functional.pad((t != 0).to(torch.int64), (0, words * 32 - m)).view(*lead, n, words, 32)
-    packed = (bits << torch.arange(32, device=t.device)).sum(-1)
-    return torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    if t.is_cuda and n and m and os.environ.get("MASKDSL_PREPROCESS", "triton") != "torch":
+        from kernels.preprocess import tensor_mask_blocks
+
+        flat = t.reshape(1, -1, n, m)
+        _, packed = tensor_mask_blocks(flat if flat.dtype in (torch.bool, torch.uint8) else flat != 0, 128, 128)
+        return packed.view(*lead, n, words)
+    out = torch.empty(*lead, n, words, dtype=torch.int32, device=t.device)
+    per_row = max(1, words * 32 * (out.numel() // max(1, n * words)))
+    step = max(1, (1 << 23) // per_row)
+    shifts = torch.arange(32, device=t.device)
+    for r0 in range(0, n, step):
+        rows = t[..., r0:r0 + step, :]
+        bits = torch.nn.functional.pad((rows != 0).to(torch.int64), (0, words * 32 - m))
+        packed = (bits.view(*rows.shape[:-1], words, 32) << shifts).sum(-1)
+        out[..., r0:r0 + step, :] = torch.where(packed >= 1 << 31, packed - (1 << 32), packed).to(torch.int32)
+    return out
 
 
 def _classes_torch(t: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:

@@ -318,3 +318,20 @@ def test_run_arrays_kernel_equals_the_torch_path(seed, shape):
 def test_run_arrays_bad_backend_is_named():
     with pytest.raises(ValueError, match="backend must be 'triton', 'torch' or None"):
         preprocess.run_arrays(torch.zeros(1, 2, 2, dtype=torch.int8), backend="cuda")
+
+
+def test_pack_bits_in_row_blocks_equals_brute_force():
+    """The torch path packs a block of rows at a time (9000 x 1000: two blocks), lead dims kept."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(1, 1, 9000, 1000, generator=g) < 0.5
+    assert torch.equal(pack_bits(t), brute_words(t).view(1, 1, 9000, 32))
+    assert torch.equal(pack_bits(t[0, 0]), brute_words(t).view(9000, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(1, 1), (257, 300), (2, 3, 70, 90)])
+def test_pack_bits_on_cuda_takes_the_kernel_and_equals_the_cpu(shape):
+    t = torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.4
+    got = pack_bits(t.cuda())
+    assert got.is_cuda and torch.equal(got.cpu(), pack_bits(t))
