@@ -1056,6 +1056,10 @@ def plot(rows, out_dir: Path) -> list[Path]:
                 _bars(plt, sel, names, title, path)  # one N per workload: no lines to draw
                 written.append(path)
                 continue
+            # one color per provider across every panel (matplotlib's cycle restarts in each)
+            providers = list(dict.fromkeys(r["provider"] for r in sel))
+            palette = plt.get_cmap("tab10")
+            color = {prov: palette(k % 10) for k, prov in enumerate(providers)}
             cols = min(4, len(names))
             fig, axes = plt.subplots(-(-len(names) // cols), cols, figsize=(4 * cols, 3.2 * -(-len(names) // cols)),
                                      squeeze=False)
@@ -1064,7 +1068,7 @@ def plot(rows, out_dir: Path) -> list[Path]:
                     pts = sorted((int(r["n"]), float(r["ms"])) for r in sel
                                  if r["workload"] == name and r["provider"] == prov)
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], "--" if prov == "ideal" else "-",
-                            marker="o", label=prov, linewidth=2.2 if prov == "maskdsl" else 1.2)
+                            marker="o", label=prov, color=color[prov], linewidth=2.2 if prov == "maskdsl" else 1.2)
                 ax.set_title(name)
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
@@ -1073,8 +1077,12 @@ def plot(rows, out_dir: Path) -> list[Path]:
                 ax.grid(alpha=0.3)
             for ax in list(axes.flat)[len(names):]:
                 ax.axis("off")
-            handles, labels = axes.flat[0].get_legend_handles_labels()
-            fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), frameon=False)
+            legend = {}  # every provider of any panel, in first-seen order
+            for ax in axes.flat:
+                for handle, label in zip(*ax.get_legend_handles_labels()):
+                    legend.setdefault(label, handle)
+            fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=min(6, len(legend)),
+                       frameon=False)
             fig.suptitle(title)
             fig.tight_layout(rect=(0, 0.06, 1, 0.96))
             fig.savefig(path, dpi=100)
