@@ -11,7 +11,8 @@ N = 256 ... 16384, median times of
   classes alone), for each backend ("torch", and "triton" on CUDA);
 - ``+ run arrays``: the same and ``maskdsl.preprocess.run_arrays`` (block_matrix, full_matrix,
   offset/total_ones: the paper's Table 2 and the issue's "run arrays included" figure);
-- ``+ packed rows`` (Triton): also the bit-packed rows that partial blocks read;
+- ``+ packed rows`` (Triton): also the bit-packed rows (``maskdsl.preprocess.pack_tiles`` cuts the
+  predicate's partial tiles from them);
 - ``on-device layout``: the classes and ``maskdsl.preprocess.layout_arrays`` on the mask's
   device (the run arrays and the compact lists in both directions, all where the mask lives);
 - ``layout``: ``md.TensorMask(t).block_layout(N, N)`` (the same arrays as the library builds
@@ -80,7 +81,7 @@ def part1(sizes, device: str, bench) -> list[str]:
     backends = ["torch"] + (["triton"] if device == "cuda" else [])
     # per backend: the block classes alone (the paper's block matrix), with the run arrays (block
     # and full matrices, offset/total_ones: the "run arrays included" figure), and for the
-    # kernel also with the bit-packed rows that partial blocks read
+    # kernel also with the bit-packed rows
     cols = [(b, words, runs) for b in backends
             for words, runs in ((False, False), (False, True)) + (((True, True),) if b == "triton" else ())]
     names = {(False, False): "block matrix", (False, True): "+ run arrays", (True, True): "+ packed rows"}

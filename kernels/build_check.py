@@ -77,6 +77,17 @@ def cases():
     return out
 
 
+def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile one kernel with these constexprs for sm_90 (no GPU needed); the CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(kernel, _signature(kernel, constexprs), constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
+                                                                           "num_stages": num_stages})
+
+
 def ptxas_report(ptx: str) -> str:
     """``"R registers, S bytes spilled"`` from ptxas -v for sm_90a (the ptxas binaries Triton ships;
     the first that accepts the PTX version), or "" when none runs here."""
@@ -112,11 +123,6 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("build_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    target = GPUTarget("cuda", 90, 32)
     failures = 0
     for name, kernel, consts, warps, stages in cases():
         variants = [consts]
@@ -126,8 +132,7 @@ def main(argv=None) -> int:
         for cx in variants:
             label = name + (" even" if any(cx.get(key) for key in even) else "")
             try:
-                src = ASTSource(kernel, _signature(kernel, cx), constexprs=cx)
-                compiled = triton.compile(src, target=target, options={"num_warps": warps, "num_stages": stages})
+                compiled = compile_sm90(kernel, cx, warps, stages)
                 shared = compiled.metadata.shared
                 ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
                 note = f"shared {shared} B"

@@ -5,8 +5,8 @@ of the mask once and writes
 
 - the tile's class: 0 empty (no allowed entry), 1 partial, 3 full (every in-range entry
   allowed), the codes of ``maskdsl.analysis``;
-- the tile's rows bit-packed into int32 words (bit b of word w holds column 32 w + b),
-  the format the generated predicates read.
+- (``PACK``) the tile's rows bit-packed into int32 words (bit b of word w holds column
+  32 w + b), from which ``maskdsl.preprocess.pack_tiles`` cuts the predicate's partial tiles.
 
 Patterns are the (b, h) slices of a [B, H, Nq, Nk] mask (stride 0 for a broadcast dim).
 """

@@ -19,9 +19,12 @@ recompiles a kernel:
 Layout of one (batch, head) row of ``meta`` (int32): for each table, in name
 order, three slots ``offset, rows, words`` (``words`` is 0 for a 1-D table and
 the number of 32-bit words per row for a bit-packed 2-D table); then one slot per
-scalar (name order); then one per lifted constant; then the table data. Table
-reads clamp the index into range, so rows and columns past ``n_q``/``n_k``
-(ragged edge tiles, which the kernels mask separately) read valid memory.
+scalar (name order); then one per lifted constant; then the table data. A 2-D
+table (a TensorMask) is stored as ``maskdsl.preprocess.pack_tiles`` gives it: an
+index of its 16 x 32 tiles (empty, full, or the number of a partial tile), then the
+partial tiles' words, 16 contiguous words per tile. Table reads clamp the index
+into range, so rows and columns past ``n_q``/``n_k`` (ragged edge tiles, which the
+kernels mask separately) read valid memory.
 """
 from __future__ import annotations
 
@@ -40,7 +43,7 @@ from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
 from . import symbolic as S
-from .preprocess import pack_bits
+from .preprocess import TILE_ROWS, pack_tiles
 
 __all__ = ["Predicate", "predicate_for", "pack_meta"]
 
@@ -125,9 +128,15 @@ class _Emitter:
             ci = self.tmp(f"tl.minimum(tl.maximum({args[0]}, 0), {rows} - 1)")
             if len(args) == 1:
                 return self.tmp(f"tl.load(meta + {off} + {ci})")
+            # a bit-packed mask in 16 x 32 tiles (maskdsl.preprocess.pack_tiles): the tile's
+            # index (-1 empty, -2 full, else its number), then its word for this row
             words = self.header_value(name, 2)
             cj = self.tmp(f"tl.minimum(tl.maximum({args[1]}, 0), {words} * 32 - 1)")
-            word = self.tmp(f"tl.load(meta + {off} + {ci} * {words} + ({cj} >> 5))")
+            tile = self.tmp(f"tl.load(meta + {off} + ({ci} // {TILE_ROWS}) * {words} + ({cj} >> 5))")
+            base = self.tmp(f"{off} + (({rows} + {TILE_ROWS - 1}) // {TILE_ROWS}) * {words}")
+            word = self.tmp(f"tl.load(meta + {base} + tl.maximum({tile}, 0) * {TILE_ROWS} + ({ci} % {TILE_ROWS}), "
+                            f"mask={tile} >= 0, other=0)")
+            word = self.tmp(f"tl.where({tile} == -2, -1, {word})")
             return self.tmp(f"({word} >> ({cj} & 31)) & 1")
         for cls, op in ((sympy.Eq, "=="), (sympy.Ne, "!="), (sympy.Lt, "<"), (sympy.Le, "<="),
                         (sympy.Gt, ">"), (sympy.Ge, ">=")):
@@ -295,8 +304,10 @@ def pack_meta(pred: Predicate, bound) -> torch.Tensor:
             t = bound.tables[name]
             t = t[min(b, t.shape[0] - 1)]
             if two_d:
-                t = pack_bits(t[min(h, t.shape[0] - 1)])
-                header += [pos, t.shape[0], t.shape[1]]
+                t = t[min(h, t.shape[0] - 1)]
+                index, tiles = pack_tiles(t)
+                header += [pos, t.shape[0], index.shape[1]]
+                t = torch.cat([index.reshape(-1), tiles.reshape(-1)])
             else:
                 header += [pos, t.shape[0], 0]
             flat = t.reshape(-1).to(torch.int32).cpu()

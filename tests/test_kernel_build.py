@@ -25,3 +25,13 @@ def test_every_kernel_compiles_for_sm90():
     # 3 attention passes x 2 head dims x 2 kinds, the preprocessing kernel with and without
     # packed rows, the run-arrays kernel
     assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 15, report
+
+
+def test_generated_predicates_compile_for_sm90():
+    """The kernels with maskdsl's generated predicates (TensorMask tiles, tables, trees, constants)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, str(ROOT / "tests" / "generated_predicates_build.py")], cwd=ROOT,
+                         env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
+    report = run.stdout + run.stderr[-3000:]
+    assert run.returncode == 0, report
+    assert run.stdout.count("ok ") == 6, report

@@ -176,6 +176,13 @@ def _doc_prefix(c: Case, g):
     return md.Document(lens) & (md.Causal() | md.Prefix(_prompts(lens, g), documents=lens))
 
 
+def _tile_mix(c: Case, g):
+    i, j = torch.arange(c.n_q)[:, None], torch.arange(c.n_k)[None, :]
+    t = (i // 40) == (j // 70)
+    t[: c.n_q // 3, -(c.n_k // 4):] |= torch.rand(c.n_q // 3, c.n_k // 4, generator=g) < 0.5
+    return t
+
+
 def _empty_rows(c: Case, g):
     t = torch.rand(c.n_q, c.n_k, generator=g) < 0.5
     t[::3] = False  # every third query row attends to nothing
@@ -201,6 +208,8 @@ FAMILIES = {
     "tree": lambda c, g: md.Tree(_parents(max(c.n_q, c.n_k), g)),
     "tensor": lambda c, g: md.TensorMask(torch.rand(c.n_q, c.n_k, generator=g) < 0.3),
     "tensor-heads": lambda c, g: md.TensorMask(torch.rand(c.b, c.h_q, c.n_q, c.n_k, generator=g) < 0.4),
+    # blocks larger than the predicate's 16 x 32 packed tiles: full, empty and partial tiles, and noise
+    "tensor-tiles": lambda c, g: md.TensorMask(_tile_mix(c, g)),
     # the tensor made where the case runs (on the GPU: a composite reading device data)
     "prefix|tensor": lambda c, g: md.Prefix(max(c.n_q, c.n_k) // 5)
     | md.TensorMask((torch.rand(c.n_q, c.n_k, generator=g) < 0.2).to(c.device)),

@@ -335,3 +335,38 @@ def test_pack_bits_on_cuda_takes_the_kernel_and_equals_the_cpu(shape):
     t = torch.rand(shape, generator=torch.Generator().manual_seed(4)) < 0.4
     got = pack_bits(t.cuda())
     assert got.is_cuda and torch.equal(got.cpu(), pack_bits(t))
+
+
+def _unpack_tiles(index: torch.Tensor, tiles: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The dense mask back from pack_tiles' output, read the way the generated predicate reads it."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(m)[None, :]
+    tile = index[i // 16, j // 32].long()
+    word = torch.where(tile >= 0, tiles.reshape(-1)[(tile.clamp(min=0) * 16 + i % 16).clamp(max=max(tiles.numel() - 1, 0))]
+                       if tiles.numel() else torch.zeros_like(tile), torch.zeros_like(tile))
+    word = torch.where(tile == -2, -1, word)
+    return ((word >> (j % 32)) & 1).bool()
+
+
+@pytest.mark.parametrize("seed, shape, structure, blocks", CASES)
+def test_pack_tiles_keeps_every_bit_and_only_partial_tiles(seed, shape, structure, blocks):
+    """pack_tiles: the tile index and the partial tiles give the mask back bit for bit; a tile
+    marked empty or full really is (in-range entries), and only partial tiles are stored."""
+    t = random_mask(torch.Generator().manual_seed(seed), shape, structure)[0, 0]
+    n, m = t.shape
+    index, tiles = preprocess.pack_tiles(t)
+    assert index.shape == (-(-n // 16), -(-m // 32)) and index.dtype == torch.int32
+    assert torch.equal(_unpack_tiles(index, tiles, n, m), t)
+    want = brute_classes(t[None, None], 16, 32)[0]
+    assert torch.equal(index == -1, want == A.EMPTY) and torch.equal(index == -2, want == A.FULL)
+    assert tiles.shape == (int((want == A.PARTIAL).sum()), 16)
+    assert torch.equal(index[index >= 0].sort().values, torch.arange(tiles.shape[0], dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_pack_tiles_on_cuda_equals_the_cpu():
+    t = random_mask(torch.Generator().manual_seed(5), (1, 1, 300, 301), "blocks")[0, 0] | (torch.rand(300, 301) < 0.01)
+    got = preprocess.pack_tiles(t.cuda())
+    want = preprocess.pack_tiles(t)
+    assert all(g.is_cuda and torch.equal(g.cpu(), w) for g, w in zip(got, want))
