@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_round.sh examples     # maskdsl check, then every example at full size
 #   bash benchmarks/gpu_round.sh bench 64     # the attention harness at D = 64 (N = 4096, 16384, trees)
 #   bash benchmarks/gpu_round.sh preprocess   # tensor-mask preprocessing and reordering report
+#   bash benchmarks/gpu_round.sh host         # host (CPU) time against GPU time of md.attention
 #
 # Run from the repository root on the device machine (PYTHONPATH=$PWD: the image's torch and
 # triton, not a pip install). MASKDSL_COMMIT names the measured commit in the CSVs (the device's
@@ -13,7 +14,7 @@ set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-part=${1:?usage: gpu_round.sh tests|examples|bench D|preprocess}
+part=${1:?usage: gpu_round.sh tests|examples|bench D|preprocess|host}
 
 case $part in
 tests)
@@ -46,6 +47,9 @@ bench)
   done
   timeout 60 python benchmarks/bench_attention.py --workloads medusa_5x5,medusa_8x3 --d "$d" --providers $P \
     --csv "$OUT/attention_d${d}.csv" 2>>"$OUT/bench_d${d}.log" | tail -6
+  ;;
+host)
+  timeout 300 python benchmarks/host_overhead.py 2>&1 | grep -v -i warn | tee "$OUT/host_overhead.txt"
   ;;
 preprocess)
   timeout 500 python benchmarks/bench_preprocess.py --out "$OUT/preprocess.md" --png "$OUT/reordering.png" 2>&1 | tail -30
