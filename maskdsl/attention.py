@@ -236,6 +236,7 @@ class _EagerAttention(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # no double backward: a clear error, not a zero
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse = ctx.saved_tensors
         if d_out is None:
