@@ -40,7 +40,7 @@ examples)
 bench)
   d=${2:?usage: gpu_round.sh bench 64|128}
   W=full,causal,alpaca_seq,alpaca_bidir,lf_window,lf_dilated,lf_global
-  P=maskdsl,flex_default,flex_64,varlen,sdpa_flash,cudnn,ideal
+  P=maskdsl,flex_default,flex_64,varlen,sdpa_mask,sdpa_flash,cudnn,ideal
   for n in 4096 16384; do
     timeout 250 python benchmarks/bench_attention.py --workloads $W --n $n --d "$d" --providers $P \
       --csv "$OUT/attention_d${d}.csv" 2>>"$OUT/bench_d${d}.log" | tail -16
