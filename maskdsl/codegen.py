@@ -43,7 +43,7 @@ from sympy.core.function import AppliedUndef
 from sympy.logic.boolalg import BooleanFalse, BooleanTrue
 
 from . import symbolic as S
-from .preprocess import TILE_ROWS, pack_tiles
+from .preprocess import TILE_ROWS, pack_bits, pack_tiles
 
 __all__ = ["Predicate", "predicate_for", "pack_meta"]
 
@@ -63,6 +63,7 @@ class Predicate:
     scalars: tuple
     constants: tuple
     header: int
+    tensor_format: str = "tiles"  # how 2-D tables (TensorMask data) are stored: see TENSOR_FORMATS
 
 
 def _lift_constants(expr):
@@ -80,8 +81,22 @@ def _lift_constants(expr):
     return expr.xreplace(subs), tuple(values)
 
 
+# How a TensorMask's data reaches the predicate: "tiles" (the default: pack_tiles' index and
+# partial 16 x 32 tiles) or "rows" (every row bit-packed, N^2 / 8 bytes; kept so that the two can
+# be timed against each other: MASKDSL_TENSOR_FORMAT=rows).
+TENSOR_FORMATS = ("tiles", "rows")
+
+
+def tensor_format() -> str:
+    fmt = os.environ.get("MASKDSL_TENSOR_FORMAT", "tiles")
+    if fmt not in TENSOR_FORMATS:
+        raise ValueError(f"MASKDSL_TENSOR_FORMAT must be one of {TENSOR_FORMATS}, got {fmt!r}")
+    return fmt
+
+
 class _Emitter:
-    def __init__(self, tables, scalars, consts):
+    def __init__(self, tables, scalars, consts, fmt="tiles"):
+        self.fmt = fmt
         self.lines = []
         self.slot = {}
         k = 0
@@ -132,6 +147,9 @@ class _Emitter:
             # index (-1 empty, -2 full, else its number), then its word for this row
             words = self.header_value(name, 2)
             cj = self.tmp(f"tl.minimum(tl.maximum({args[1]}, 0), {words} * 32 - 1)")
+            if self.fmt == "rows":
+                word = self.tmp(f"tl.load(meta + {off} + {ci} * {words} + ({cj} >> 5))")
+                return self.tmp(f"({word} >> ({cj} & 31)) & 1")
             tile = self.tmp(f"tl.load(meta + {off} + ({ci} // {TILE_ROWS}) * {words} + ({cj} >> 5))")
             base = self.tmp(f"{off} + (({rows} + {TILE_ROWS - 1}) // {TILE_ROWS}) * {words}")
             word = self.tmp(f"tl.load(meta + {base} + tl.maximum({tile}, 0) * {TILE_ROWS} + ({ci} % {TILE_ROWS}), "
@@ -231,8 +249,8 @@ def _fold(fn: str, args: list) -> str:
     return out
 
 
-def _source(expr, tables, scalars, consts) -> tuple[str, int]:
-    em = _Emitter(tables, scalars, consts)
+def _source(expr, tables, scalars, consts, fmt="tiles") -> tuple[str, int]:
+    em = _Emitter(tables, scalars, consts, fmt)
     result = em.emit(expr)
     # The result broadcasts against the [BLOCK_M, BLOCK_N] scores wherever the kernels use it,
     # so a predicate of i alone ([M, 1]) or j alone ([1, N]) is returned as is, with no
@@ -276,22 +294,23 @@ def _load(src: str):
 
 
 @functools.lru_cache(maxsize=1024)
-def _generate(lifted) -> tuple:
+def _generate(lifted, fmt: str) -> tuple:
     tables = sorted({(f.func.__name__, len(f.args) == 2) for f in lifted.atoms(AppliedUndef)})
     names = sorted(s.name for s in lifted.free_symbols if s not in (S.I, S.J))
     consts = tuple(n for n in names if n.startswith("_c"))
     scalars = tuple(n for n in names if not n.startswith("_c"))
-    src, header = _source(lifted, tuple(tables), scalars, consts)
+    src, header = _source(lifted, tuple(tables), scalars, consts, fmt)
     return _load(src), src, tuple(tables), scalars, consts, header
 
 
 def predicate_for(expr) -> Predicate:
     """The generated predicate of a bound mask expression (cached by structure)."""
     lifted, values = _lift_constants(_separate(expr))
-    fn, src, tables, scalars, consts, header = _generate(lifted)
+    fmt = tensor_format()
+    fn, src, tables, scalars, consts, header = _generate(lifted, fmt)
     assert len(consts) == len(values)
     by_name = dict(zip((f"_c{k}" for k in range(len(values))), values))
-    return Predicate(fn, src, tables, scalars, tuple(by_name[c] for c in consts), header)
+    return Predicate(fn, src, tables, scalars, tuple(by_name[c] for c in consts), header, fmt)
 
 
 def pack_meta(pred: Predicate, bound) -> torch.Tensor:
@@ -303,7 +322,10 @@ def pack_meta(pred: Predicate, bound) -> torch.Tensor:
         for name, two_d in pred.tables:
             t = bound.tables[name]
             t = t[min(b, t.shape[0] - 1)]
-            if two_d:
+            if two_d and pred.tensor_format == "rows":
+                t = pack_bits(t[min(h, t.shape[0] - 1)])
+                header += [pos, t.shape[0], t.shape[1]]
+            elif two_d:
                 t = t[min(h, t.shape[0] - 1)]
                 index, tiles = pack_tiles(t)
                 header += [pos, t.shape[0], index.shape[1]]

@@ -8,6 +8,7 @@ mask and exits 1 on any failure.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -26,8 +27,12 @@ def main() -> int:
         "tree": md.Tree([-1] + [x // 2 for x in range(99)]),
         "dilated": md.Dilated(16, 4) & md.Causal(),
     }
+    masks["tensor, rows format"] = "rows"  # MASKDSL_TENSOR_FORMAT=rows, the other layout of TensorMask data
     failures = 0
     for name, mask in masks.items():
+        if mask == "rows":
+            os.environ["MASKDSL_TENSOR_FORMAT"] = "rows"
+            mask = md.TensorMask(torch.rand(100, 100) < 0.3)
         pred = md.prepare(mask, 100, 100, reorder=None).predicate.fn
         try:
             for kernel, even in ((K.attn_fwd_kernel, "EVEN_N"), (K.attn_bwd_dq_kernel, "EVEN_N"),

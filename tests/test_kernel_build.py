@@ -34,4 +34,4 @@ def test_generated_predicates_compile_for_sm90():
                          env={**env, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=900)
     report = run.stdout + run.stderr[-3000:]
     assert run.returncode == 0, report
-    assert run.stdout.count("ok ") == 6, report
+    assert run.stdout.count("ok ") == 7, report

@@ -675,3 +675,31 @@ def test_plan_of_an_inference_tensor_mask_cannot_tell_and_is_not_refused():
         assert not plan.is_stale()
         q = torch.randn(1, 1, 30, 16)
         md.attention(q, q, q, plan)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("composite", [False, True])
+def test_tensor_mask_formats_agree(composite, seed, monkeypatch):
+    """The predicate reads a TensorMask as partial 16 x 32 tiles ("tiles", the default) or as
+    bit-packed rows ("rows", MASKDSL_TENSOR_FORMAT=rows, kept for timing): same mask, same results
+    to the bit, and the reference agrees."""
+    _use_tiles(monkeypatch, "t16")
+    g = torch.Generator().manual_seed(seed)
+    c = Case("tensor-tiles", F32, n_q=70, n_k=90)
+    t = _tile_mix(c, g)
+    q, k, v, do = make_inputs(1, 2, 1, 70, 90, 16, F32, "cpu")
+    got = {}
+    for fmt in ("tiles", "rows"):
+        monkeypatch.setenv("MASKDSL_TENSOR_FORMAT", fmt)
+        mask = md.TensorMask(t.clone())  # a new tensor: a new plan, generated under this format
+        mask = md.Prefix(9) | mask if composite else mask
+        assert md.prepare(mask, 70, 90).predicate.tensor_format == fmt
+        got[fmt] = run_and_check(mask, q, k, v, do, context=f"format {fmt}")
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(got["tiles"][name], got["rows"][name]), name
+
+
+def test_tensor_mask_format_is_checked(monkeypatch):
+    monkeypatch.setenv("MASKDSL_TENSOR_FORMAT", "bitmap")
+    with pytest.raises(ValueError, match="MASKDSL_TENSOR_FORMAT must be one of"):
+        md.prepare(md.TensorMask(torch.ones(20, 20, dtype=torch.bool)) | md.Causal(), 20, 20).predicate
