@@ -122,6 +122,7 @@ import torch.nn.functional as F
 
 import maskdsl as md
 from maskdsl.data import medusa_tree, pack_alpaca
+from maskdsl.masks import _euler
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 128
@@ -243,27 +244,6 @@ def lf_global(n: int) -> Workload:
 medusa_parents = medusa_tree  # the paper's trees (maskdsl.data)
 
 
-def euler_tour(parents) -> tuple[list[int], list[int]]:
-    """(tin, tout) of a preorder walk: j is an ancestor of i, or i itself, iff
-    tin[j] <= tin[i] < tout[j]. Needs parents[i] < i (roots -1)."""
-    n = len(parents)
-    size = [1] * n
-    for i in range(n - 1, -1, -1):
-        if parents[i] >= 0:
-            size[parents[i]] += size[i]
-    tin = [0] * n
-    next_free = [0] * n  # the preorder slot of the next child of each node
-    next_root = 0
-    for i, p in enumerate(parents):
-        if p < 0:
-            tin[i], next_root = next_root, next_root + size[i]
-        else:
-            tin[i] = next_free[p]
-            next_free[p] += size[i]
-        next_free[i] = tin[i] + 1
-    return tin, [t + s for t, s in zip(tin, size)]
-
-
 def medusa(heads: int, candidates: int, n: int | None = None) -> Workload:
     """The MEDUSA tree workload; ``n`` is ignored (N is the node count)."""
     return tree(medusa_parents(heads, candidates))
@@ -274,7 +254,7 @@ def tree(parents) -> Workload:
     size = len(parents)
 
     def mask_mod(device):
-        tin_l, tout_l = euler_tour(parents)
+        tin_l, tout_l = (t.tolist() for t in _euler(tuple(parents)))  # maskdsl's own tour (maskdsl.masks)
         pad = _table_len(size) - size
         tin = torch.tensor(tin_l + [-1] * pad, dtype=torch.int32, device=device)
         tout = torch.tensor(tout_l + [-1] * pad, dtype=torch.int32, device=device)
