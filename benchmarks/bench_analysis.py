@@ -199,15 +199,11 @@ def acceptance(results: dict) -> list[str]:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
+
+    from maskdsl.bench import cpu_name
+
+    cpu = cpu_name(fallback="unknown")
 
     try:
         rev = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],

@@ -1098,6 +1098,17 @@ def _bars(plt, sel, names, title: str, path: Path) -> None:
     plt.close(fig)
 
 
+def cpu_name(fallback: str = "cpu") -> str:
+    """The CPU's model name (/proc/cpuinfo where there is one, else what platform says, else ``fallback``)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or fallback
+
+
 def machine(dry: bool, argv) -> dict:
     # MASKDSL_COMMIT names the commit where git cannot (a copy of the tree whose .git is stale,
     # as on the lent GPU machines: run with MASKDSL_COMMIT=<hash of the tree you sent>)
@@ -1116,15 +1127,7 @@ def machine(dry: bool, argv) -> dict:
     if not dry and torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
-        device = platform.processor() or "cpu"
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    device = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-        device = f"CPU: {device}"
+        device = f"CPU: {cpu_name()}"
     return {
         "device": device,
         "torch": torch.__version__,

@@ -88,6 +88,8 @@ TENSOR_FORMATS = ("tiles", "rows")
 
 
 def tensor_format() -> str:
+    """The TensorMask data format new predicates use: ``MASKDSL_TENSOR_FORMAT`` (default "tiles");
+    ValueError naming the variable for anything but TENSOR_FORMATS."""
     fmt = os.environ.get("MASKDSL_TENSOR_FORMAT", "tiles")
     if fmt not in TENSOR_FORMATS:
         raise ValueError(f"MASKDSL_TENSOR_FORMAT must be one of {TENSOR_FORMATS}, got {fmt!r}")

@@ -157,8 +157,8 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
     rows = parents if parents and isinstance(parents[0], (tuple, list)) else (parents,)
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     out = torch.empty((len(rows), mq, mk), dtype=torch.int8)
-    rows_per_block = (torch.arange(mq) * block_q).neg().add(n_q).clamp(max=block_q)  # rows in each query block
-    cols_per_block = (torch.arange(mk) * block_k).neg().add(n_k).clamp(max=block_k)
+    rows_per_block = (n_q - torch.arange(mq) * block_q).clamp(max=block_q)  # in-range rows of each query block
+    cols_per_block = (n_k - torch.arange(mk) * block_k).clamp(max=block_k)
     valid = rows_per_block[:, None] * cols_per_block[None, :]
     big = torch.iinfo(torch.int64).max
     chunk = max(1, (1 << 24) // max(n_k, 1))  # query blocks per step: at most ~16M counts at once

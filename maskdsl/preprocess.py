@@ -13,6 +13,7 @@ offset/total_ones (the paper's "run arrays") in one Triton launch on CUDA
 from __future__ import annotations
 
 import collections
+import math
 import os
 import threading
 import weakref
@@ -21,7 +22,7 @@ import torch
 
 from . import analysis as A
 
-__all__ = ["tensor_blocks", "pack_bits", "cached_classes", "run_arrays", "layout_arrays"]
+__all__ = ["tensor_blocks", "pack_bits", "pack_tiles", "cached_classes", "run_arrays", "layout_arrays"]
 
 
 def pack_bits(t: torch.Tensor) -> torch.Tensor:
@@ -39,8 +40,7 @@ def pack_bits(t: torch.Tensor) -> torch.Tensor:
         _, packed = tensor_mask_blocks(flat if flat.dtype in (torch.bool, torch.uint8) else flat != 0, 128, 128)
         return packed.view(*lead, n, words)
     out = torch.empty(*lead, n, words, dtype=torch.int32, device=t.device)
-    per_row = max(1, words * 32 * (out.numel() // max(1, n * words)))
-    step = max(1, (1 << 23) // per_row)
+    step = max(1, (1 << 23) // max(1, words * 32 * math.prod(lead)))  # rows per block: ~8M int64 entries
     shifts = torch.arange(32, device=t.device)
     for r0 in range(0, n, step):
         rows = t[..., r0:r0 + step, :]
