@@ -1,9 +1,11 @@
 """Compile every Triton kernel for a Hopper GPU (sm_90) without one: ``python -m kernels.build_check``.
 
-``--registers`` adds each kernel's registers and spilled bytes (ptxas -v), for the ragged and the
-even variant: a resource report that costs no GPU time. Seen on 2026-11-23 (triton 3.6 and 3.9
-alike): the D = 128 kernels and the D = 64 "dense" dK/dV kernel spill; 8-warp tiles that do not
-spill were nonetheless slower in the H100 sweeps (docs/benchmarks/attention_h100.md).
+``--registers`` adds each kernel's registers and spilled bytes (ptxas -v): a resource report that
+costs no GPU time. Both variants of each attention kernel are built, the ragged edge (masked
+loads, ``TileConfig.ragged_stages``) and the even loop. Arguments are specialised as Triton's
+launcher does for contiguous tensors (head-dim strides 1, the rest multiples of 16): without that
+the loads cannot be pipelined and the report is far from what runs (until session 6 it was, and
+showed heavy spills at D = 128 that the launched kernels do not have).
 
 The interpreter (TRITON_INTERPRET=1, which the CPU tests use) runs kernels as Python and accepts
 code the compiler rejects (a plain module global read inside a kernel, say). This compiles each
@@ -54,7 +56,8 @@ def _predicate():
 
 
 def cases():
-    """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned 2-byte tile."""
+    """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned 2-byte tile; the
+    attention kernels carry their TileConfig in place of num_stages (its stages depend on the edge)."""
     from . import attention as K
     from . import configs
     from .preprocess import block_rows_kernel, tensor_mask_blocks_kernel
@@ -68,8 +71,8 @@ def cases():
                 cfg = configs.tile_config(pass_name, 2, d, kind)
                 consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d,
                               PREC="tf32")
-                consts[even] = False  # the ragged edge: the most code and registers
-                out.append((f"{pass_name} d={d} {kind} {cfg}", kernel, consts, cfg.num_warps, cfg.num_stages))
+                consts[even] = False  # the ragged edge; main() builds the even loop too
+                out.append((f"{pass_name} d={d} {kind} {cfg}", kernel, consts, cfg.num_warps, cfg))
     for pack in (True, False):
         out.append((f"preprocess 128x128 words={pack}", tensor_mask_blocks_kernel,
                     dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2))
@@ -83,7 +86,14 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(kernel, _signature(kernel, constexprs), constexprs=constexprs)
+    # what Triton's launcher specialises on a real call with contiguous [B, H, N, D] tensors: the
+    # head-dim strides (1) become constants, pointers and the other strides are multiples of 16
+    constexprs = {**{name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")},
+                  **constexprs}
+    sig = _signature(kernel, constexprs)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith("stride_"))}
+    src = ASTSource(kernel, sig, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                            "num_stages": num_stages})
 
@@ -125,14 +135,14 @@ def main(argv=None) -> int:
         return 2
     failures = 0
     for name, kernel, consts, warps, stages in cases():
-        variants = [consts]
+        # attention kernels: the ragged edge (the most code, its own stage count) and the even loop
         even = [key for key in ("EVEN_N", "EVEN_M") if key in consts]
-        if args.registers and even:
-            variants.append({**consts, even[0]: True})
+        variants = [{**consts, even[0]: flag} for flag in (False, True)] if even else [consts]
         for cx in variants:
             label = name + (" even" if any(cx.get(key) for key in even) else "")
+            n_stages = stages.stages(cx[even[0]]) if even else stages
             try:
-                compiled = compile_sm90(kernel, cx, warps, stages)
+                compiled = compile_sm90(kernel, cx, warps, n_stages)
                 shared = compiled.metadata.shared
                 ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
                 note = f"shared {shared} B"

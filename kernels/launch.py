@@ -80,7 +80,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
         scale * math.log2(math.e),
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=_block_d(D),
         EVEN_N=n_k % cfg.BLOCK_N == 0, PREC=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.stages(n_k % cfg.BLOCK_N == 0),
     )
     return o, lse
 
@@ -108,7 +108,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
         scale * math.log2(math.e), scale,
         BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=n_k % dq_cfg.BLOCK_N == 0,
-        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(n_k % dq_cfg.BLOCK_N == 0), **common,
     )
     attn_bwd_dkdv_kernel[(B * h_kv * dkdv_lists.num_rows,)](
         q, k, v, do, dk, dv, lse, delta, meta, *dkdv_lists.args(),
@@ -116,6 +116,6 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         H, h_kv, n_q, n_k, dkdv_lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
         scale * math.log2(math.e), scale,
         BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=n_q % dkdv_cfg.BLOCK_M == 0,
-        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
+        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.stages(n_q % dkdv_cfg.BLOCK_M == 0), **common,
     )
     return dq, dk, dv
