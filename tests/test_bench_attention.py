@@ -99,6 +99,24 @@ def test_targets_from_numbers():
     assert "| alpaca_seq | 1.000 | 2.000 |" in report and "0.50" in report
 
 
+def test_best_flex_is_derived_from_both_option_sets():
+    """A run of flex_default and flex_64 (no "flex" provider) is judged against the faster one."""
+    rows = [
+        _row("lf_window", 4096, 64, "fwdbwd", "maskdsl", 1.0), _row("lf_window", 4096, 64, "fwdbwd", "flex_default", 1.3),
+        _row("lf_window", 4096, 64, "fwdbwd", "flex_64", 1.1),
+        _row("causal", 4096, 64, "fwdbwd", "maskdsl", 1.0), _row("causal", 4096, 64, "fwdbwd", "flex_default", 2.0),
+        _row("causal", 4096, 64, "fwdbwd", "flex_64", None, "n/a (out of memory)"),
+    ]
+    got = bench.index_rows(bench.with_best_flex(rows))
+    assert got[("lf_window", 4096, 64, "fwdbwd", "flex")]["ms"] == rows[2]["ms"]
+    assert got[("causal", 4096, 64, "fwdbwd", "flex")]["ms"] == rows[4]["ms"]
+    lines = bench.targets(got)
+    assert any("`lf_window` N=4096 D=64" in ln and "ratio 0.91" in ln and "NOT MET" in ln for ln in lines)
+    # a recorded "flex" row is kept as it is
+    kept = bench.with_best_flex(rows + [_row("lf_window", 4096, 64, "fwdbwd", "flex", 0.5)])
+    assert bench.index_rows(kept)[("lf_window", 4096, 64, "fwdbwd", "flex")]["ms"] == "0.5"
+
+
 # ---------------------------------------------------------------------------
 # the CPU smoke run
 # ---------------------------------------------------------------------------
