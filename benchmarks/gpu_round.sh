@@ -8,8 +8,10 @@
 #   bash benchmarks/gpu_round.sh host         # host (CPU) time against GPU time of md.attention
 #
 # Run from the repository root on the device machine (PYTHONPATH=$PWD: the image's torch and
-# triton, not a pip install). MASKDSL_COMMIT names the measured commit in the CSVs (the device's
-# copy of .git may be stale): pass it in, e.g. MASKDSL_COMMIT=abc1234 bash benchmarks/gpu_round.sh bench 64.
+# triton, not a pip install). MASKDSL_COMMIT names the measured commit in the CSVs: the device's
+# copy of .git may be stale, so write the hash in as a literal taken on the machine that committed
+# (MASKDSL_COMMIT=abc1234 bash benchmarks/gpu_round.sh bench 64), not as $(git rev-parse HEAD) run
+# on the device (session 6 recorded a stale hash that way).
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
@@ -41,6 +43,13 @@ bench)
   d=${2:?usage: gpu_round.sh bench 64|128}
   W=full,causal,alpaca_seq,alpaca_bidir,lf_window,lf_dilated,lf_global
   P=maskdsl,flex_default,flex_64,varlen,sdpa_mask,sdpa_flash,cudnn,ideal
+  # compile first, one process per workload at once (timings thrown away): compiling is CPU work,
+  # and the timed runs below then find Triton's and Inductor's caches warm (session 6)
+  for w in ${W//,/ } medusa_5x5,medusa_8x3; do
+    timeout 300 python benchmarks/bench_attention.py --workloads "$w" --n 4096,16384 --d "$d" \
+      --providers maskdsl,flex_default,flex_64 --modes fwd,fwdbwd > /dev/null 2>&1 &
+  done
+  wait
   for n in 4096 16384; do
     timeout 250 python benchmarks/bench_attention.py --workloads $W --n $n --d "$d" --providers $P \
       --csv "$OUT/attention_d${d}.csv" 2>>"$OUT/bench_d${d}.log" | tail -16
