@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from .attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
 from .configs import TileConfig
@@ -56,6 +57,30 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+# (kernel, device, warps, stages asked, constexprs but the predicate) -> the stages that fit
+_FITTED: dict = {}
+
+
+def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_stages: int, **constexprs):
+    """``kernel[grid](*args, ...)``. The tiles are tuned for Hopper's 227 KiB of shared memory per
+    block; on a device with less (an A100 has 163 KiB, consumer GPUs ~100 KiB) Triton refuses the
+    launch, and this retries with fewer pipeline stages (the tiles, and so the block layout, stay),
+    remembering what fit. The refusal comes before the kernel runs: nothing is half written."""
+    key = (kernel, str(device), num_warps, num_stages,
+           tuple(sorted((k, v) for k, v in constexprs.items() if k != "PRED")))
+    stages = _FITTED.get(key, num_stages)
+    while True:
+        try:
+            kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
+        except OutOfResources as e:
+            if e.name != "shared memory" or stages <= 1:
+                raise
+            stages -= 1
+            continue
+        _FITTED[key] = stages
+        return
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs: IEEE products unless the user allowed TF32 for matmuls
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
@@ -73,11 +98,12 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     assert out is None or (out.shape == q.shape and out.dtype == q.dtype)
     o = new_output(q.shape, q) if out is None else out
     lse = new_output((B, H, n_q), q, torch.float32)
-    attn_fwd_kernel[(B * H * lists.num_rows,)](
-        q, k, v, o, lse, meta, *lists.args(),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
-        scale * math.log2(math.e),
+    _launch(
+        attn_fwd_kernel, (B * H * lists.num_rows,),
+        (q, k, v, o, lse, meta, *lists.args(),
+         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+         H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
+         scale * math.log2(math.e)), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=_block_d(D),
         EVEN_N=n_k % cfg.BLOCK_N == 0, PREC=_precision(q.dtype),
         num_warps=cfg.num_warps, num_stages=cfg.stages(n_k % cfg.BLOCK_N == 0),
@@ -102,19 +128,21 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         dq, dk, dv = out
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
-    attn_bwd_dq_kernel[(B * H * dq_lists.num_rows,)](
-        q, k, v, o, do, dq, lse, delta, meta, *dq_lists.args(),
-        *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-        H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
-        scale * math.log2(math.e), scale,
+    _launch(
+        attn_bwd_dq_kernel, (B * H * dq_lists.num_rows,),
+        (q, k, v, o, do, dq, lse, delta, meta, *dq_lists.args(),
+         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
+         H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
+         scale * math.log2(math.e), scale), q.device,
         BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=n_k % dq_cfg.BLOCK_N == 0,
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(n_k % dq_cfg.BLOCK_N == 0), **common,
     )
-    attn_bwd_dkdv_kernel[(B * h_kv * dkdv_lists.num_rows,)](
-        q, k, v, do, dk, dv, lse, delta, meta, *dkdv_lists.args(),
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        H, h_kv, n_q, n_k, dkdv_lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
-        scale * math.log2(math.e), scale,
+    _launch(
+        attn_bwd_dkdv_kernel, (B * h_kv * dkdv_lists.num_rows,),
+        (q, k, v, do, dk, dv, lse, delta, meta, *dkdv_lists.args(),
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+         H, h_kv, n_q, n_k, dkdv_lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
+         scale * math.log2(math.e), scale), q.device,
         BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=n_q % dkdv_cfg.BLOCK_M == 0,
         num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.stages(n_q % dkdv_cfg.BLOCK_M == 0), **common,
     )

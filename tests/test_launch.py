@@ -1,0 +1,63 @@
+"""The launchers' fallback for devices with less shared memory than the tuned tiles assume."""
+from __future__ import annotations
+
+import pytest
+import torch
+from triton.runtime.errors import OutOfResources
+
+from kernels import launch
+
+
+class _Kernel:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, num_stages=..., ...)``, refusing
+    (as Triton does before launching) any stage count whose shared memory exceeds ``limit``."""
+
+    def __init__(self, per_stage: int, limit: int, resource: str = "shared memory"):
+        self.per_stage, self.limit, self.resource = per_stage, limit, resource
+        self.tried, self.ran = [], []
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, num_stages, **constexprs):
+            self.tried.append(num_stages)
+            if num_stages * self.per_stage > self.limit:
+                raise OutOfResources(num_stages * self.per_stage, self.limit, self.resource)
+            self.ran.append((grid, args, num_warps, num_stages, constexprs))
+        return run
+
+
+@pytest.fixture(autouse=True)
+def _fresh_memo():
+    launch._FITTED.clear()
+    yield
+    launch._FITTED.clear()
+
+
+def test_fewer_stages_where_shared_memory_is_short():
+    k = _Kernel(per_stage=60_000, limit=163 * 1024)  # 3 stages need 180 kB: an A100 has 163 KiB
+    launch._launch(k, (7,), (1, 2), torch.device("cpu"), num_warps=8, num_stages=3, BLOCK_M=128, PRED=None)
+    assert k.tried == [3, 2] and len(k.ran) == 1
+    grid, args, warps, stages, constexprs = k.ran[0]
+    assert (grid, args, warps, stages, constexprs) == ((7,), (1, 2), 8, 2, {"BLOCK_M": 128, "PRED": None})
+    # remembered: the next launch of the same configuration goes straight to 2 stages
+    launch._launch(k, (7,), (1, 2), torch.device("cpu"), num_warps=8, num_stages=3, BLOCK_M=128, PRED=None)
+    assert k.tried == [3, 2, 2]
+    # another configuration is judged on its own
+    launch._launch(k, (7,), (1, 2), torch.device("cpu"), num_warps=8, num_stages=3, BLOCK_M=64, PRED=None)
+    assert k.tried == [3, 2, 2, 3, 2]
+
+
+def test_tuned_stages_kept_where_they_fit():
+    k = _Kernel(per_stage=60_000, limit=227 * 1024)
+    launch._launch(k, (1,), (), torch.device("cpu"), num_warps=8, num_stages=3, BLOCK_M=128)
+    assert k.tried == [3]
+
+
+def test_other_resources_and_one_stage_still_fail():
+    threads = _Kernel(per_stage=1, limit=0, resource="threads")
+    with pytest.raises(OutOfResources, match="threads"):
+        launch._launch(threads, (1,), (), torch.device("cpu"), num_warps=8, num_stages=3)
+    assert threads.tried == [3]
+    tiny = _Kernel(per_stage=300_000, limit=227 * 1024)  # not even one stage fits: Triton's own error
+    with pytest.raises(OutOfResources, match="shared memory"):
+        launch._launch(tiny, (1,), (), torch.device("cpu"), num_warps=4, num_stages=3)
+    assert tiny.tried == [3, 2, 1]
