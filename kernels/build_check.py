@@ -56,8 +56,9 @@ def _predicate():
 
 
 def cases():
-    """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned 2-byte tile; the
-    attention kernels carry their TileConfig in place of num_stages (its stages depend on the edge)."""
+    """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned 2-byte tile;
+    each attention kernel twice: its ragged edge (masked loads, ``TileConfig.ragged_stages``)
+    and its even loop."""
     from . import attention as K
     from . import configs
     from .preprocess import block_rows_kernel, tensor_mask_blocks_kernel
@@ -69,10 +70,11 @@ def cases():
         for d in (64, 128):
             for kind in ("dense", "sparse"):
                 cfg = configs.tile_config(pass_name, 2, d, kind)
-                consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d,
-                              PREC="tf32")
-                consts[even] = False  # the ragged edge; main() builds the even loop too
-                out.append((f"{pass_name} d={d} {kind} {cfg}", kernel, consts, cfg.num_warps, cfg))
+                for flag in (False, True):
+                    consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d,
+                                  PREC="tf32", **{even: flag})
+                    out.append((f"{pass_name} d={d} {kind} {cfg}{' even' if flag else ''}", kernel, consts,
+                                cfg.num_warps, cfg.stages(flag)))
     for pack in (True, False):
         out.append((f"preprocess 128x128 words={pack}", tensor_mask_blocks_kernel,
                     dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2))
@@ -128,30 +130,24 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--registers", action="store_true",
-                    help="also report registers and spills (ptxas -v), for the ragged and the even variant")
+                    help="also report registers and spills (ptxas -v)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("build_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
     failures = 0
     for name, kernel, consts, warps, stages in cases():
-        # attention kernels: the ragged edge (the most code, its own stage count) and the even loop
-        even = [key for key in ("EVEN_N", "EVEN_M") if key in consts]
-        variants = [{**consts, even[0]: flag} for flag in (False, True)] if even else [consts]
-        for cx in variants:
-            label = name + (" even" if any(cx.get(key) for key in even) else "")
-            n_stages = stages.stages(cx[even[0]]) if even else stages
-            try:
-                compiled = compile_sm90(kernel, cx, warps, n_stages)
-                shared = compiled.metadata.shared
-                ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
-                note = f"shared {shared} B"
-                if args.registers:
-                    note += "; " + (ptxas_report(compiled.asm["ptx"]) or "no ptxas report")
-            except Exception as e:  # noqa: BLE001 - report every kernel, then fail
-                ok, note = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-            failures += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {label}: {note}", flush=True)
+        try:
+            compiled = compile_sm90(kernel, consts, warps, stages)
+            shared = compiled.metadata.shared
+            ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
+            note = f"shared {shared} B"
+            if args.registers:
+                note += "; " + (ptxas_report(compiled.asm["ptx"]) or "no ptxas report")
+        except Exception as e:  # noqa: BLE001 - report every kernel, then fail
+            ok, note = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: {note}", flush=True)
     print(f"build_check: {failures} failures")
     return 1 if failures else 0
 

@@ -98,6 +98,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     assert out is None or (out.shape == q.shape and out.dtype == q.dtype)
     o = new_output(q.shape, q) if out is None else out
     lse = new_output((B, H, n_q), q, torch.float32)
+    even = n_k % cfg.BLOCK_N == 0
     _launch(
         attn_fwd_kernel, (B * H * lists.num_rows,),
         (q, k, v, o, lse, meta, *lists.args(),
@@ -105,8 +106,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
          H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e)), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=_block_d(D),
-        EVEN_N=n_k % cfg.BLOCK_N == 0, PREC=_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.stages(n_k % cfg.BLOCK_N == 0),
+        EVEN_N=even, PREC=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.stages(even),
     )
     return o, lse
 
@@ -128,14 +128,15 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         dq, dk, dv = out
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
+    even_n, even_m = n_k % dq_cfg.BLOCK_N == 0, n_q % dkdv_cfg.BLOCK_M == 0
     _launch(
         attn_bwd_dq_kernel, (B * H * dq_lists.num_rows,),
         (q, k, v, o, do, dq, lse, delta, meta, *dq_lists.args(),
          *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
          H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale), q.device,
-        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=n_k % dq_cfg.BLOCK_N == 0,
-        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(n_k % dq_cfg.BLOCK_N == 0), **common,
+        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), **common,
     )
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * dkdv_lists.num_rows,),
@@ -143,7 +144,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
          H, h_kv, n_q, n_k, dkdv_lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale), q.device,
-        BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=n_q % dkdv_cfg.BLOCK_M == 0,
-        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.stages(n_q % dkdv_cfg.BLOCK_M == 0), **common,
+        BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=even_m,
+        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.stages(even_m), **common,
     )
     return dq, dk, dv
