@@ -8,7 +8,7 @@ import torch
 
 from . import analysis as A
 from .masks import TensorMask, Tree, _euler
-from .preprocess import cached_classes, csr_ptr, layout_arrays
+from .preprocess import LIST_FIELDS, cached_classes, csr_ptr, layout_arrays
 
 
 @dataclass(frozen=True, eq=False)
@@ -234,13 +234,9 @@ def _analysed_arrays(bound, grid, tgrid, transpose_dense) -> dict:
     offset, total = _longest_full_run(rows)
     arrays = {"block_matrix": block_matrix, "full_matrix": full_matrix, "offset": offset, "total_ones": total}
     for prefix, runs in (("q", rows), ("k", cols)):
-        arrays.update(zip((f"{prefix}_{n}" for n in ("full_ptr", "full_start", "full_end", "part_ptr", "part_idx")),
-                          _lists(runs)))
+        arrays.update(zip((f"{prefix}_{n}" for n in LIST_FIELDS), _lists(runs)))
     return arrays
 
 
-_TENSOR_FIELDS = [
-    "block_matrix", "full_matrix", "offset", "total_ones",
-    "q_full_ptr", "q_full_start", "q_full_end", "q_part_ptr", "q_part_idx",
-    "k_full_ptr", "k_full_start", "k_full_end", "k_part_ptr", "k_part_idx",
-]
+_TENSOR_FIELDS = ["block_matrix", "full_matrix", "offset", "total_ones",
+                  *(f"{prefix}_{n}" for prefix in ("q", "k") for n in LIST_FIELDS)]
