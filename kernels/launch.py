@@ -57,7 +57,8 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-# (kernel, device, warps, stages asked, constexprs but the predicate) -> the stages that fit
+# (kernel, device, warps, stages asked, constexprs but the predicate) -> the fewer stages that fit,
+# for the configurations whose tuned stage count did not
 _FITTED: dict = {}
 
 
@@ -65,10 +66,13 @@ def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_sta
     """``kernel[grid](*args, ...)``. The tiles are tuned for Hopper's 227 KiB of shared memory per
     block; on a device with less (an A100 has 163 KiB, consumer GPUs ~100 KiB) Triton refuses the
     launch, and this retries with fewer pipeline stages (the tiles, and so the block layout, stay),
-    remembering what fit. The refusal comes before the kernel runs: nothing is half written."""
-    key = (kernel, str(device), num_warps, num_stages,
-           tuple(sorted((k, v) for k, v in constexprs.items() if k != "PRED")))
-    stages = _FITTED.get(key, num_stages)
+    remembering what fit. The refusal comes before the kernel runs: nothing is half written.
+    Where the tuned stages fit (Hopper) a launch builds no key: nothing is added to its host time."""
+    def key():
+        return (kernel, str(device), num_warps, num_stages,
+                tuple(sorted((k, v) for k, v in constexprs.items() if k != "PRED")))
+
+    stages = _FITTED.get(key(), num_stages) if _FITTED else num_stages
     while True:
         try:
             kernel[grid](*args, num_warps=num_warps, num_stages=stages, **constexprs)
@@ -77,7 +81,8 @@ def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_sta
                 raise
             stages -= 1
             continue
-        _FITTED[key] = stages
+        if stages != num_stages:
+            _FITTED[key()] = stages
         return
 
 

@@ -50,6 +50,7 @@ def test_tuned_stages_kept_where_they_fit():
     k = _Kernel(per_stage=60_000, limit=227 * 1024)
     launch._launch(k, (1,), (), torch.device("cpu"), num_warps=8, num_stages=3, BLOCK_M=128)
     assert k.tried == [3]
+    assert launch._FITTED == {}  # nothing to remember where the tuned stages fit
 
 
 def test_other_resources_and_one_stage_still_fail():
