@@ -62,3 +62,15 @@ def test_other_resources_and_one_stage_still_fail():
     with pytest.raises(OutOfResources, match="shared memory"):
         launch._launch(tiny, (1,), (), torch.device("cpu"), num_warps=4, num_stages=3)
     assert tiny.tried == [3, 2, 1]
+
+
+def test_ragged_edge_stage_count():
+    from kernels.configs import TileConfig, tile_config
+
+    cfg = TileConfig(128, 64, 8, 3, ragged_stages=2)
+    assert (cfg.stages(True), cfg.stages(False)) == (3, 2)
+    assert TileConfig(64, 64, 4, 3).stages(False) == 3  # no ragged_stages: the same on both edges
+    # the tuned D = 128 dense backward tiles carry a smaller stage count for the ragged edge
+    for pass_name in ("dq", "dkdv"):
+        tuned = tile_config(pass_name, 2, 128, "dense")
+        assert tuned.stages(False) < tuned.stages(True)
