@@ -16,7 +16,13 @@ Within a head, rows go heaviest first (``ORDER``); the ``NUM_HEAVY`` heaviest
 rows of *every* head come before all light rows, so that rows made dense by
 global tokens start at once instead of trailing the grid. A row that is one
 contiguous run of full blocks walks it with no index loads; a row with several
-runs walks a flat index list of its full blocks (one pipelined loop).
+runs walks a flat index list of its full blocks. Both go through *one* loop
+(``_full_range`` / ``_full_block`` pick the block number): with an if/else of two
+loops around the same accumulator, ptxas serialises every wgmma of the kernel
+(warning C7515, "non wgmma instructions defining accumulator registers"), each
+tensor-core instruction waiting for the previous one; session 7 found the
+forward and dQ kernels compiled that way (kernels/build_check.py now fails on
+C7515).
 
 Softmax runs in base 2 (``qk_scale = scale * log2(e)``); the log-sum-exp is
 stored in natural units, ``-inf`` for a row with no allowed key (output 0).
@@ -55,21 +61,51 @@ def _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H):
 
 
 @triton.jit
+def _rows(offs, WIDE: tl.constexpr):
+    """Row positions for in-head offsets (``row * stride``): int32 unless a tensor's in-head
+    extent reaches 2**31 elements (``WIDE``, decided on the host). int32 offsets made the forward
+    9-11% and dQ 7% faster than int64 at N = 8192 (H100, session 7); the dK/dV kernel, at its
+    register limit, spilled with them and stays int64."""
+    if WIDE:
+        offs = offs.to(tl.int64)
+    return offs
+
+
+@triton.jit
+def _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row):
+    """(lo, hi, contiguous) of a row's full blocks: a row that is one contiguous run loops over
+    its block numbers (no index loads), any other row over positions in FULL_IDX."""
+    r0 = tl.load(FULL_PTR + row)
+    contiguous = tl.load(FULL_PTR + row + 1) - r0 == 1
+    lo = tl.where(contiguous, tl.load(FULL_START + r0, mask=contiguous, other=0), tl.load(FULL_IPTR + row))
+    hi = tl.where(contiguous, tl.load(FULL_END + r0, mask=contiguous, other=0), tl.load(FULL_IPTR + row + 1))
+    return lo, hi, contiguous
+
+
+@triton.jit
+def _full_block(FULL_IDX, f, contiguous):
+    """The block number at loop position ``f`` of ``_full_range``."""
+    return tl.where(contiguous, f, tl.load(FULL_IDX + f, mask=contiguous == 0, other=0))
+
+
+@triton.jit
 def _fwd_block(
     acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta, stride_kn, stride_kd, stride_vn, stride_vd,
     N_K, qk_scale, PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_k = K_BASE + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
-    p_v = V_BASE + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd
+    rows = _rows(offs_n, WIDE)
+    p_k = K_BASE + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd
+    p_v = V_BASE + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd
     if EVEN_N and EVEN_D:
-        b_kt = tl.load(p_k)
+        b_k = tl.load(p_k)
         b_v = tl.load(p_v)
     else:
-        b_kt = tl.load(p_k, mask=(offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D), other=0.0)
-        b_v = tl.load(p_v, mask=(offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D), other=0.0)
-    b_s = tl.dot(b_q, b_kt, input_precision=PREC)
+        m_kv = (offs_n[:, None] < N_K) & (offs_d[None, :] < HEAD_D)
+        b_k = tl.load(p_k, mask=m_kv, other=0.0)
+        b_v = tl.load(p_v, mask=m_kv, other=0.0)
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PREC)
     if PARTIAL:
         m_allow = PRED(offs_m[:, None], offs_n[None, :], meta)
         if not EVEN_N:
@@ -100,7 +136,7 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
@@ -114,39 +150,32 @@ def attn_fwd_kernel(
     Q_BASE = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
     K_BASE = K + i_b.to(tl.int64) * stride_kb + (i_h // GROUP).to(tl.int64) * stride_kh
     V_BASE = V + i_b.to(tl.int64) * stride_vb + (i_h // GROUP).to(tl.int64) * stride_vh
-    p_q = Q_BASE + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
+    p_q = Q_BASE + _rows(offs_m, WIDE)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    r0 = tl.load(FULL_PTR + row)
-    r1 = tl.load(FULL_PTR + row + 1)
-    if r1 - r0 == 1:  # one contiguous run: no index loads
-        for i_n in range(tl.load(FULL_START + r0), tl.load(FULL_END + r0)):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
-                                       BLOCK_N, HEAD_D, PREC)
-    else:
-        for f in range(tl.load(FULL_IPTR + row), tl.load(FULL_IPTR + row + 1)):
-            i_n = tl.load(FULL_IDX + f)
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
-                                       BLOCK_N, HEAD_D, PREC)
+    lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
+    for f in range(lo, hi):
+        i_n = _full_block(FULL_IDX, f, contiguous)
+        acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                                   stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
+                                   BLOCK_N, HEAD_D, PREC, WIDE)
     p0 = tl.load(PART_PTR + row)
     p1 = tl.load(PART_PTR + row + 1)
     for p in range(p0, p1):
         i_n = tl.load(PART_IDX + p)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                                    stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, True, EVEN_N, EVEN_D,
-                                   BLOCK_N, HEAD_D, PREC)
+                                   BLOCK_N, HEAD_D, PREC, WIDE)
 
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     O_BASE = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    p_o = O_BASE + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od
+    p_o = O_BASE + _rows(offs_m, WIDE)[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_row)
 
@@ -160,11 +189,12 @@ def attn_fwd_kernel(
 def _dq_block(
     dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta, stride_kn, stride_kd, stride_vn, stride_vd,
     N_K, qk_scale, PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_kt = K_BASE + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
-    p_vt = V_BASE + offs_n[None, :].to(tl.int64) * stride_vn + offs_d[:, None] * stride_vd
+    rows = _rows(offs_n, WIDE)
+    p_kt = K_BASE + rows[None, :] * stride_kn + offs_d[:, None] * stride_kd
+    p_vt = V_BASE + rows[None, :] * stride_vn + offs_d[:, None] * stride_vd
     if EVEN_N and EVEN_D:
         b_kt = tl.load(p_kt)
         b_vt = tl.load(p_vt)
@@ -199,7 +229,7 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
@@ -212,42 +242,35 @@ def attn_bwd_dq_kernel(
     K_BASE = K + i_b.to(tl.int64) * stride_kb + (i_h // GROUP).to(tl.int64) * stride_kh
     V_BASE = V + i_b.to(tl.int64) * stride_vb + (i_h // GROUP).to(tl.int64) * stride_vh
     b_q = tl.load(Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-                  + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd, mask=m_qd, other=0.0)
+                  + _rows(offs_m, WIDE)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_qd, other=0.0)
     b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
-                   + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod, mask=m_qd, other=0.0)
+                   + _rows(offs_m, WIDE)[:, None] * stride_dom + offs_d[None, :] * stride_dod, mask=m_qd, other=0.0)
     lse = tl.load(LSE + i_bh.to(tl.int64) * N_Q + offs_m, mask=m_row, other=float("inf"))
     # rows past N_Q and rows with no allowed key: +inf makes every probability 0
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-                  + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od, mask=m_qd, other=0.0)
+                  + _rows(offs_m, WIDE)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=m_qd, other=0.0)
     delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
     tl.store(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_row)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    r0 = tl.load(FULL_PTR + row)
-    r1 = tl.load(FULL_PTR + row + 1)
-    if r1 - r0 == 1:  # one contiguous run: no index loads
-        for i_n in range(tl.load(FULL_START + r0), tl.load(FULL_END + r0)):
-            dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
-                           stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
-                           BLOCK_N, HEAD_D, PREC)
-    else:
-        for f in range(tl.load(FULL_IPTR + row), tl.load(FULL_IPTR + row + 1)):
-            i_n = tl.load(FULL_IDX + f)
-            dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
-                           stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
-                           BLOCK_N, HEAD_D, PREC)
+    lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
+    for f in range(lo, hi):
+        i_n = _full_block(FULL_IDX, f, contiguous)
+        dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
+                       stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
+                       BLOCK_N, HEAD_D, PREC, WIDE)
     p0 = tl.load(PART_PTR + row)
     p1 = tl.load(PART_PTR + row + 1)
     for p in range(p0, p1):
         i_n = tl.load(PART_IDX + p)
         dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                        stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, True, EVEN_N, EVEN_D,
-                       BLOCK_N, HEAD_D, PREC)
+                       BLOCK_N, HEAD_D, PREC, WIDE)
 
     dq = dq * sm_scale
     p_dq = (DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-            + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd)
+            + _rows(offs_m, WIDE)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
     tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_qd)
 
 
@@ -327,19 +350,12 @@ def attn_bwd_dkdv_kernel(
         DO_BASE = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         LSE_BASE = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
         DELTA_BASE = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
-        r0 = tl.load(FULL_PTR + row)
-        r1 = tl.load(FULL_PTR + row + 1)
-        if r1 - r0 == 1:  # one contiguous run: no index loads
-            for i_m in range(tl.load(FULL_START + r0), tl.load(FULL_END + r0)):
-                dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
-                                     meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
-                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
-        else:
-            for f in range(tl.load(FULL_IPTR + row), tl.load(FULL_IPTR + row + 1)):
-                i_m = tl.load(FULL_IDX + f)
-                dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
-                                     meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
-                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
+        lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
+        for f in range(lo, hi):
+            i_m = _full_block(FULL_IDX, f, contiguous)
+            dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
+                                 meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
+                                 PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
         p0 = tl.load(PART_PTR + row)
         p1 = tl.load(PART_PTR + row + 1)
         for p in range(p0, p1):

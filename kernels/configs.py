@@ -36,9 +36,10 @@ class TileConfig:
 CONFIGS = [
     ("fwd", (2,), (16, 32, 64), "dense", TileConfig(64, 64, 4, 3)),
     ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 3)),
-    # (128, 128, 8, 3) is ~10% faster on Full at N = 8192 but needs more shared memory than an
-    # H100/H200 has once the ragged edge is masked (N not a multiple of 128): not used
-    ("fwd", (2,), (128,), "dense", TileConfig(128, 64, 8, 3)),
+    # 128 x 128 at 2 stages: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels
+    # compute offsets in int32 and ptxas no longer serialises their wgmma (session 7,
+    # data/tune_h100_session7.txt); 3 stages of 128 x 128 do not fit on the ragged edge
+    ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 2)),
     # 64 x 32 spills 8 bytes against 64 x 64's 592: 6% faster on lf_window, 19% on alpaca_seq (H100, N = 16384)
     ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 3)),
     ("fwd", (2,), (256,), "any", TileConfig(64, 32, 4, 2)),
@@ -46,14 +47,15 @@ CONFIGS = [
     ("fwd", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
     ("dq", (2,), (16, 32, 64), "dense", TileConfig(64, 128, 4, 3)),
     ("dq", (2,), (16, 32, 64), "sparse", TileConfig(64, 32, 4, 3)),
-    # 3 stages: 5% faster than 2 on causal at N = 8192 (data/tune_h100_b79c96c.txt); the ragged
-    # variant needs 256 KiB of shared memory at 3 stages (python -m kernels.build_check)
-    ("dq", (2,), (128,), "dense", TileConfig(128, 64, 8, 3, ragged_stages=2)),
+    # 128 x 128 x 2 stages: 3% faster (fwd+bwd) than 128 x 64 x 3 on causal at N = 8192 (session 7)
+    ("dq", (2,), (128,), "dense", TileConfig(128, 128, 8, 2)),
     ("dq", (2,), (128,), "sparse", TileConfig(64, 32, 4, 3)),
     ("dq", (2,), (256,), "any", TileConfig(64, 32, 4, 1)),
     ("dq", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 1)),
     ("dq", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
-    ("dkdv", (2,), (16, 32, 64), "dense", TileConfig(64, 128, 4, 3)),
+    # 64 x 128 x 4 spills 2 KiB once its wgmma are not serialised (32 ms against 12 on causal,
+    # N = 8192, fwd+bwd); 64 x 64 x 4 x 3 is best (session 7)
+    ("dkdv", (2,), (16, 32, 64), "dense", TileConfig(64, 64, 4, 3)),
     ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 3)),
     # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory
     ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2)),

@@ -53,6 +53,19 @@ def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+# The forward and dQ kernels compute in-head offsets (row * stride + column * stride) in int32
+# unless a tensor's extent can reach this (rows past the end, up to a tile, included): then
+# ``WIDE`` launches the int64 variant. Tests lower it to run the int64 path on small tensors.
+OFFSET_LIMIT = 2**31
+_TILE_MARGIN = 256
+
+
+def _wide(*tensors: torch.Tensor) -> bool:
+    """Whether any tensor's in-head offsets can reach ``OFFSET_LIMIT`` (int32 would overflow)."""
+    return any((t.shape[-2] + _TILE_MARGIN) * abs(t.stride(-2)) + t.shape[-1] * abs(t.stride(-1)) >= OFFSET_LIMIT
+               for t in tensors)
+
+
 def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
@@ -111,7 +124,8 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
          H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e)), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=_block_d(D),
-        EVEN_N=even, PREC=_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.stages(even),
+        EVEN_N=even, PREC=_precision(q.dtype), WIDE=_wide(q, k, v, o), num_warps=cfg.num_warps,
+        num_stages=cfg.stages(even),
     )
     return o, lse
 
@@ -140,7 +154,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
          *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
          H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale), q.device,
-        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n,
+        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=_wide(q, k, v, o, do, dq),
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), **common,
     )
     _launch(

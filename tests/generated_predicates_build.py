@@ -39,6 +39,8 @@ def main() -> int:
                                  (K.attn_bwd_dkdv_kernel, "EVEN_M")):
                 consts = dict(PRED=pred, BLOCK_M=64, BLOCK_N=64, HEAD_D=64, BLOCK_D=64, PREC="tf32")
                 consts[even] = False
+                if kernel is not K.attn_bwd_dkdv_kernel:
+                    consts["WIDE"] = False
                 assert compile_sm90(kernel, consts, 4, 3).asm.get("cubin")
             print(f"ok {name}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every mask, then fail

@@ -448,6 +448,29 @@ def test_plan_used_twice(seed, monkeypatch):
         run_and_check(mask, q, k, v, do, target=plan, context=f"plan call {step}, seed {seed}")
 
 
+
+@pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
+def test_int64_offsets_path(layout, seed, monkeypatch):
+    """The forward and dQ kernels compute in-head offsets in int32 unless a tensor could overflow
+    them (``launch.OFFSET_LIMIT``); with the limit at 0 every launch takes the int64 variant."""
+    device, tiles = _device_and_tiles()
+    _use_tiles(monkeypatch, tiles)
+    monkeypatch.setattr(launch, "OFFSET_LIMIT", 0)
+    assert launch._wide(torch.empty(1, 1, 1, 1))
+    lens = [13, 20, 7]
+    mask = md.Document(lens) & md.Causal()
+    dtype = F16 if HAS_CUDA else F32
+    q, k, v, do = make_inputs(1, 2, 1, 40, 40, 32, dtype, device, layout)
+    run_and_check(mask, q, k, v, do, context=f"WIDE, {layout}, seed {seed}")
+
+
+def test_int32_offsets_are_used_below_the_limit():
+    t = torch.empty(2, 3, 1000, 64)
+    assert not launch._wide(t)
+    # one head of 2**25 rows of 64 elements reaches 2**31: int64; 2**24 rows do not
+    assert launch._wide(torch.empty(0, 0, 2**25, 64)) and not launch._wide(torch.empty(0, 0, 2**24, 64))
+
+
 # (structure, then the same structure with other data): one generated predicate serves both
 SAME_STRUCTURE = [
     pytest.param(md.Document([10, 20]), md.Document([5, 7, 8, 9]), id="document"),
