@@ -3,8 +3,8 @@
 Run by tests/test_kernel_build.py in a subprocess without TRITON_INTERPRET: kernels.build_check
 compiles the kernels with a stand-in predicate; this compiles them with the code maskdsl
 generates for every kind of table read (1-D tables, packed 16 x 32 tiles of a TensorMask,
-Euler-tour times, scalars, lifted constants, a power-of-two modulus). Prints "ok <name>" per
-mask and exits 1 on any failure.
+Euler-tour times, scalars, lifted constants, a power-of-two modulus), and checks that ptxas keeps
+their tensor-core instructions asynchronous. Prints "ok <name>" per mask and exits 1 on any failure.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 
 import maskdsl as md
 from kernels import attention as K
-from kernels.build_check import compile_sm90
+from kernels.build_check import compile_sm90, ptxas_report
 
 
 def main() -> int:
@@ -41,7 +41,10 @@ def main() -> int:
                 consts[even] = False
                 if kernel is not K.attn_bwd_dkdv_kernel:
                     consts["WIDE"] = False
-                assert compile_sm90(kernel, consts, 4, 3).asm.get("cubin")
+                compiled = compile_sm90(kernel, consts, 4, 3)
+                assert compiled.asm.get("cubin")
+                # a predicate's code must not make ptxas serialise the kernel's wgmma (C7515)
+                assert not ptxas_report(compiled.asm["ptx"])[1], f"ptxas serialises {kernel.__name__}'s wgmma"
             print(f"ok {name}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every mask, then fail
             failures += 1

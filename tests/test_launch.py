@@ -70,7 +70,7 @@ def test_ragged_edge_stage_count():
     cfg = TileConfig(128, 64, 8, 3, ragged_stages=2)
     assert (cfg.stages(True), cfg.stages(False)) == (3, 2)
     assert TileConfig(64, 64, 4, 3).stages(False) == 3  # no ragged_stages: the same on both edges
-    # the tuned D = 128 dense backward tiles carry a smaller stage count for the ragged edge
-    for pass_name in ("dq", "dkdv"):
-        tuned = tile_config(pass_name, 2, 128, "dense")
-        assert tuned.stages(False) < tuned.stages(True)
+    # the tuned D = 128 dense dK/dV tile carries a smaller stage count for the ragged edge (3 stages
+    # of it do not fit there: python -m kernels.build_check builds both edges with these counts)
+    tuned = tile_config("dkdv", 2, 128, "dense")
+    assert tuned.stages(False) < tuned.stages(True)
