@@ -79,6 +79,12 @@ def cases():
                         consts["WIDE"] = False
                     out.append((f"{pass_name} d={d} {kind} {cfg}{' even' if flag else ''}", kernel, consts,
                                 cfg.num_warps, cfg.stages(flag)))
+    # the int64-offset variant (``WIDE``, for tensors whose in-head offsets could overflow int32)
+    for pass_name, kernel in (("fwd", K.attn_fwd_kernel), ("dq", K.attn_bwd_dq_kernel)):
+        cfg = configs.tile_config(pass_name, 2, 64, "sparse")
+        consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=64, BLOCK_D=64, PREC="tf32",
+                      EVEN_N=False, WIDE=True)
+        out.append((f"{pass_name} d=64 sparse {cfg} int64 offsets", kernel, consts, cfg.num_warps, cfg.stages(False)))
     for pack in (True, False):
         out.append((f"preprocess 128x128 words={pack}", tensor_mask_blocks_kernel,
                     dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2))

@@ -22,9 +22,9 @@ def test_every_kernel_compiles_for_sm90():
     report = run.stdout + run.stderr[-3000:]
     assert run.returncode == 0, report
     assert "build_check: 0 failures" in run.stdout, report
-    # 3 attention passes x 2 head dims x 2 kinds x (ragged edge, even loop), the preprocessing
-    # kernel with and without packed rows, the run-arrays kernel
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 27, report
+    # 3 attention passes x 2 head dims x 2 kinds x (ragged edge, even loop), the int64-offset
+    # forward and dQ, the preprocessing kernel with and without packed rows, the run-arrays kernel
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 29, report
 
 
 def test_generated_predicates_compile_for_sm90():
