@@ -26,8 +26,10 @@ tests)
     MASKDSL_SHARD=$i/6 pt -m gpu tests/test_kernels.py > "$OUT/tests_kernels_$i.txt" 2>&1 &
   done
   pt -m gpu tests/test_preprocess.py tests/test_compile.py > "$OUT/tests_preprocess_compile.txt" 2>&1 &
-  # the CPU tests that take the CUDA path when a GPU is there (reordering, interleaving, the CLI)
-  pt tests/test_reorder.py tests/test_expr_and_cli.py tests/test_attention_api.py > "$OUT/tests_cuda_paths.txt" 2>&1 &
+  # the CPU tests that take the CUDA path when a GPU is there (reordering, interleaving, the CLI,
+  # the int64-offset kernels)
+  pt tests/test_reorder.py tests/test_expr_and_cli.py tests/test_attention_api.py \
+    "tests/test_kernels.py::test_int64_offsets_path" > "$OUT/tests_cuda_paths.txt" 2>&1 &
   wait
   for f in "$OUT"/tests_*.txt; do echo "== $f"; grep -E "passed|failed|error" "$f" | tail -2; grep FAILED "$f" | head; done
   ;;
