@@ -58,7 +58,8 @@ def _predicate():
 
 
 def cases():
-    """(name, kernel, constexprs, num_warps, num_stages) for every kernel and tuned 2-byte tile;
+    """(name, kernel, constexprs, num_warps, num_stages, sizes specialised as multiples of 16) for every
+    kernel and tuned 2-byte tile;
     each attention kernel twice: its ragged edge (masked loads, ``TileConfig.ragged_stages``)
     and its even loop."""
     from . import attention as K
@@ -77,23 +78,28 @@ def cases():
                                   PREC="tf32", **{even: flag})
                     if pass_name != "dkdv":
                         consts["WIDE"] = False
+                    # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
+                    # (aligned lse/delta copies); a ragged edge's N may be anything
                     out.append((f"{pass_name} d={d} {kind} {cfg}{' even' if flag else ''}", kernel, consts,
-                                cfg.num_warps, cfg.stages(flag)))
+                                cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else ()))
     # the int64-offset variant (``WIDE``, for tensors whose in-head offsets could overflow int32)
     for pass_name, kernel in (("fwd", K.attn_fwd_kernel), ("dq", K.attn_bwd_dq_kernel)):
         cfg = configs.tile_config(pass_name, 2, 64, "sparse")
         consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=64, BLOCK_D=64, PREC="tf32",
                       EVEN_N=False, WIDE=True)
-        out.append((f"{pass_name} d=64 sparse {cfg} int64 offsets", kernel, consts, cfg.num_warps, cfg.stages(False)))
+        out.append((f"{pass_name} d=64 sparse {cfg} int64 offsets", kernel, consts, cfg.num_warps, cfg.stages(False),
+                    ()))
     for pack in (True, False):
         out.append((f"preprocess 128x128 words={pack}", tensor_mask_blocks_kernel,
-                    dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2))
-    out.append(("run arrays 128 columns", block_rows_kernel, dict(BLOCK=128), 4, 2))
+                    dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2, ()))
+    out.append(("run arrays 128 columns", block_rows_kernel, dict(BLOCK=128), 4, 2, ()))
     return out
 
 
-def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
-    """Compile one kernel with these constexprs for sm_90 (no GPU needed); the CompiledKernel."""
+def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int, divisible: tuple = ()):
+    """Compile one kernel with these constexprs for sm_90 (no GPU needed); the CompiledKernel.
+    ``divisible``: integer arguments (sizes) to specialise as multiples of 16, as Triton's launcher
+    does for such values (N_Q and N_K on an even edge)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -104,7 +110,8 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int):
                   **constexprs}
     sig = _signature(kernel, constexprs)
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-               if sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith("stride_"))}
+               if sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith("stride_")
+                                                or name in divisible)}
     src = ASTSource(kernel, sig, constexprs=constexprs, attrs=aligned)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
                                                                            "num_stages": num_stages})
@@ -149,9 +156,9 @@ def main(argv=None) -> int:
         print("build_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
     failures = 0
-    for name, kernel, consts, warps, stages in cases():
+    for name, kernel, consts, warps, stages, divisible in cases():
         try:
-            compiled = compile_sm90(kernel, consts, warps, stages)
+            compiled = compile_sm90(kernel, consts, warps, stages, divisible)
             shared = compiled.metadata.shared
             ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
             note = f"shared {shared} B"
