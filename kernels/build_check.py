@@ -76,7 +76,7 @@ def cases():
                 for flag in (False, True):
                     consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d,
                                   PREC="tf32", **{even: flag})
-                    if pass_name != "dkdv":
+                    if "WIDE" in kernel.arg_names:  # the kernels with an int64-offset variant
                         consts["WIDE"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
                     # (aligned lse/delta copies); a ragged edge's N may be anything
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
             shared = compiled.metadata.shared
             ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
             note = f"shared {shared} B"
-            report, serialised = ptxas_report(compiled.asm["ptx"]) if "wgmma" in compiled.asm["ptx"] else ("", False)
+            ptx = compiled.asm["ptx"]
+            report, serialised = ptxas_report(ptx) if args.registers or "wgmma" in ptx else ("", False)
             if args.registers:
                 note += "; " + (report or "no ptxas report")
             if serialised:
