@@ -37,7 +37,7 @@ def _signature(kernel, constexprs: dict) -> dict:
             sig[name] = "constexpr"
         elif name in _DATA:
             sig[name] = _DATA[name]
-        elif name in _INT_LISTS:  # mask data, block lists, packed words
+        elif name in _INT_LISTS or name[2:] in _INT_LISTS:  # mask data, block lists (Q_/K_: of one pass), words
             sig[name] = "*i32"
         else:  # strides and sizes
             sig[name] = "i32"
@@ -89,6 +89,22 @@ def cases():
                       EVEN_N=False, WIDE=True)
         out.append((f"{pass_name} d=64 sparse {cfg} int64 offsets", kernel, consts, cfg.num_warps, cfg.stages(False),
                     ()))
+    # the one-launch backward where the table uses it, both edges, and its delta pre-pass
+    for d in (64, 128):
+        for kind in ("dense", "sparse"):
+            stages = configs.fused_stages(2, d, kind)
+            if stages is None:
+                continue
+            dq, kv = configs.tile_config("dq", 2, d, kind), configs.tile_config("dkdv", 2, d, kind)
+            for flag in (False, True):
+                consts = dict(PRED=pred, DQ_BLOCK_M=dq.BLOCK_M, DQ_BLOCK_N=dq.BLOCK_N, KV_BLOCK_M=kv.BLOCK_M,
+                              KV_BLOCK_N=kv.BLOCK_N, HEAD_D=d, BLOCK_D=d, EVEN_N=flag, EVEN_M=flag, PREC="tf32",
+                              WIDE=False)
+                out.append((f"bwd (one launch) d={d} {kind} dq {dq} dkdv {kv} stages {stages}"
+                            f"{' even' if flag else ''}", K.attn_bwd_kernel, consts, dq.num_warps, stages,
+                            ("N_Q", "N_K") if flag else ()))
+    out.append(("bwd delta pre-pass d=128", K.attn_bwd_delta_kernel, dict(HEAD_D=128, BLOCK_D=128, BLOCK_M=64), 4, 1,
+                ()))
     for pack in (True, False):
         out.append((f"preprocess 128x128 words={pack}", tensor_mask_blocks_kernel,
                     dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2, ()))

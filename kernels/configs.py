@@ -65,9 +65,21 @@ CONFIGS = [
     ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
 ]
 
+# The backward in one launch (kernels/attention.py ``attn_bwd_kernel``: the dQ and the dK/dV
+# programs of each (batch, kv head) side by side in one grid, delta from a pre-pass), with the dq
+# and dkdv tiles above and these pipeline stages: (element sizes, head dims, kind, stages). Other
+# cases launch dQ (which writes delta) and then dK/dV. On an H100 (session 8, interleaved A/B,
+# docs/benchmarks/data/tune_h100_session8.txt) one launch made fwd+bwd 4-8% faster on Full at
+# D = 128 (N = 4096 / 16384) and 0-3% on Causal and at D = 64; on sparse masks the pre-pass
+# (a read of O and dO) costs what the shared launch saves (LongFormer window: no gain).
+FUSED_BWD = [
+    ((2,), (64, 128), "dense", 2),
+]
+
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
-# pass name -> TileConfig used instead of the table (tests: small tiles under the interpreter)
+# pass name -> TileConfig used instead of the table (tests: small tiles under the interpreter);
+# "fused" -> the one-launch backward's stages (None: two launches) instead of FUSED_BWD
 OVERRIDE: dict = {}
 
 
@@ -83,3 +95,15 @@ def tile_config(pass_name: str, element_size: int, head_dim: int, kind: str = "s
         if name == pass_name and element_size in sizes and padded in dims and k in (kind, "any"):
             return cfg
     raise ValueError(f"no {pass_name} tile configuration for {element_size}-byte elements and head dim {head_dim}")
+
+
+def fused_stages(element_size: int, head_dim: int, kind: str = "sparse") -> int | None:
+    """Pipeline stages of the one-launch backward for these inputs and this mask ``kind``, or None
+    where the backward takes two launches (dQ, then dK/dV)."""
+    if "fused" in OVERRIDE:
+        return OVERRIDE["fused"]
+    padded = max(16, 1 << (head_dim - 1).bit_length())
+    for sizes, dims, k, stages in FUSED_BWD:
+        if element_size in sizes and padded in dims and k in (kind, "any"):
+            return stages
+    return None

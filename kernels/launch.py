@@ -15,7 +15,7 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from .attention import attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_fwd_kernel
+from .attention import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel, attn_fwd_kernel
 from .configs import TileConfig
 
 # Tests set this to fill outputs with NaN before each launch, so that an element
@@ -131,15 +131,17 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
 
 
 def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, pair_b: int, pair_h: int, pred,
-             scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig, out=None):
+             scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig, fused_stages: int | None = None, out=None):
     """(dq, dk, dv) in the dtypes of q, k, v. Deterministic: no atomics. ``out``: three tensors
-    shaped like q, k, v (any strides) to write the gradients into."""
+    shaped like q, k, v (any strides) to write the gradients into. ``fused_stages``: run the dQ and
+    dK/dV programs in one launch with these pipeline stages (``configs.FUSED_BWD``), where both
+    tiles take the same warps and no row is scheduled first as heavy; None: two launches."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
     assert dkdv_lists.block_rows == dkdv_cfg.BLOCK_N and dkdv_lists.block_cols == dkdv_cfg.BLOCK_M
     block_d = _block_d(D)
-    delta = torch.empty((B, H, n_q), dtype=torch.float32, device=q.device)  # rowsum(dO * O), from the dQ pass
+    delta = new_output((B, H, n_q), q, torch.float32)  # rowsum(dO * O): from the dQ pass, or a pre-pass
     lse = lse.contiguous()
     if out is None:
         dq, dk, dv = new_output(q.shape, q), new_output(k.shape, k), new_output(v.shape, v)
@@ -148,6 +150,23 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
     even_n, even_m = n_k % dq_cfg.BLOCK_N == 0, n_q % dkdv_cfg.BLOCK_M == 0
+    if (fused_stages is not None and dq_lists.num_heavy == 0 and dkdv_lists.num_heavy == 0
+            and dq_cfg.num_warps == dkdv_cfg.num_warps):
+        _launch(attn_bwd_delta_kernel, (triton.cdiv(n_q, 64), B * H),
+                (o, do, delta, *o.stride(), *do.stride(), H, n_q), q.device,
+                HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
+        qa, ka = dq_lists.args(), dkdv_lists.args()
+        _launch(
+            attn_bwd_kernel, (B * h_kv * (dkdv_lists.num_rows + (H // h_kv) * dq_lists.num_rows),),
+            (q, k, v, o, do, dq, dk, dv, lse, delta, meta, *qa[:8], *ka[:8],
+             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dk.stride(),
+             *dv.stride(), H, h_kv, n_q, n_k, dq_lists.num_rows, dkdv_lists.num_rows, H // h_kv, pair_b, pair_h,
+             meta.stride(0), scale * math.log2(math.e), scale), q.device,
+            DQ_BLOCK_M=dq_cfg.BLOCK_M, DQ_BLOCK_N=dq_cfg.BLOCK_N, KV_BLOCK_M=dkdv_cfg.BLOCK_M,
+            KV_BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_N=even_n, EVEN_M=even_m, WIDE=_wide(q, k, v, o, do, dq),
+            num_warps=dq_cfg.num_warps, num_stages=fused_stages, **common,
+        )
+        return dq, dk, dv
     _launch(
         attn_bwd_dq_kernel, (B * H * dq_lists.num_rows,),
         (q, k, v, o, do, dq, lse, delta, meta, *dq_lists.args(),

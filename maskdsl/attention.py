@@ -167,7 +167,7 @@ def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):
         do, q, k, v, o, lse,
         dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),
         meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn, scale=scale,
-        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg, out=out,
+        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg, fused_stages=p.fused_stages(es, d), out=out,
     )
 
 

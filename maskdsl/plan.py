@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import torch
 
-from kernels.configs import tile_config
+from kernels.configs import fused_stages, tile_config
 from kernels.launch import Lists
 
 from . import codegen
@@ -128,6 +128,10 @@ class Plan:
     def tiles(self, pass_name: str, element_size: int, head_dim: int):
         """The TileConfig of one pass for inputs of this element size and head dim."""
         return tile_config(pass_name, element_size, head_dim, self.kind)
+
+    def fused_stages(self, element_size: int, head_dim: int):
+        """Pipeline stages of the one-launch backward for these inputs, or None (two launches)."""
+        return fused_stages(element_size, head_dim, self.kind)
 
     def lists(self, block_q: int, block_k: int, by: str) -> Lists:
         """Kernel lists of the (block_q, block_k) layout, per query block (by="q") or per key block (by="k")."""

@@ -106,11 +106,13 @@ TILES = {
 }
 
 
-def _use_tiles(monkeypatch, tiles: str | None) -> None:
+def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None) -> None:
     monkeypatch.setattr(launch, "POISON", True)
     if tiles is not None:
         for name, cfg in TILES[tiles].items():
             monkeypatch.setitem(configs.OVERRIDE, name, cfg)
+    if fused is not None:  # one pipeline stage under the interpreter, the tuned two on the GPU
+        monkeypatch.setitem(configs.OVERRIDE, "fused", (1 if tiles else 2) if fused else None)
 
 
 @pytest.fixture
@@ -135,6 +137,9 @@ class Case:
     tiles: str | None = "t16"  # None: the tuned table (GPU)
     layout: str = "bhnd"  # "bnhd": q, k, v, do allocated [B, N, H, D] and transposed (non-contiguous)
     device: str = "cpu"
+    # the backward in one launch (kernels/attention.py attn_bwd_kernel) forced on (True) or off
+    # (False); None: as the table (configs.FUSED_BWD) decides for the mask's kind
+    fused: bool | None = None
 
     @property
     def id(self) -> str:
@@ -144,6 +149,8 @@ class Case:
             parts.append(self.tiles)
         if self.layout != "bhnd":
             parts.append(self.layout)
+        if self.fused is not None:
+            parts.append("one-launch" if self.fused else "two-launch")
         return "-".join(parts)
 
 
@@ -286,12 +293,23 @@ def run_and_check(mask, q, k, v, do, *, target=None, context=""):
 
 
 def _check_case(case: Case, seed: int, monkeypatch) -> None:
-    _use_tiles(monkeypatch, case.tiles)
+    _use_tiles(monkeypatch, case.tiles, case.fused)
+    launched = []
+    real_launch = launch._launch
+
+    def recording(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", recording)
     g = torch.Generator().manual_seed(seed)
     mask = FAMILIES[case.family](case, g)
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device,
                               case.layout)
     run_and_check(mask, q, k, v, do, context=f"{case.id}, mask {mask!r}, seed {seed}")
+    if case.fused is not None:  # the path the case names is the one that ran
+        one = kernel_module.attn_bwd_kernel in launched
+        assert one == case.fused and (kernel_module.attn_bwd_dq_kernel in launched) != case.fused, launched
 
 
 # ---------------------------------------------------------------------------
@@ -347,6 +365,15 @@ def _cpu_cases():
         # non-contiguous q, k, v, do ([B, N, H, D] transposed)
         Case("doc&causal", F16, b=2, h_q=4, h_kv=2, layout="bnhd"),
         Case("window", F32, layout="bnhd", tiles="t32"),
+        # the backward in one launch (delta pre-pass; dK/dV and dQ programs in one grid)
+        Case("full", F32, fused=True),
+        Case("causal", F16, fused=True),
+        Case("doc&causal", F16, h_q=4, h_kv=2, fused=True),  # GQA, partial blocks
+        Case("document-batch", F32, b=2, h_q=4, h_kv=2, n_q=41, n_k=41, fused=True),
+        Case("causal-offset", F32, n_q=45, n_k=30, fused=True),  # leading empty rows
+        Case("empty-rows", F16, n_q=40, n_k=57, tiles="t32", fused=True),
+        Case("window", F32, n_q=20, n_k=61, tiles="t32", fused=True),
+        Case("full", F32, n_q=61, n_k=20, d=24, layout="bnhd", fused=True),
     ]
     return cases
 
@@ -374,6 +401,14 @@ def _gpu_cases():
         Case("doc&causal", BF16, n_q=1000, n_k=1000, d=64, layout="bnhd", **base),
         Case("~window", F16, n_q=1000, n_k=1000, d=128, **base),
         Case("empty-rows", BF16, n_q=257, n_k=100, d=32, **base),
+        # dense masks at D = 128: the table's one-launch backward (and the two-launch one forced)
+        Case("full", BF16, n_q=1000, n_k=1000, d=128, **base),
+        Case("causal", F16, n_q=2048, n_k=2048, d=128, **base),
+        Case("causal-offset", BF16, n_q=300, n_k=1000, d=128, **base),
+        Case("causal", BF16, n_q=1000, n_k=1000, d=128, fused=False, **base),
+        # the one launch forced on sparse tiles (partial blocks, generated predicate)
+        Case("doc&(causal|prefix)", BF16, n_q=1000, n_k=1000, d=128, fused=True, **base),
+        Case("empty-rows", F16, n_q=257, n_k=1000, d=64, fused=True, **base),
     ]
     return cases
 
@@ -527,17 +562,19 @@ def test_new_data_does_not_recompile(first, second, poisoned):
 
 DETERMINISM_CPU = [
     pytest.param(Case("window|global", F32, h_q=4, h_kv=2), id="cpu-window|global-gqa", marks=CPU_ONLY),
+    pytest.param(Case("causal", F32, h_q=4, h_kv=2, fused=True), id="cpu-causal-gqa-one-launch", marks=CPU_ONLY),
 ]
 DETERMINISM_GPU = [
     pytest.param(Case(fam, dt, n_q=2048, n_k=2048, d=d, b=2, h_q=4, h_kv=h_kv, tiles=None, device="cuda"),
                  id=f"gpu-{fam}-{DTYPE_NAMES[dt]}-D{d}-Hkv{h_kv}", marks=GPU)
-    for fam, dt, d, h_kv in (("window|global", BF16, 64, 2), ("doc&causal", F16, 128, 1), ("tree", BF16, 64, 2))
+    for fam, dt, d, h_kv in (("window|global", BF16, 64, 2), ("doc&causal", F16, 128, 1), ("tree", BF16, 64, 2),
+                             ("causal", BF16, 128, 2))  # the last: the one-launch backward
 ]
 
 
 @pytest.mark.parametrize("case", DETERMINISM_CPU + DETERMINISM_GPU)
 def test_backward_is_bitwise_deterministic(case, seed, monkeypatch):
-    _use_tiles(monkeypatch, case.tiles)
+    _use_tiles(monkeypatch, case.tiles, case.fused)
     mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
     runs = []

@@ -74,3 +74,25 @@ def test_ragged_edge_stage_count():
     # of it do not fit there: python -m kernels.build_check builds both edges with these counts)
     tuned = tile_config("dkdv", 2, 128, "dense")
     assert tuned.stages(False) < tuned.stages(True)
+
+
+def test_one_launch_backward_table():
+    """Every FUSED_BWD entry names tiles that can share one launch (same warps), for masks of
+    its kind; the plans of Full and of a sparse composition take their kinds' choice."""
+    import maskdsl as md
+    from kernels import configs
+
+    for sizes, dims, kind, stages in configs.FUSED_BWD:
+        assert stages >= 1
+        for es in sizes:
+            for d in dims:
+                dq, kv = configs.tile_config("dq", es, d, kind), configs.tile_config("dkdv", es, d, kind)
+                assert dq.num_warps == kv.num_warps, (es, d, kind, dq, kv)
+                assert configs.fused_stages(es, d, kind) == stages
+    assert configs.fused_stages(2, 128, "dense") == 2
+    assert configs.fused_stages(2, 128, "sparse") is None
+    assert configs.fused_stages(4, 128, "dense") is None  # float32: two launches
+    full = md.prepare(md.Full(), 1024, 1024, device="cpu")
+    sparse = md.prepare(md.Document([300, 400, 324]) & md.Causal(), 1024, 1024, device="cpu")
+    assert (full.kind, sparse.kind) == ("dense", "sparse")
+    assert full.fused_stages(2, 128) == 2 and sparse.fused_stages(2, 128) is None
