@@ -69,9 +69,10 @@ CONFIGS = [
 # programs of each (batch, kv head) side by side in one grid, delta from a pre-pass), with the dq
 # and dkdv tiles above and these pipeline stages: (element sizes, head dims, kind, stages). Other
 # cases launch dQ (which writes delta) and then dK/dV. On an H100 (session 8, interleaved A/B,
-# docs/benchmarks/data/tune_h100_session8.txt) one launch made fwd+bwd 4-8% faster on Full at
-# D = 128 (N = 4096 / 16384) and 0-3% on Causal and at D = 64; on sparse masks the pre-pass
-# (a read of O and dO) costs what the shared launch saves (LongFormer window: no gain).
+# docs/benchmarks/data/tune_h100_session8.txt) one launch made fwd+bwd 2.5-8% faster on Full at
+# D = 128 (N = 4096 and 16384), and moved Causal at D = 128 and both masks at D = 64 by -3% to
+# +0.2% (noise); 3 stages were no better than 2. On sparse masks the pre-pass (a read of O and
+# dO) costs what the shared launch saves (LongFormer window, N = 8192, D = 128: no gain).
 FUSED_BWD = [
     ((2,), (64, 128), "dense", 2),
 ]
