@@ -40,9 +40,13 @@ class Lists:
     block_rows: int  # the tile along the rows (query block for fwd/dQ, key block for dK/dV)
     block_cols: int
 
-    def args(self):
+    def tensors(self):
+        """The lists' tensors, in the kernels' argument order."""
         return (self.full_ptr, self.full_start, self.full_end, self.full_iptr, self.full_idx, self.part_ptr,
-                self.part_idx, self.order, self.num_heavy)
+                self.part_idx, self.order)
+
+    def args(self):
+        return (*self.tensors(), self.num_heavy)
 
 
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -155,10 +159,9 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         _launch(attn_bwd_delta_kernel, (triton.cdiv(n_q, 64), B * H),
                 (o, do, delta, *o.stride(), *do.stride(), H, n_q), q.device,
                 HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
-        qa, ka = dq_lists.args(), dkdv_lists.args()
         _launch(
             attn_bwd_kernel, (B * h_kv * (dkdv_lists.num_rows + (H // h_kv) * dq_lists.num_rows),),
-            (q, k, v, o, do, dq, dk, dv, lse, delta, meta, *qa[:8], *ka[:8],
+            (q, k, v, o, do, dq, dk, dv, lse, delta, meta, *dq_lists.tensors(), *dkdv_lists.tensors(),
              *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dk.stride(),
              *dv.stride(), H, h_kv, n_q, n_k, dq_lists.num_rows, dkdv_lists.num_rows, H // h_kv, pair_b, pair_h,
              meta.stride(0), scale * math.log2(math.e), scale), q.device,

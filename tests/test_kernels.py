@@ -374,6 +374,9 @@ def _cpu_cases():
         Case("empty-rows", F16, n_q=40, n_k=57, tiles="t32", fused=True),
         Case("window", F32, n_q=20, n_k=61, tiles="t32", fused=True),
         Case("full", F32, n_q=61, n_k=20, d=24, layout="bnhd", fused=True),
+        # interleaved plans: one launch per residue class, writing strided views of the gradients
+        Case("dilated", F32, tiles="t32", fused=True),
+        Case("dilated-pow2", F16, n_q=70, n_k=70, fused=True),
     ]
     return cases
 
