@@ -7,8 +7,9 @@ list of *partial* key blocks, where ``PRED(i, j, meta)``, a ``@triton.jit``
 function passed as a constexpr, decides each entry in registers. The dK/dV pass
 walks the transposed lists (per key block: its query blocks), looping over the
 query heads of its GQA group, so no atomics are needed and gradients are
-deterministic. The dQ pass also writes delta = rowsum(dO * O) of its rows, which
-the dK/dV pass (launched after it) reads: no separate pre-pass over dO and O.
+deterministic. In the two-launch backward the dQ pass also writes delta =
+rowsum(dO * O) of its rows, which the dK/dV pass (launched after it) reads: no
+separate pre-pass over dO and O.
 
 For masks whose blocks are nearly all full (``configs.FUSED_BWD``) the backward is
 one launch instead (``attn_bwd_kernel``, FlexAttention's arrangement): per (batch,
