@@ -449,10 +449,10 @@ def attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_
                           HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O) in float32, for the one-launch backward (its dK/dV programs cannot
     wait for the dQ programs that would otherwise write it)."""
-    i_bh = tl.program_id(1)
+    i_bh = tl.program_id(0)  # the grid's first axis: up to 2**31 - 1 programs (the second: 65535)
     i_b = i_bh // H
     i_h = i_bh % H
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
     b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh

@@ -156,7 +156,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     even_n, even_m = n_k % dq_cfg.BLOCK_N == 0, n_q % dkdv_cfg.BLOCK_M == 0
     if (fused_stages is not None and dq_lists.num_heavy == 0 and dkdv_lists.num_heavy == 0
             and dq_cfg.num_warps == dkdv_cfg.num_warps):
-        _launch(attn_bwd_delta_kernel, (triton.cdiv(n_q, 64), B * H),
+        _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)),
                 (o, do, delta, *o.stride(), *do.stride(), H, n_q), q.device,
                 HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
         _launch(
