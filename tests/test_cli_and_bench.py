@@ -161,3 +161,29 @@ def test_bench_script_runs(tmp_path):
     assert "Prefix(prompts, documents=alpaca)" in text
     assert "not measured in this run" in text  # the acceptance sizes were not run
     assert "--sizes 300" in text  # the exact command is recorded
+
+
+def _load_ab():
+    spec = importlib.util.spec_from_file_location("ab_attention", ROOT / "benchmarks" / "ab_attention.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ab_attention_variants():
+    from kernels.configs import TileConfig
+
+    ab = _load_ab()
+    assert ab.parse_variant("base") == {}
+    assert ab.parse_variant("unfused") == {"fused": None}
+    assert ab.parse_variant("fused:3+ov:dq=128x64x8x3;dkdv=64x128x8x2") == {
+        "fused": 3, "dq": TileConfig(128, 64, 8, 3), "dkdv": TileConfig(64, 128, 8, 2)}
+    for bad in ("fused:0", "fused:x", "ov:bwd=64x64x4x3", "ov:dq=64x64x4", "turbo"):
+        with pytest.raises(ValueError, match="variant"):
+            ab.parse_variant(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_ab_attention_needs_a_gpu(capsys):
+    assert _load_ab().main(["--variants", "base,unfused"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

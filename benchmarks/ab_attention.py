@@ -1,0 +1,165 @@
+"""Interleaved A/B timing of md.attention variants against compiled FlexAttention, on the GPU.
+
+    PYTHONPATH=$PWD python benchmarks/ab_attention.py --workloads full,causal --n 16384 --d 128 \\
+        --variants base,unfused --rounds 3
+    PYTHONPATH=$PWD python benchmarks/ab_attention.py --workloads lf_window --n 16384 --d 64 \\
+        --variants base,ov:dkdv=32x64x4x2 --rounds 5 --profile
+
+Differences of a few percent drown in run-to-run drift (the GPU's clocks move as it heats up,
+so whatever runs later in a sequential sweep runs slower). Here every round times each variant
+once (``triton.testing.do_bench``, median), the order alternating between rounds, and the report
+is the median over rounds with its min and max, and the ratios to the first variant and to
+FlexAttention (default kernel options). B=4, H=32, bf16, q/k/v [B, H, N, D]; ``--mode fwd`` or
+``fwdbwd`` (gradients reset to None before each call, for every provider).
+
+A variant is ``+``-joined parts, each setting ``kernels.configs.OVERRIDE`` for its calls:
+
+- ``base``: the tuned tables as they are;
+- ``fused:S``: the one-launch backward with S pipeline stages; ``unfused``: two launches;
+- ``ov:PASS=MxNxWxS[;PASS=...]``: that pass's TileConfig (PASS fwd, dq or dkdv), e.g.
+  ``ov:fwd=128x128x8x2;dq=128x128x8x2``.
+
+``--warm`` only compiles (one call per variant): run one ``--warm`` process per variant side by
+side first, then the timed run finds Triton's cache warm. ``--profile`` adds per-kernel GPU times
+(torch.profiler, 3 calls) to each line. Session 8's runs are in
+docs/benchmarks/data/tune_h100_session8.txt (there as ``scratch/kab.py`` and ``scratch/kprof.py``,
+this script's drafts).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+
+import torch
+
+from kernels import configs
+from kernels.configs import TileConfig
+
+
+def parse_variant(text: str) -> dict:
+    """The ``kernels.configs.OVERRIDE`` entries of a variant string (see the module docstring)."""
+    override = {}
+    for part in text.split("+"):
+        if part == "base":
+            continue
+        if part.startswith("fused:") and part[6:].isdigit() and int(part[6:]) >= 1:
+            override["fused"] = int(part[6:])
+        elif part == "unfused":
+            override["fused"] = None
+        elif part.startswith("ov:"):
+            for item in filter(None, part[3:].split(";")):
+                name, _, tiles = item.partition("=")
+                dims = tiles.lower().split("x")
+                if name not in ("fwd", "dq", "dkdv") or len(dims) != 4 or not all(x.isdigit() for x in dims):
+                    raise ValueError(f"variant {text!r}: expected ov:PASS=MxNxWxS with PASS fwd, dq or dkdv, "
+                                     f"got {item!r}")
+                override[name] = TileConfig(*map(int, dims))
+        else:
+            raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ov:PASS=MxNxWxS)")
+    return override
+
+
+def _use(override: dict) -> None:
+    configs.OVERRIDE.clear()
+    configs.OVERRIDE.update(override)
+
+
+def profile(step, iters: int = 3) -> str:
+    """Per-kernel GPU time (ms per call) of ``step``, largest first."""
+    step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            step()
+        torch.cuda.synchronize()
+    acc = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            acc[e.name[:40]] += e.device_time_total / 1e3 / iters
+    return "  ".join(f"{k}={v:.3f}" for k, v in sorted(acc.items(), key=lambda kv: -kv[1]) if v > 0.01)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="full", help="comma list of maskdsl.bench workloads")
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--d", type=int, default=128)
+    ap.add_argument("--variants", default="base")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
+    ap.add_argument("--noflex", action="store_true", help="leave FlexAttention out")
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--warm", action="store_true", help="compile only: one call of each variant")
+    args = ap.parse_args(argv)
+    variants = {v: parse_variant(v) for v in args.variants.split(",")}  # bad variants fail before any work
+    if not torch.cuda.is_available():
+        print("ab_attention: needs a CUDA GPU (it times the Triton kernels)", file=sys.stderr)
+        return 2
+    import triton
+
+    import maskdsl as md
+    from maskdsl import bench
+
+    torch.manual_seed(0)
+    flex = None
+    for name in args.workloads.split(","):
+        wl = bench.build(name, args.n)
+        n = wl.n
+        shape = (4, 32, n, args.d)
+        q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        plan = md.prepare(wl.mask, n, n, device="cuda")
+        calls = {}
+        for label, override in variants.items():
+            def call(override=override):
+                _use(override)
+                return md.attention(q, k, v, plan)
+            calls[label] = call
+        if not args.noflex:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            if flex is None:
+                import torch._dynamo as dynamo
+                dynamo.config.cache_size_limit = 1024
+                flex = torch.compile(flex_attention, dynamic=False)
+            block_mask = create_block_mask(wl.mask_mod(torch.device("cuda")), None, None, n, n, device="cuda")
+            calls["flex_default"] = lambda: flex(q, k, v, block_mask=block_mask)
+        steps = {}
+        for label, call in calls.items():
+            def step(call=call):
+                if args.mode == "fwd":
+                    with torch.no_grad():
+                        return call()
+                for t in (q, k, v):
+                    t.grad = None
+                call().backward(dout)
+            steps[label] = step
+        for step in steps.values():
+            step()
+        torch.cuda.synchronize()
+        if args.warm:
+            print(f"warm: {name} N={n} D={args.d}", flush=True)
+            continue
+        est = {label: triton.testing.do_bench(s, warmup=10, rep=50) for label, s in steps.items()}
+        times = {label: [] for label in steps}
+        for r in range(args.rounds):
+            for label in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+                times[label].append(triton.testing.do_bench(steps[label], warmup=max(25, 2 * est[label]),
+                                                            rep=max(100, 8 * est[label])))
+        first = statistics.median(times[next(iter(steps))])
+        for label, ts in times.items():
+            med = statistics.median(ts)
+            line = (f"{label:44s} {name:12s} N={n} D={args.d} {args.mode} median {med:9.3f} min {min(ts):9.3f} "
+                    f"max {max(ts):9.3f} vs first {med / first:6.3f}")
+            if "flex_default" in times:
+                line += f" vs flex {med / statistics.median(times['flex_default']):6.3f}"
+            if args.profile:
+                line += " | " + profile(steps[label])
+            print(line, flush=True)
+        _use({})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
