@@ -84,6 +84,12 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 OVERRIDE: dict = {}
 
 
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim the kernels compute with (``BLOCK_D``): the next power of two, at least 16;
+    the tables are keyed by it."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
 def tile_config(pass_name: str, element_size: int, head_dim: int, kind: str = "sparse") -> TileConfig:
     """The tiles of ``pass_name`` ("fwd", "dq" or "dkdv") for inputs of this element size and
     head dim, for a mask of this ``kind`` ("dense" or "sparse")."""
@@ -91,7 +97,7 @@ def tile_config(pass_name: str, element_size: int, head_dim: int, kind: str = "s
         return OVERRIDE[pass_name]
     if kind not in ("dense", "sparse"):
         raise ValueError(f"kind must be 'dense' or 'sparse', got {kind!r}")
-    padded = max(16, 1 << (head_dim - 1).bit_length())
+    padded = padded_head_dim(head_dim)
     for name, sizes, dims, k, cfg in CONFIGS:
         if name == pass_name and element_size in sizes and padded in dims and k in (kind, "any"):
             return cfg
@@ -103,7 +109,7 @@ def fused_stages(element_size: int, head_dim: int, kind: str = "sparse") -> int 
     where the backward takes two launches (dQ, then dK/dV)."""
     if "fused" in OVERRIDE:
         return OVERRIDE["fused"]
-    padded = max(16, 1 << (head_dim - 1).bit_length())
+    padded = padded_head_dim(head_dim)
     for sizes, dims, k, stages in FUSED_BWD:
         if element_size in sizes and padded in dims and k in (kind, "any"):
             return stages

@@ -16,7 +16,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from .attention import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel, attn_fwd_kernel
-from .configs import TileConfig
+from .configs import TileConfig, padded_head_dim
 
 # Tests set this to fill outputs with NaN before each launch, so that an element
 # a kernel fails to write shows up instead of passing as stale memory.
@@ -70,8 +70,6 @@ def _wide(*tensors: torch.Tensor) -> bool:
                for t in tensors)
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))
 
 
 # (kernel, device, warps, stages asked, constexprs but the predicate) -> the fewer stages that fit,
@@ -127,7 +125,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
          *q.stride(), *k.stride(), *v.stride(), *o.stride(),
          H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e)), q.device,
-        PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=_block_d(D),
+        PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
         EVEN_N=even, PREC=_precision(q.dtype), WIDE=_wide(q, k, v, o), num_warps=cfg.num_warps,
         num_stages=cfg.stages(even),
     )
@@ -144,7 +142,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     h_kv, n_k = k.shape[1], k.shape[2]
     assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
     assert dkdv_lists.block_rows == dkdv_cfg.BLOCK_N and dkdv_lists.block_cols == dkdv_cfg.BLOCK_M
-    block_d = _block_d(D)
+    block_d = padded_head_dim(D)
     delta = new_output((B, H, n_q), q, torch.float32)  # rowsum(dO * O): from the dQ pass, or a pre-pass
     lse = lse.contiguous()
     if out is None:

@@ -23,7 +23,8 @@ def test_every_kernel_compiles_for_sm90():
     assert run.returncode == 0, report
     assert "build_check: 0 failures" in run.stdout, report
     # 3 attention passes x 2 head dims x 2 kinds x (ragged edge, even loop), the int64-offset
-    # forward and dQ, the preprocessing kernel with and without packed rows, the run-arrays kernel
+    # forward and dQ, the one-launch backward (D = 64 and 128 dense, both edges) and its delta
+    # pre-pass, the preprocessing kernel with and without packed rows, the run-arrays kernel
     assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 34, report
 
 

@@ -486,7 +486,6 @@ def test_plan_used_twice(seed, monkeypatch):
         run_and_check(mask, q, k, v, do, target=plan, context=f"plan call {step}, seed {seed}")
 
 
-
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
 def test_int64_offsets_path(layout, seed, monkeypatch):
     """The forward and dQ kernels compute in-head offsets in int32 unless a tensor could overflow
