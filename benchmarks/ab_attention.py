@@ -16,8 +16,8 @@ A variant is ``+``-joined parts, each setting ``kernels.configs.OVERRIDE`` for i
 
 - ``base``: the tuned tables as they are;
 - ``fused:S``: the one-launch backward with S pipeline stages; ``unfused``: two launches;
-- ``ov:PASS=MxNxWxS[;PASS=...]``: that pass's TileConfig (PASS fwd, dq or dkdv), e.g.
-  ``ov:fwd=128x128x8x2;dq=128x128x8x2``.
+- ``ov:PASS=MxNxWxS[xR][;PASS=...]``: that pass's TileConfig (PASS fwd, dq or dkdv; R its
+  ``maxnreg``), e.g. ``ov:fwd=128x128x8x2;dq=128x128x8x2`` or ``ov:dq=64x16x4x2x128``.
 
 ``--warm`` only compiles (one call per variant): run one ``--warm`` process per variant side by
 side first, then the timed run finds Triton's cache warm. ``--profile`` adds per-kernel GPU times
@@ -52,12 +52,13 @@ def parse_variant(text: str) -> dict:
             for item in filter(None, part[3:].split(";")):
                 name, _, tiles = item.partition("=")
                 dims = tiles.lower().split("x")
-                if name not in ("fwd", "dq", "dkdv") or len(dims) != 4 or not all(x.isdigit() for x in dims):
-                    raise ValueError(f"variant {text!r}: expected ov:PASS=MxNxWxS with PASS fwd, dq or dkdv, "
+                if name not in ("fwd", "dq", "dkdv") or len(dims) not in (4, 5) or not all(x.isdigit() for x in dims):
+                    raise ValueError(f"variant {text!r}: expected ov:PASS=MxNxWxS[xR] with PASS fwd, dq or dkdv, "
                                      f"got {item!r}")
-                override[name] = TileConfig(*map(int, dims))
+                m, n, w, st, *reg = map(int, dims)
+                override[name] = TileConfig(m, n, w, st, maxnreg=reg[0] if reg else None)
         else:
-            raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ov:PASS=MxNxWxS)")
+            raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ov:PASS=MxNxWxS[xR])")
     return override
 
 

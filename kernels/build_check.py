@@ -58,8 +58,8 @@ def _predicate():
 
 
 def cases():
-    """(name, kernel, constexprs, num_warps, num_stages, sizes specialised as multiples of 16) for every
-    kernel and tuned 2-byte tile;
+    """(name, kernel, constexprs, num_warps, num_stages, sizes specialised as multiples of 16, maxnreg)
+    for every kernel and tuned 2-byte tile;
     each attention kernel twice: its ragged edge (masked loads, ``TileConfig.ragged_stages``)
     and its even loop."""
     from . import attention as K
@@ -81,14 +81,14 @@ def cases():
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
                     # (aligned lse/delta copies); a ragged edge's N may be anything
                     out.append((f"{pass_name} d={d} {kind} {cfg}{' even' if flag else ''}", kernel, consts,
-                                cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else ()))
+                                cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
     # the int64-offset variant (``WIDE``, for tensors whose in-head offsets could overflow int32)
     for pass_name, kernel in (("fwd", K.attn_fwd_kernel), ("dq", K.attn_bwd_dq_kernel)):
         cfg = configs.tile_config(pass_name, 2, 64, "sparse")
         consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=64, BLOCK_D=64, PREC="tf32",
                       EVEN_N=False, WIDE=True)
         out.append((f"{pass_name} d=64 sparse {cfg} int64 offsets", kernel, consts, cfg.num_warps, cfg.stages(False),
-                    ()))
+                    (), cfg.maxnreg))
     # the one-launch backward where the table uses it, both edges, and its delta pre-pass
     for d in (64, 128):
         for kind in ("dense", "sparse"):
@@ -102,20 +102,21 @@ def cases():
                               WIDE=False)
                 out.append((f"bwd (one launch) d={d} {kind} dq {dq} dkdv {kv} stages {stages}"
                             f"{' even' if flag else ''}", K.attn_bwd_kernel, consts, dq.num_warps, stages,
-                            ("N_Q", "N_K") if flag else ()))
+                            ("N_Q", "N_K") if flag else (), dq.maxnreg if dq.maxnreg == kv.maxnreg else None))
     out.append(("bwd delta pre-pass d=128", K.attn_bwd_delta_kernel, dict(HEAD_D=128, BLOCK_D=128, BLOCK_M=64), 4, 1,
-                ()))
+                (), None))
     for pack in (True, False):
         out.append((f"preprocess 128x128 words={pack}", tensor_mask_blocks_kernel,
-                    dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2, ()))
-    out.append(("run arrays 128 columns", block_rows_kernel, dict(BLOCK=128), 4, 2, ()))
+                    dict(BLOCK_Q=128, BLOCK_K=128, PACK=pack), 4, 2, (), None))
+    out.append(("run arrays 128 columns", block_rows_kernel, dict(BLOCK=128), 4, 2, (), None))
     return out
 
 
-def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int, divisible: tuple = ()):
+def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int, divisible: tuple = (),
+                 maxnreg: int | None = None):
     """Compile one kernel with these constexprs for sm_90 (no GPU needed); the CompiledKernel.
     ``divisible``: integer arguments (sizes) to specialise as multiples of 16, as Triton's launcher
-    does for such values (N_Q and N_K on an even edge)."""
+    does for such values (N_Q and N_K on an even edge); ``maxnreg``: the register cap, as launched."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -129,8 +130,10 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int, divi
                if sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith("stride_")
                                                 or name in divisible)}
     src = ASTSource(kernel, sig, constexprs=constexprs, attrs=aligned)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps,
-                                                                           "num_stages": num_stages})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def ptxas_report(ptx: str) -> tuple[str, bool]:
@@ -172,9 +175,9 @@ def main(argv=None) -> int:
         print("build_check: unset TRITON_INTERPRET (the interpreter does not compile)", file=sys.stderr)
         return 2
     failures = 0
-    for name, kernel, consts, warps, stages, divisible in cases():
+    for name, kernel, consts, warps, stages, divisible, maxnreg in cases():
         try:
-            compiled = compile_sm90(kernel, consts, warps, stages, divisible)
+            compiled = compile_sm90(kernel, consts, warps, stages, divisible, maxnreg)
             shared = compiled.metadata.shared
             ok = bool(compiled.asm.get("cubin")) and shared <= SHARED_LIMIT
             note = f"shared {shared} B"

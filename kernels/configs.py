@@ -22,6 +22,9 @@ class TileConfig:
     # pipeline stages when the loop's tiles are ragged (N not a multiple of the tile): the masked
     # loads' buffers can exceed shared memory at ``num_stages``; None: the same as ``num_stages``
     ragged_stages: int | None = None
+    # registers per thread the compiler may use (Triton's ``maxnreg``), so that more programs share
+    # a multiprocessor; None: as many as the compiler likes
+    maxnreg: int | None = None
 
     def stages(self, even: bool) -> int:
         """The pipeline stages to launch with: ``num_stages``, or ``ragged_stages`` on a ragged edge."""
@@ -35,28 +38,38 @@ class TileConfig:
 # with benchmarks/tune_attention.py --sweep (full / alpaca_seq / lf_global / lf_dilated, N = 8192).
 CONFIGS = [
     ("fwd", (2,), (16, 32, 64), "dense", TileConfig(64, 64, 4, 3)),
-    ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 3)),
+    # sparse masks: their programs walk short rows, so the time of a program's own loads and stores
+    # (Q, O, dQ; K, V, dK, dV) counts as much as its loop; more programs per multiprocessor overlap
+    # them. 2 stages instead of 3 (less shared memory) and, where registers limit, ``maxnreg``
+    # made the three passes 3-22% faster each on LongFormer window / ALPACA / global / MEDUSA
+    # (session 9, H100, docs/benchmarks/data/tune_h100_session9.txt)
+    ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2)),
     # 128 x 128 at 2 stages: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels
     # compute offsets in int32 and ptxas no longer serialises their wgmma (session 7,
     # data/tune_h100_session7.txt); 3 stages of 128 x 128 do not fit on the ragged edge
     ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 2)),
-    # 64 x 32 spills 8 bytes against 64 x 64's 592: 6% faster on lf_window, 19% on alpaca_seq (H100, N = 16384)
-    ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 3)),
+    # 64 x 32 spills 8 bytes against 64 x 64's 592: 6% faster on lf_window, 19% on alpaca_seq (H100, N = 16384);
+    # 2 stages (48 KiB of shared memory): 3-4 programs per multiprocessor instead of 3, 10-22% faster
+    ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 2)),
     ("fwd", (2,), (256,), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
     ("dq", (2,), (16, 32, 64), "dense", TileConfig(64, 128, 4, 3)),
-    ("dq", (2,), (16, 32, 64), "sparse", TileConfig(64, 32, 4, 3)),
+    ("dq", (2,), (16, 32, 64), "sparse", TileConfig(64, 32, 4, 2)),
     # 128 x 128 x 2 stages: 3% faster (fwd+bwd) than 128 x 64 x 3 on causal at N = 8192 (session 7)
     ("dq", (2,), (128,), "dense", TileConfig(128, 128, 8, 2)),
-    ("dq", (2,), (128,), "sparse", TileConfig(64, 32, 4, 3)),
+    # 2 stages: 64 KiB of shared memory instead of 80, so 3 programs per multiprocessor where
+    # registers allow; maxnreg 168 lets them (the document predicates of ALPACA need 176)
+    ("dq", (2,), (128,), "sparse", TileConfig(64, 32, 4, 2, maxnreg=168)),
     ("dq", (2,), (256,), "any", TileConfig(64, 32, 4, 1)),
     ("dq", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 1)),
     ("dq", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
     # 64 x 128 x 4 spills 2 KiB once its wgmma are not serialised (32 ms against 12 on causal,
     # N = 8192, fwd+bwd); 64 x 64 x 4 x 3 is best (session 7)
     ("dkdv", (2,), (16, 32, 64), "dense", TileConfig(64, 64, 4, 3)),
-    ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 3)),
+    # maxnreg 128: 4 programs per multiprocessor instead of 3 (a few bytes spill; MEDUSA's bit-tile
+    # predicate spills more and its dK/dV pass is 6% slower, its forward pass 17% faster)
+    ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128)),
     # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory
     ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2)),
     ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3)),

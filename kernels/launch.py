@@ -77,16 +77,20 @@ def _wide(*tensors: torch.Tensor) -> bool:
 _FITTED: dict = {}
 
 
-def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_stages: int, **constexprs):
+def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_stages: int, maxnreg: int | None = None,
+            **constexprs):
     """``kernel[grid](*args, ...)``. The tiles are tuned for Hopper's 227 KiB of shared memory per
     block; on a device with less (an A100 has 163 KiB, consumer GPUs ~100 KiB) Triton refuses the
     launch, and this retries with fewer pipeline stages (the tiles, and so the block layout, stay),
     remembering what fit. The refusal comes before the kernel runs: nothing is half written.
-    Where the tuned stages fit (Hopper) a launch builds no key: nothing is added to its host time."""
+    Where the tuned stages fit (Hopper) a launch builds no key: nothing is added to its host time.
+    ``maxnreg``: the registers per thread the compiler may use (``TileConfig.maxnreg``), or None."""
     def key():
         return (kernel, str(device), num_warps, num_stages,
                 tuple(sorted((k, v) for k, v in constexprs.items() if k != "PRED")))
 
+    if maxnreg is not None:  # a compile option, passed (and keyed) like the constexprs
+        constexprs["maxnreg"] = maxnreg
     stages = _FITTED.get(key(), num_stages) if _FITTED else num_stages
     while True:
         try:
@@ -127,7 +131,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
          scale * math.log2(math.e)), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
         EVEN_N=even, PREC=_precision(q.dtype), WIDE=_wide(q, k, v, o), num_warps=cfg.num_warps,
-        num_stages=cfg.stages(even),
+        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg,
     )
     return o, lse
 
@@ -165,7 +169,8 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
              meta.stride(0), scale * math.log2(math.e), scale), q.device,
             DQ_BLOCK_M=dq_cfg.BLOCK_M, DQ_BLOCK_N=dq_cfg.BLOCK_N, KV_BLOCK_M=dkdv_cfg.BLOCK_M,
             KV_BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_N=even_n, EVEN_M=even_m, WIDE=_wide(q, k, v, o, do, dq),
-            num_warps=dq_cfg.num_warps, num_stages=fused_stages, **common,
+            num_warps=dq_cfg.num_warps, num_stages=fused_stages,
+            maxnreg=dq_cfg.maxnreg if dq_cfg.maxnreg == dkdv_cfg.maxnreg else None, **common,
         )
         return dq, dk, dv
     _launch(
@@ -175,7 +180,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
          H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale), q.device,
         BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=_wide(q, k, v, o, do, dq),
-        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), **common,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), maxnreg=dq_cfg.maxnreg, **common,
     )
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * dkdv_lists.num_rows,),
@@ -184,6 +189,6 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
          H, h_kv, n_q, n_k, dkdv_lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale), q.device,
         BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=even_m,
-        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.stages(even_m), **common,
+        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.stages(even_m), maxnreg=dkdv_cfg.maxnreg, **common,
     )
     return dq, dk, dv

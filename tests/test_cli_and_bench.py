@@ -178,7 +178,8 @@ def test_ab_attention_variants():
     assert ab.parse_variant("unfused") == {"fused": None}
     assert ab.parse_variant("fused:3+ov:dq=128x64x8x3;dkdv=64x128x8x2") == {
         "fused": 3, "dq": TileConfig(128, 64, 8, 3), "dkdv": TileConfig(64, 128, 8, 2)}
-    for bad in ("fused:0", "fused:x", "ov:bwd=64x64x4x3", "ov:dq=64x64x4", "turbo"):
+    assert ab.parse_variant("ov:dq=64x16x4x2x128") == {"dq": TileConfig(64, 16, 4, 2, maxnreg=128)}
+    for bad in ("fused:0", "fused:x", "ov:bwd=64x64x4x3", "ov:dq=64x64x4", "ov:dq=64x64x4x2x1x1", "turbo"):
         with pytest.raises(ValueError, match="variant"):
             ab.parse_variant(bad)
 

@@ -64,6 +64,28 @@ def test_other_resources_and_one_stage_still_fail():
     assert tiny.tried == [3, 2, 1]
 
 
+def test_register_cap_reaches_the_compiler():
+    """``TileConfig.maxnreg`` goes to the launch as Triton's ``maxnreg`` option (None: not passed),
+    and the fewer-stages memo keeps capped and uncapped launches apart."""
+    k = _Kernel(per_stage=60_000, limit=163 * 1024)
+    launch._launch(k, (1,), (), torch.device("cpu"), num_warps=4, num_stages=3, maxnreg=128, BLOCK_M=64)
+    launch._launch(k, (1,), (), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK_M=64)
+    assert [r[4] for r in k.ran] == [{"BLOCK_M": 64, "maxnreg": 128}, {"BLOCK_M": 64}]
+    assert list(launch._FITTED.values()) == [2] and "maxnreg" in str(next(iter(launch._FITTED)))
+
+
+def test_tuned_register_caps_leave_room():
+    """A tuned ``maxnreg`` lets at least two programs of its warps share a multiprocessor's 64 Ki
+    registers and is one ptxas accepts (a multiple of 8, at least 24)."""
+    from kernels import configs
+
+    capped = [cfg for _, _, _, _, cfg in configs.CONFIGS if cfg.maxnreg is not None]
+    assert capped, "the table caps registers somewhere (session 9)"
+    for cfg in capped:
+        assert 24 <= cfg.maxnreg <= 255 and cfg.maxnreg % 8 == 0, cfg
+        assert 65536 // (cfg.maxnreg * 32 * cfg.num_warps) >= 2, cfg
+
+
 def test_ragged_edge_stage_count():
     from kernels.configs import TileConfig, tile_config
 
