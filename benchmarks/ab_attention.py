@@ -51,12 +51,12 @@ def parse_variant(text: str) -> dict:
         elif part.startswith("ov:"):
             for item in filter(None, part[3:].split(";")):
                 name, _, tiles = item.partition("=")
-                dims = tiles.lower().split("x")
-                if name not in ("fwd", "dq", "dkdv") or len(dims) not in (4, 5) or not all(x.isdigit() for x in dims):
-                    raise ValueError(f"variant {text!r}: expected ov:PASS=MxNxWxS[xR] with PASS fwd, dq or dkdv, "
-                                     f"got {item!r}")
-                m, n, w, st, *reg = map(int, dims)
-                override[name] = TileConfig(m, n, w, st, maxnreg=reg[0] if reg else None)
+                try:
+                    if name not in ("fwd", "dq", "dkdv"):
+                        raise ValueError(f"PASS must be fwd, dq or dkdv, got {name!r}")
+                    override[name] = TileConfig.parse(tiles)
+                except ValueError as e:
+                    raise ValueError(f"variant {text!r}: expected ov:PASS=MxNxWxS[xR] ({e})") from None
         else:
             raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ov:PASS=MxNxWxS[xR])")
     return override

@@ -75,14 +75,12 @@ CANDIDATES = {
 
 
 def parse_candidates(text: str) -> list:
-    """``"64x64x4x2,128x64x8x3"`` (BLOCK_M x BLOCK_N x warps x stages, comma separated) -> TileConfigs."""
-    out = []
-    for item in filter(None, text.split(",")):
-        parts = item.lower().split("x")
-        if len(parts) != 4 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"--candidates: expected BLOCK_MxBLOCK_NxWARPSxSTAGES such as 64x64x4x2, got {item!r}")
-        out.append(TileConfig(*map(int, parts)))
-    return out
+    """``"64x64x4x2,128x64x8x3"`` (BLOCK_M x BLOCK_N x warps x stages[ x maxnreg], comma separated)
+    -> TileConfigs."""
+    try:
+        return [TileConfig.parse(item) for item in filter(None, text.split(","))]
+    except ValueError as e:
+        raise ValueError(f"--candidates: {e}") from None
 
 
 def sweep(passes, dims, names, n, candidates=None):

@@ -26,6 +26,16 @@ class TileConfig:
     # a multiprocessor; None: as many as the compiler likes
     maxnreg: int | None = None
 
+    @classmethod
+    def parse(cls, text: str) -> "TileConfig":
+        """``"64x32x4x2"`` (BLOCK_M x BLOCK_N x warps x stages) or ``"64x32x4x2x168"`` (and maxnreg):
+        the spelling of the benchmark scripts' options."""
+        parts = text.strip().lower().split("x")
+        if len(parts) not in (4, 5) or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"expected BLOCK_MxBLOCK_NxWARPSxSTAGES[xMAXNREG] such as 64x32x4x2, got {text!r}")
+        m, n, warps, stages, *reg = map(int, parts)
+        return cls(m, n, warps, stages, maxnreg=reg[0] if reg else None)
+
     def stages(self, even: bool) -> int:
         """The pipeline stages to launch with: ``num_stages``, or ``ragged_stages`` on a ragged edge."""
         return self.num_stages if even or self.ragged_stages is None else self.ragged_stages

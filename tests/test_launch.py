@@ -74,6 +74,16 @@ def test_register_cap_reaches_the_compiler():
     assert list(launch._FITTED.values()) == [2] and "maxnreg" in str(next(iter(launch._FITTED)))
 
 
+def test_tile_config_spelling():
+    from kernels.configs import TileConfig
+
+    assert TileConfig.parse("64x32x4x2") == TileConfig(64, 32, 4, 2)
+    assert TileConfig.parse("64X32x4x2x168") == TileConfig(64, 32, 4, 2, maxnreg=168)
+    for bad in ("64x32x4", "64x32x4x2x1x1", "64x32x0x2", "64xx4x2", "a"):
+        with pytest.raises(ValueError, match="BLOCK_MxBLOCK_N"):
+            TileConfig.parse(bad)
+
+
 def test_tuned_register_caps_leave_room():
     """A tuned ``maxnreg`` lets at least two programs of its warps share a multiprocessor's 64 Ki
     registers and is one ptxas accepts (a multiple of 8, at least 24)."""
