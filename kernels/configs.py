@@ -51,8 +51,8 @@ CONFIGS = [
     # sparse masks: their programs walk short rows, so the time of a program's own loads and stores
     # (Q, O, dQ; K, V, dK, dV) counts as much as its loop; more programs per multiprocessor overlap
     # them. 2 stages instead of 3 (less shared memory) and, where registers limit, ``maxnreg``
-    # made the three passes 3-22% faster each on LongFormer window / ALPACA / global / MEDUSA
-    # (session 9, H100, docs/benchmarks/data/tune_h100_session9.txt)
+    # made most passes 1-23% faster on LongFormer window / ALPACA / global / MEDUSA (two were 4-7%
+    # slower, far outweighed: session 9, H100, docs/benchmarks/attention_h100.md)
     ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2)),
     # 128 x 128 at 2 stages: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels
     # compute offsets in int32 and ptxas no longer serialises their wgmma (session 7,
