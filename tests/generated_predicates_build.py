@@ -3,8 +3,8 @@
 Run by tests/test_kernel_build.py in a subprocess without TRITON_INTERPRET: kernels.build_check
 compiles the kernels with a stand-in predicate; this compiles them with the code maskdsl
 generates for every kind of table read (1-D tables, packed 16 x 32 tiles of a TensorMask,
-Euler-tour times, scalars, lifted constants, a power-of-two modulus), and checks that ptxas keeps
-their tensor-core instructions asynchronous. Prints "ok <name>" per mask and exits 1 on any failure.
+Euler-tour times, scalars, lifted constants, a power-of-two modulus), the one-launch backward
+included, and checks that ptxas keeps their tensor-core instructions asynchronous. Prints "ok <name>" per mask and exits 1 on any failure.
 """
 from __future__ import annotations
 
@@ -45,6 +45,12 @@ def main() -> int:
                 assert compiled.asm.get("cubin")
                 # a predicate's code must not make ptxas serialise the kernel's wgmma (C7515)
                 assert not ptxas_report(compiled.asm["ptx"])[1], f"ptxas serialises {kernel.__name__}'s wgmma"
+            # the one-launch backward runs the same dQ and dK/dV bodies behind a branch on the program
+            consts = dict(PRED=pred, DQ_BLOCK_M=64, DQ_BLOCK_N=64, KV_BLOCK_M=64, KV_BLOCK_N=64, HEAD_D=64,
+                          BLOCK_D=64, EVEN_N=False, EVEN_M=False, PREC="tf32", WIDE=False)
+            compiled = compile_sm90(K.attn_bwd_kernel, consts, 4, 2)
+            assert compiled.asm.get("cubin")
+            assert not ptxas_report(compiled.asm["ptx"])[1], "ptxas serialises attn_bwd_kernel's wgmma"
             print(f"ok {name}", flush=True)
         except Exception as e:  # noqa: BLE001 - report every mask, then fail
             failures += 1
