@@ -102,7 +102,7 @@ def cases():
                               WIDE=False)
                 out.append((f"bwd (one launch) d={d} {kind} dq {dq} dkdv {kv} stages {stages}"
                             f"{' even' if flag else ''}", K.attn_bwd_kernel, consts, dq.num_warps, stages,
-                            ("N_Q", "N_K") if flag else (), dq.maxnreg if dq.maxnreg == kv.maxnreg else None))
+                            ("N_Q", "N_K") if flag else (), configs.fused_maxnreg(dq, kv)))
     out.append(("bwd delta pre-pass d=128", K.attn_bwd_delta_kernel, dict(HEAD_D=128, BLOCK_D=128, BLOCK_M=64), 4, 1,
                 (), None))
     for pack in (True, False):

@@ -127,6 +127,12 @@ def tile_config(pass_name: str, element_size: int, head_dim: int, kind: str = "s
     raise ValueError(f"no {pass_name} tile configuration for {element_size}-byte elements and head dim {head_dim}")
 
 
+def fused_maxnreg(dq: TileConfig, dkdv: TileConfig) -> int | None:
+    """The register cap of the one-launch backward, whose programs run the dQ and the dK/dV tiles:
+    theirs where both tiles name the same cap, else None (no cap)."""
+    return dq.maxnreg if dq.maxnreg == dkdv.maxnreg else None
+
+
 def fused_stages(element_size: int, head_dim: int, kind: str = "sparse") -> int | None:
     """Pipeline stages of the one-launch backward for these inputs and this mask ``kind``, or None
     where the backward takes two launches (dQ, then dK/dV)."""

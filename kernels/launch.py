@@ -16,7 +16,7 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from .attention import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel, attn_fwd_kernel
-from .configs import TileConfig, padded_head_dim
+from .configs import TileConfig, fused_maxnreg, padded_head_dim
 
 # Tests set this to fill outputs with NaN before each launch, so that an element
 # a kernel fails to write shows up instead of passing as stale memory.
@@ -68,8 +68,6 @@ def _wide(*tensors: torch.Tensor) -> bool:
     """Whether any tensor's in-head offsets can reach ``OFFSET_LIMIT`` (int32 would overflow)."""
     return any((t.shape[-2] + _TILE_MARGIN) * abs(t.stride(-2)) + t.shape[-1] * abs(t.stride(-1)) >= OFFSET_LIMIT
                for t in tensors)
-
-
 
 
 # (kernel, device, warps, stages asked, constexprs but the predicate) -> the fewer stages that fit,
@@ -170,7 +168,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
             DQ_BLOCK_M=dq_cfg.BLOCK_M, DQ_BLOCK_N=dq_cfg.BLOCK_N, KV_BLOCK_M=dkdv_cfg.BLOCK_M,
             KV_BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_N=even_n, EVEN_M=even_m, WIDE=_wide(q, k, v, o, do, dq),
             num_warps=dq_cfg.num_warps, num_stages=fused_stages,
-            maxnreg=dq_cfg.maxnreg if dq_cfg.maxnreg == dkdv_cfg.maxnreg else None, **common,
+            maxnreg=fused_maxnreg(dq_cfg, dkdv_cfg), **common,
         )
         return dq, dk, dv
     _launch(

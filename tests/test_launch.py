@@ -84,6 +84,16 @@ def test_tile_config_spelling():
             TileConfig.parse(bad)
 
 
+def test_one_launch_register_cap():
+    """The one-launch backward takes a cap only where its dQ and dK/dV tiles name the same one."""
+    from kernels.configs import TileConfig, fused_maxnreg
+
+    capped, other, free = (TileConfig(64, 32, 4, 2, maxnreg=r) for r in (128, 168, None))
+    assert fused_maxnreg(capped, capped) == 128
+    assert fused_maxnreg(capped, other) is None and fused_maxnreg(free, capped) is None
+    assert fused_maxnreg(free, free) is None
+
+
 def test_tuned_register_caps_leave_room():
     """A tuned ``maxnreg`` lets at least two programs of its warps share a multiprocessor's 64 Ki
     registers and is one ptxas accepts (a multiple of 8, at least 24)."""
