@@ -9,13 +9,15 @@ Differences of a few percent drown in run-to-run drift (the GPU's clocks move as
 so whatever runs later in a sequential sweep runs slower). Here every round times each variant
 once (``triton.testing.do_bench``, median), the order alternating between rounds, and the report
 is the median over rounds with its min and max, and the ratios to the first variant and to
-FlexAttention (default kernel options). B=4, H=32, bf16, q/k/v [B, H, N, D]; ``--mode fwd`` or
+FlexAttention (default kernel options; with ``--flex64`` the faster of those and 64 x 64 blocks). B=4, H=32, bf16, q/k/v [B, H, N, D]; ``--mode fwd`` or
 ``fwdbwd`` (gradients reset to None before each call, for every provider).
 
 A variant is ``+``-joined parts, each setting ``kernels.configs.OVERRIDE`` for its calls:
 
 - ``base``: the tuned tables as they are;
 - ``fused:S``: the one-launch backward with S pipeline stages; ``unfused``: two launches;
+- ``ds`` / ``nods``: the backward with / without stored dS (``configs.STORED_DS``; memory allowing);
+  ``ds:RxWxS``: with it, its dQ pass taking R query blocks per program, W warps, S stages;
 - ``ov:PASS=MxNxWxS[xR][;PASS=...]``: that pass's TileConfig (PASS fwd, dq or dkdv; R its
   ``maxnreg``), e.g. ``ov:fwd=128x128x8x2;dq=128x128x8x2`` or ``ov:dq=64x16x4x2x128``.
 
@@ -46,6 +48,11 @@ def parse_variant(text: str) -> dict:
             continue
         if part.startswith("fused:") and part[6:].isdigit() and int(part[6:]) >= 1:
             override["fused"] = int(part[6:])
+        elif part in ("ds", "nods"):
+            override["stored_ds"] = part == "ds"
+        elif part.startswith("ds:") and len(part[3:].split("x")) == 3 and part[3:].replace("x", "").isdigit():
+            rows, warps, stages = map(int, part[3:].split("x"))
+            override.update(stored_ds=True, ds_rows=rows, ds_warps=warps, ds_stages=stages)
         elif part == "unfused":
             override["fused"] = None
         elif part.startswith("ov:"):
@@ -58,7 +65,8 @@ def parse_variant(text: str) -> dict:
                 except ValueError as e:
                     raise ValueError(f"variant {text!r}: expected ov:PASS=MxNxWxS[xR] ({e})") from None
         else:
-            raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ov:PASS=MxNxWxS[xR])")
+            raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ds, nods, ds:RxWxS, "
+                             "ov:PASS=MxNxWxS[xR])")
     return override
 
 
@@ -91,6 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--mode", choices=("fwd", "fwdbwd"), default="fwdbwd")
     ap.add_argument("--noflex", action="store_true", help="leave FlexAttention out")
+    ap.add_argument("--flex64", action="store_true",
+                    help="also time FlexAttention with 64 x 64 blocks (kernel_options BLOCK_M = BLOCK_N = 64); "
+                         "'vs flex' is then against the faster of the two")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--warm", action="store_true", help="compile only: one call of each variant")
     args = ap.parse_args(argv)
@@ -126,6 +137,8 @@ def main(argv=None) -> int:
                 flex = torch.compile(flex_attention, dynamic=False)
             block_mask = create_block_mask(wl.mask_mod(torch.device("cuda")), None, None, n, n, device="cuda")
             calls["flex_default"] = lambda: flex(q, k, v, block_mask=block_mask)
+            if args.flex64:  # FlexAttention's other option (as the harness's flex_64): the faster of the two counts
+                calls["flex_64"] = lambda: flex(q, k, v, block_mask=block_mask, kernel_options=dict(bench.FLEX_64))
         steps = {}
         for label, call in calls.items():
             def step(call=call):
@@ -153,8 +166,9 @@ def main(argv=None) -> int:
             med = statistics.median(ts)
             line = (f"{label:44s} {name:12s} N={n} D={args.d} {args.mode} median {med:9.3f} min {min(ts):9.3f} "
                     f"max {max(ts):9.3f} vs first {med / first:6.3f}")
-            if "flex_default" in times:
-                line += f" vs flex {med / statistics.median(times['flex_default']):6.3f}"
+            flexes = [statistics.median(times[f]) for f in ("flex_default", "flex_64") if f in times]
+            if flexes:
+                line += f" vs flex {med / min(flexes):6.3f}"
             if args.profile:
                 line += " | " + profile(steps[label])
             print(line, flush=True)

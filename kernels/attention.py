@@ -322,8 +322,10 @@ def _dkdv_block(
     dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d, meta,
     stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
     PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, DS_TILE=None, STORE_DS: tl.constexpr = False,
 ):
+    """dK and dV of one (key block, query block) tile; with ``STORE_DS`` it also writes the tile's
+    dS^T (``[BLOCK_N, BLOCK_M]``, row-major, unscaled) at ``DS_TILE`` for ``attn_bwd_dq_ds_kernel``."""
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     p_q = Q_BASE + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
     p_do = DO_BASE + offs_m[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod
@@ -347,6 +349,9 @@ def _dkdv_block(
     dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
     b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
     b_dst = b_pt * (b_dpt - delta[None, :])
+    if STORE_DS:
+        ds_offs = tl.arange(0, offs_n.shape[0])[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
+        tl.store(DS_TILE + ds_offs, b_dst.to(DS_TILE.dtype.element_ty))
     dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
     return dk, dv
 
@@ -365,8 +370,11 @@ def _dkdv_program(
     H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
+    DS=None, DS_PTR=None, T_MAX=0, STORE_DS: tl.constexpr = False,
 ):
-    """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group."""
+    """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group. With
+    ``STORE_DS``, each tile's dS^T goes to ``DS`` too: per query head ``T_MAX`` tiles of
+    ``BLOCK_N x BLOCK_M``, this key block's first at ``DS_PTR[row]``, the rest in visiting order."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     i_b = i_bhk // HKV
     i_hk = i_bhk % HKV
@@ -391,18 +399,27 @@ def _dkdv_program(
         LSE_BASE = LSE + (i_b * H + i_h).to(tl.int64) * N_Q
         DELTA_BASE = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
+        ds_first = None
+        if STORE_DS:  # this head's tiles of this key block, in the order the loops below visit them
+            ds_first = DS + ((i_b * H + i_h).to(tl.int64) * T_MAX + tl.load(DS_PTR + row)) * (BLOCK_N * BLOCK_M)
         for f in range(lo, hi):
             i_m = _full_block(FULL_IDX, f, contiguous)
+            ds_tile = None
+            if STORE_DS:
+                ds_tile = ds_first + (f - lo).to(tl.int64) * (BLOCK_N * BLOCK_M)
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
-                                 PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
+                                 PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
         p0 = tl.load(PART_PTR + row)
         p1 = tl.load(PART_PTR + row + 1)
         for p in range(p0, p1):
             i_m = tl.load(PART_IDX + p)
+            ds_tile = None
+            if STORE_DS:
+                ds_tile = ds_first + (hi - lo + p - p0).to(tl.int64) * (BLOCK_N * BLOCK_M)
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  meta, stride_qm, stride_qd, stride_dom, stride_dod, N_Q, qk_scale,
-                                 PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC)
+                                 PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
 
     dk = dk * sm_scale
     p_dk = (DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -423,9 +440,9 @@ def attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
+    H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, DS, DS_PTR, T_MAX,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
 ):
     i_bhk, i_n = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     _dkdv_program(
@@ -435,8 +452,54 @@ def attn_bwd_dkdv_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
-        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC,
+        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, DS, DS_PTR, T_MAX, STORE_DS,
     )
+
+
+@triton.jit
+def attn_bwd_dq_ds_kernel(
+    K, DS, DQ, TILE_PTR, TILE_KB, TILE_ID, ORDER, NUM_HEAVY,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, T_MAX, sm_scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+):
+    """dQ of ``ROW_TILES`` consecutive query blocks (of ``BLOCK_M``) from the dS^T tiles the dK/dV
+    pass stored (``STORE_DS``): dQ^T = sum over key blocks of K^T dS^T, one product per key block
+    and nothing recomputed (S = QK^T, its exponentials and dP = dO V^T are the dK/dV pass's). Each
+    K tile serves all ``ROW_TILES`` query blocks. For e in ``TILE_PTR[row]:TILE_PTR[row + 1]``:
+    key block ``TILE_KB[e]`` and the numbers ``TILE_ID[e * ROW_TILES + t]`` of its tiles with the
+    query blocks t of the row (-1 where that tile is empty: zeros)."""
+    i_bh, i_r = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    row = (i_b * PAIR_B + i_h * PAIR_H) * NUM_ROWS + i_r
+    WIDTH: tl.constexpr = ROW_TILES * BLOCK_M
+    offs_t = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, WIDTH)
+    K_BASE = K + i_b.to(tl.int64) * stride_kb + (i_h // GROUP).to(tl.int64) * stride_kh
+    DS_BASE = DS + i_bh.to(tl.int64) * T_MAX * (BLOCK_N * BLOCK_M)
+    ds_offs = offs_t[:, None] * BLOCK_M + (cols % BLOCK_M)[None, :]
+    acc = tl.zeros([BLOCK_D, WIDTH], tl.float32)
+    e0 = tl.load(TILE_PTR + row)
+    e1 = tl.load(TILE_PTR + row + 1)
+    for e in range(e0, e1):
+        offs_n = tl.load(TILE_KB + e) * BLOCK_N + offs_t
+        p_kt = K_BASE + offs_n[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+        if EVEN_N and HEAD_D == BLOCK_D:
+            b_kt = tl.load(p_kt)
+        else:  # keys past N_K: zeros, whatever their dS^T rows hold
+            b_kt = tl.load(p_kt, mask=(offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D), other=0.0)
+        ids = tl.load(TILE_ID + e * ROW_TILES + cols // BLOCK_M)
+        b_dst = tl.load(DS_BASE + ids[None, :].to(tl.int64) * (BLOCK_N * BLOCK_M) + ds_offs, mask=ids[None, :] >= 0,
+                        other=0.0)
+        acc = tl.dot(b_kt, b_dst, acc, input_precision=PREC)
+    offs_m = i_r * WIDTH + cols
+    p_dq = (DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+            + offs_m[None, :].to(tl.int64) * stride_dqm + offs_d[:, None] * stride_dqd)
+    tl.store(p_dq, (acc * sm_scale).to(DQ.dtype.element_ty), mask=(offs_m[None, :] < N_Q) & (offs_d[:, None] < HEAD_D))
 
 
 # ---------------------------------------------------------------------------

@@ -25,9 +25,9 @@ SHARED_LIMIT = 227 * 1024
 
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
-         "sm_scale": "fp32"}
+         "sm_scale": "fp32", "DS": "*bf16"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
-              "WORDS"}
+              "WORDS", "DS_PTR", "TILE_PTR", "TILE_KB", "TILE_ID"}
 
 
 def _signature(kernel, constexprs: dict) -> dict:
@@ -63,7 +63,7 @@ def cases():
     each attention kernel twice: its ragged edge (masked loads, ``TileConfig.ragged_stages``)
     and its even loop."""
     from . import attention as K
-    from . import configs
+    from . import configs, launch
     from .preprocess import block_rows_kernel, tensor_mask_blocks_kernel
 
     pred = _predicate()
@@ -78,6 +78,8 @@ def cases():
                                   PREC="tf32", **{even: flag})
                     if "WIDE" in kernel.arg_names:  # the kernels with an int64-offset variant
                         consts["WIDE"] = False
+                    if "STORE_DS" in kernel.arg_names:
+                        consts["STORE_DS"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
                     # (aligned lse/delta copies); a ragged edge's N may be anything
                     out.append((f"{pass_name} d={d} {kind} {cfg}{' even' if flag else ''}", kernel, consts,
@@ -89,6 +91,24 @@ def cases():
                       EVEN_N=False, WIDE=True)
         out.append((f"{pass_name} d=64 sparse {cfg} int64 offsets", kernel, consts, cfg.num_warps, cfg.stages(False),
                     (), cfg.maxnreg))
+    # the backward with stored dS where the table uses it: the dK/dV pass that stores dS^T and the dQ pass
+    for d in (64, 128):
+        for kind in ("dense", "sparse"):
+            if not configs.stored_ds(2, d, kind):
+                continue
+            cfg = configs.tile_config("dkdv", 2, d, kind)
+            for flag in (False, True):
+                consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
+                              EVEN_M=flag, STORE_DS=True)
+                out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
+                            consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
+                rows = configs.stored_ds_row_tiles(cfg)
+                consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, ROW_TILES=rows, HEAD_D=d, BLOCK_D=d,
+                              EVEN_N=flag, PREC="tf32")
+                out.append((f"dq from stored dS d={d} {kind} {rows} x {cfg.BLOCK_M}x{cfg.BLOCK_N}"
+                            f"{' even' if flag else ''}", K.attn_bwd_dq_ds_kernel, consts, launch.STORED_DS_WARPS,
+                            launch.STORED_DS_STAGES,
+                            ("N_Q", "N_K") if flag else (), None))
     # the one-launch backward where the table uses it, both edges, and its delta pre-pass
     for d in (64, 128):
         for kind in ("dense", "sparse"):

@@ -100,10 +100,33 @@ FUSED_BWD = [
     ((2,), (64, 128), "dense", 2),
 ]
 
+# The backward with stored dS (``launch.DsTiles``): the dK/dV pass, which computes every tile's
+# dS^T anyway, writes it to a temporary buffer, and the dQ pass multiplies those tiles by K instead
+# of recomputing S = QK^T, P and dP = dO V^T (five tile products in all instead of seven, plus a
+# delta pre-pass and the buffer's traffic). (element sizes, head dims, kind). The buffer holds
+# ``dkdv`` tiles of BLOCK_N x BLOCK_M elements per non-empty tile and query head; it is used only
+# while it is at most STORED_DS_MEMORY times the bytes of q, k and v together, else the dQ pass
+# recomputes as usual.
+STORED_DS = [
+    ((2,), (128,), "sparse"),
+]
+STORED_DS_MEMORY = 2.0
+# its dQ pass multiplies each K tile by the dS^T tiles of this many query rows at once
+STORED_DS_ROWS = 128
+
+
+def stored_ds_row_tiles(dkdv: TileConfig) -> int:
+    """Query blocks (of the dK/dV tile's ``BLOCK_M``) per program of the dQ pass from stored dS."""
+    rows = OVERRIDE.get("ds_rows", max(1, STORED_DS_ROWS // dkdv.BLOCK_M))
+    if rows < 1 or rows & (rows - 1):
+        raise ValueError(f"query blocks per program of the stored-dS dQ pass must be a power of two, got {rows}")
+    return rows
+
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # pass name -> TileConfig used instead of the table (tests: small tiles under the interpreter);
-# "fused" -> the one-launch backward's stages (None: two launches) instead of FUSED_BWD
+# "fused" -> the one-launch backward's stages (None: two launches) instead of FUSED_BWD;
+# "stored_ds" -> True / False instead of STORED_DS (the memory limit still applies)
 OVERRIDE: dict = {}
 
 
@@ -131,6 +154,15 @@ def fused_maxnreg(dq: TileConfig, dkdv: TileConfig) -> int | None:
     """The register cap of the one-launch backward, whose programs run the dQ and the dK/dV tiles:
     theirs where both tiles name the same cap, else None (no cap)."""
     return dq.maxnreg if dq.maxnreg == dkdv.maxnreg else None
+
+
+def stored_ds(element_size: int, head_dim: int, kind: str = "sparse") -> bool:
+    """Whether the backward for these inputs and this mask ``kind`` stores dS (``STORED_DS``),
+    memory allowing (``STORED_DS_MEMORY``)."""
+    if "stored_ds" in OVERRIDE:
+        return bool(OVERRIDE["stored_ds"])
+    padded = padded_head_dim(head_dim)
+    return any(element_size in sizes and padded in dims and k in (kind, "any") for sizes, dims, k in STORED_DS)
 
 
 def fused_stages(element_size: int, head_dim: int, kind: str = "sparse") -> int | None:

@@ -15,7 +15,9 @@ import torch
 import triton
 from triton.runtime.errors import OutOfResources
 
-from .attention import attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_kernel, attn_bwd_kernel, attn_fwd_kernel
+from .attention import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_ds_kernel, attn_bwd_dq_kernel,
+                        attn_bwd_kernel, attn_fwd_kernel)
+from . import configs
 from .configs import TileConfig, fused_maxnreg, padded_head_dim
 
 # Tests set this to fill outputs with NaN before each launch, so that an element
@@ -47,6 +49,27 @@ class Lists:
 
     def args(self):
         return (*self.tensors(), self.num_heavy)
+
+
+@dataclass(frozen=True)
+class DsTiles:
+    """Where the dK/dV pass stores each tile's dS^T and where the dQ pass finds it (the backward
+    with stored dS, ``configs.STORED_DS``), for the tiles of the dK/dV layout. Per query head the
+    tiles of its (batch, head) pair are numbered in the order the dK/dV programs visit them:
+    ``k_first[pair * Mk + kb]`` is key block kb's first. The dQ pass takes ``row_tiles`` query
+    blocks at a time: per such row (``pair * num_rows + r``) the CSR ``q_ptr`` lists the key blocks
+    ``q_kb`` any of them has a tile with, and ``q_id`` (``row_tiles`` per key block) those tiles'
+    numbers, -1 where a query block has none."""
+
+    k_first: torch.Tensor  # [P * Mk] int32
+    q_ptr: torch.Tensor  # [P * num_rows + 1]
+    q_kb: torch.Tensor
+    q_id: torch.Tensor
+    order: torch.Tensor  # rows of each (batch, head), the heaviest first (as ``Lists.order``)
+    num_heavy: int
+    num_rows: int  # ceil(Mq / row_tiles)
+    row_tiles: int
+    t_max: int  # tiles per query head (the most of any pair)
 
 
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
@@ -135,11 +158,15 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
 
 
 def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, pair_b: int, pair_h: int, pred,
-             scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig, fused_stages: int | None = None, out=None):
+             scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig, fused_stages: int | None = None, out=None,
+             ds_tiles: DsTiles | None = None):
     """(dq, dk, dv) in the dtypes of q, k, v. Deterministic: no atomics. ``out``: three tensors
     shaped like q, k, v (any strides) to write the gradients into. ``fused_stages``: run the dQ and
     dK/dV programs in one launch with these pipeline stages (``configs.FUSED_BWD``), where both
-    tiles take the same warps and no row is scheduled first as heavy; None: two launches."""
+    tiles take the same warps and no row is scheduled first as heavy; None: two launches.
+    ``ds_tiles``: the backward with stored dS instead (``configs.STORED_DS``): a delta pre-pass, the
+    dK/dV pass writing every tile's dS^T to a temporary buffer (``ds_tiles.t_max`` tiles per query
+    head), and a dQ pass that multiplies those tiles by K (``dq_lists``/``dq_cfg`` unused)."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
@@ -154,6 +181,25 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
     even_n, even_m = n_k % dq_cfg.BLOCK_N == 0, n_q % dkdv_cfg.BLOCK_M == 0
+    if ds_tiles is not None:
+        tile = dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M
+        ds = new_output((B * H * ds_tiles.t_max * tile,), q)
+        _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)),
+                (o, do, delta, *o.stride(), *do.stride(), H, n_q), q.device,
+                HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
+        _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common,
+              ds=ds, ds_tiles=ds_tiles)
+        _launch(
+            attn_bwd_dq_ds_kernel, (B * H * ds_tiles.num_rows,),
+            (k, ds, dq, ds_tiles.q_ptr, ds_tiles.q_kb, ds_tiles.q_id, ds_tiles.order, ds_tiles.num_heavy,
+             *k.stride(), *dq.stride(), H, n_q, n_k, ds_tiles.num_rows, B * H, H // h_kv, pair_b, pair_h,
+             ds_tiles.t_max, scale), q.device,
+            BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, ROW_TILES=ds_tiles.row_tiles, HEAD_D=D,
+            BLOCK_D=block_d, EVEN_N=n_k % dkdv_cfg.BLOCK_N == 0, PREC=common["PREC"],
+            num_warps=configs.OVERRIDE.get("ds_warps", STORED_DS_WARPS),
+            num_stages=configs.OVERRIDE.get("ds_stages", STORED_DS_STAGES),
+        )
+        return dq, dk, dv
     if (fused_stages is not None and dq_lists.num_heavy == 0 and dkdv_lists.num_heavy == 0
             and dq_cfg.num_warps == dkdv_cfg.num_warps):
         _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)),
@@ -180,13 +226,27 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=_wide(q, k, v, o, do, dq),
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), maxnreg=dq_cfg.maxnreg, **common,
     )
-    _launch(
-        attn_bwd_dkdv_kernel, (B * h_kv * dkdv_lists.num_rows,),
-        (q, k, v, do, dk, dv, lse, delta, meta, *dkdv_lists.args(),
-         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-         H, h_kv, n_q, n_k, dkdv_lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
-         scale * math.log2(math.e), scale), q.device,
-        BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_M=even_m,
-        num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.stages(even_m), maxnreg=dkdv_cfg.maxnreg, **common,
-    )
+    _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common)
     return dq, dk, dv
+
+
+# the dQ pass from stored dS (a stream of K and dS^T tiles, no other work): its warps and stages
+STORED_DS_WARPS = 8
+STORED_DS_STAGES = 3
+
+
+def _dkdv(q, k, v, do, dk, dv, lse, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,
+          common: dict, ds=None, ds_tiles: DsTiles | None = None):
+    """Launch the dK/dV pass (delta already written); with ``ds``, it stores every tile's dS^T there."""
+    B, H, n_q, _ = q.shape
+    h_kv, n_k = k.shape[1], k.shape[2]
+    ds_args = (ds, ds_tiles.k_first, ds_tiles.t_max) if ds is not None else (None, None, 0)
+    _launch(
+        attn_bwd_dkdv_kernel, (B * h_kv * lists.num_rows,),
+        (q, k, v, do, dk, dv, lse, delta, meta, *lists.args(),
+         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+         H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
+         scale * math.log2(math.e), scale, *ds_args), q.device,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
+    )

@@ -15,8 +15,8 @@ import threading
 import numpy as np
 import torch
 
-from kernels.configs import fused_stages, tile_config
-from kernels.launch import Lists
+from kernels.configs import fused_stages, stored_ds, stored_ds_row_tiles, tile_config
+from kernels.launch import DsTiles, Lists
 
 from . import codegen
 from . import reorder as _reorder
@@ -142,6 +142,31 @@ class Plan:
             self._lists[key] = got
         return got
 
+    def stored_ds(self, element_size: int, head_dim: int) -> bool:
+        """Whether the backward for these inputs may store dS (``configs.STORED_DS``), memory allowing."""
+        return stored_ds(element_size, head_dim, self.kind)
+
+    def ds_tile_count(self, block_q: int, block_k: int) -> int:
+        """Non-empty tiles of the (block_q, block_k) layout of the (batch, head) pair that has the most:
+        the dS^T tiles per query head of the backward with stored dS."""
+        key = (block_q, block_k, "ds count")
+        got = self._lists.get(key)
+        if got is None:
+            bm = self.layout(block_q, block_k).block_matrix
+            got = int(bm.reshape(-1, bm.shape[-2] * bm.shape[-1]).sum(1).max()) if bm.numel() else 0
+            self._lists[key] = got
+        return got
+
+    def ds_tiles(self, block_q: int, block_k: int, row_tiles: int) -> DsTiles:
+        """The tile numbering of the backward with stored dS, for the dK/dV layout (block_q, block_k),
+        its dQ pass taking ``row_tiles`` query blocks at a time."""
+        key = (block_q, block_k, "ds", row_tiles)
+        got = self._lists.get(key)
+        if got is None:
+            got = _ds_tiles(self.layout(block_q, block_k), self.device, row_tiles)
+            self._lists[key] = got
+        return got
+
     def warm(self, element_size: int, head_dim: int) -> "Plan":
         """Build the lists the kernels use for this element size and head dim now, not at the first call."""
         if self.interleaved:
@@ -151,6 +176,8 @@ class Plan:
         for name, by in (("fwd", "q"), ("dq", "q"), ("dkdv", "k")):
             cfg = self.tiles(name, element_size, head_dim)
             self.lists(cfg.BLOCK_M, cfg.BLOCK_N, by)
+        if self.stored_ds(element_size, head_dim):
+            self.ds_tiles(cfg.BLOCK_M, cfg.BLOCK_N, stored_ds_row_tiles(cfg))
         self.meta  # noqa: B018 - generate the predicate and move the data now
         return self
 
@@ -174,11 +201,8 @@ def _lists(lay, by: str, device) -> Lists:
     iptr = flat_cov[ptr_np]
     first = np.repeat(start_np - flat_cov[:-1], flat_len)
     idx = np.arange(flat_cov[-1], dtype=np.int64) + first
-    # rows go heaviest first within each (batch, head); the rows much heavier than the mean
-    # (made dense by global tokens) of every head go before all others, so they never trail the grid
-    per_row = work.reshape(-1, rows).sum(0)
-    order = np.argsort(-per_row, kind="stable").astype(np.int32)
-    heavy = int((per_row > 2 * max(per_row.mean(), 1)).sum()) if rows else 0
+    # rows go heaviest first within each (batch, head), those made dense by global tokens first of all
+    order, heavy = _heaviest_first(work.reshape(-1, rows).sum(0))
 
     def dev(t):
         t = torch.as_tensor(t)
@@ -187,6 +211,47 @@ def _lists(lay, by: str, device) -> Lists:
 
     return Lists(dev(ptr), dev(start), dev(end), dev(iptr), dev(idx), dev(pptr), dev(pidx), dev(order), heavy,
                  rows, rb, cb)
+
+
+def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
+    """(order, num_heavy) of ``Lists``: rows the heaviest first; the rows much heavier than the mean
+    (made dense by global tokens) are the ones every head schedules before all others."""
+    order = np.argsort(-per_row, kind="stable").astype(np.int32)
+    heavy = int((per_row > 2 * max(per_row.mean(), 1)).sum()) if per_row.size else 0
+    return order, heavy
+
+
+def _ds_tiles(lay, device, row_tiles: int) -> DsTiles:
+    """Number the non-empty tiles of each (batch, head) pair in the order the dK/dV programs visit
+    them (per key block: its full query blocks ascending, then its partial ones ascending: see
+    ``attn_bwd_dkdv_kernel``), and list per row of ``row_tiles`` query blocks the key blocks its
+    tiles have and their numbers."""
+    mq, mk = lay.num_q_blocks, lay.num_k_blocks
+    block = lay.block_matrix.reshape(-1, mq, mk).numpy()
+    full = lay.full_matrix.reshape(-1, mq, mk).numpy() & block
+    part = block & ~full
+    rank = np.where(full, np.cumsum(full, axis=1) - full,
+                    full.sum(axis=1, keepdims=True) + np.cumsum(part, axis=1) - part)
+    per_col = block.sum(axis=1)  # [P, Mk]
+    first = np.cumsum(per_col, axis=1) - per_col  # each key block's first tile, per pair
+    ids = np.where(block, first[:, None, :] + rank, -1)  # [P, Mq, Mk]
+    rows = -(-mq // row_tiles)
+    pad = rows * row_tiles - mq
+    ids = np.pad(ids, ((0, 0), (0, pad), (0, 0)), constant_values=-1).reshape(-1, rows, row_tiles, mk)
+    used = (ids >= 0).any(axis=2)  # [P, rows, Mk]: key blocks of any tile of the row
+    pair, r, kb = np.nonzero(used)  # row-major: pair, then row, then key block
+    tile_ids = ids[pair, r, :, kb]  # [E, row_tiles]
+    per_row = used.sum(axis=2)  # [P, rows]
+    ptr = np.concatenate([[0], np.cumsum(per_row.reshape(-1))])
+    order, heavy = _heaviest_first(per_row.sum(0))
+
+    def dev(t):
+        t = torch.as_tensor(np.asarray(t, dtype=np.int64))
+        t = t if t.numel() else torch.zeros(1, dtype=torch.int64)  # never hand a kernel an empty buffer
+        return t.to(device=device, dtype=torch.int32).contiguous()
+
+    return DsTiles(dev(first.reshape(-1)), dev(ptr), dev(kb), dev(tile_ids.reshape(-1)), dev(order), heavy, rows,
+                   row_tiles, int(per_col.sum(axis=1).max()) if per_col.size else 0)
 
 
 # ---------------------------------------------------------------------------

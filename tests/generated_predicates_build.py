@@ -41,6 +41,8 @@ def main() -> int:
                 consts[even] = False
                 if "WIDE" in kernel.arg_names:  # the kernels with an int64-offset variant
                     consts["WIDE"] = False
+                if "STORE_DS" in kernel.arg_names:  # dK/dV storing dS^T (its other body is the one launch's)
+                    consts["STORE_DS"] = True
                 compiled = compile_sm90(kernel, consts, 4, 3)
                 assert compiled.asm.get("cubin")
                 # a predicate's code must not make ptxas serialise the kernel's wgmma (C7515)

@@ -106,13 +106,16 @@ TILES = {
 }
 
 
-def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None) -> None:
+def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None) -> None:
     monkeypatch.setattr(launch, "POISON", True)
     if tiles is not None:
         for name, cfg in TILES[tiles].items():
             monkeypatch.setitem(configs.OVERRIDE, name, cfg)
     if fused is not None:  # one pipeline stage under the interpreter, the tuned two on the GPU
         monkeypatch.setitem(configs.OVERRIDE, "fused", (1 if tiles else 2) if fused else None)
+    if stored_ds is not None:
+        monkeypatch.setitem(configs.OVERRIDE, "stored_ds", stored_ds)
+        monkeypatch.setattr(configs, "STORED_DS_MEMORY", float("inf"))
 
 
 @pytest.fixture
@@ -140,6 +143,9 @@ class Case:
     # the backward in one launch (kernels/attention.py attn_bwd_kernel) forced on (True) or off
     # (False); None: as the table (configs.FUSED_BWD) decides for the mask's kind
     fused: bool | None = None
+    # the backward with stored dS (attn_bwd_dq_ds_kernel) forced on (True, whatever the memory
+    # limit) or off (False); None: as configs.STORED_DS and the limit decide
+    stored_ds: bool | None = None
 
     @property
     def id(self) -> str:
@@ -151,6 +157,8 @@ class Case:
             parts.append(self.layout)
         if self.fused is not None:
             parts.append("one-launch" if self.fused else "two-launch")
+        if self.stored_ds is not None:
+            parts.append("stored-dS" if self.stored_ds else "recomputed-dS")
         return "-".join(parts)
 
 
@@ -293,7 +301,7 @@ def run_and_check(mask, q, k, v, do, *, target=None, context=""):
 
 
 def _check_case(case: Case, seed: int, monkeypatch) -> None:
-    _use_tiles(monkeypatch, case.tiles, case.fused)
+    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds)
     launched = []
     real_launch = launch._launch
 
@@ -310,6 +318,9 @@ def _check_case(case: Case, seed: int, monkeypatch) -> None:
     if case.fused is not None:  # the path the case names is the one that ran
         one = kernel_module.attn_bwd_kernel in launched
         assert one == case.fused and (kernel_module.attn_bwd_dq_kernel in launched) != case.fused, launched
+    if case.stored_ds is not None:
+        stored = kernel_module.attn_bwd_dq_ds_kernel in launched
+        assert stored == case.stored_ds and (kernel_module.attn_bwd_dq_kernel in launched) != stored, launched
 
 
 # ---------------------------------------------------------------------------
@@ -377,6 +388,20 @@ def _cpu_cases():
         # interleaved plans: one launch per residue class, writing strided views of the gradients
         Case("dilated", F32, tiles="t32", fused=True),
         Case("dilated-pow2", F16, n_q=70, n_k=70, fused=True),
+        # the backward with stored dS (delta pre-pass; dK/dV writing dS^T; dQ from the stored tiles),
+        # its dQ programs taking 4 (t16) or 2 (t32) query blocks at a time
+        Case("window", F32, stored_ds=True),
+        Case("window", F16, n_q=20, n_k=61, tiles="t32", stored_ds=True),  # Nq < Nk
+        Case("causal-offset", F32, n_q=45, n_k=30, stored_ds=True),  # Nq > Nk, leading empty rows
+        Case("doc&causal", F16, h_q=4, h_kv=2, stored_ds=True),  # GQA
+        Case("window|global", F32, h_q=4, h_kv=1, n_q=70, n_k=70, tiles="t32", stored_ds=True),  # MQA
+        Case("document-batch", F32, b=2, h_q=4, h_kv=2, n_q=41, n_k=41, stored_ds=True),  # a pair per batch
+        Case("tensor-heads", F16, b=2, h_q=4, h_kv=2, stored_ds=True),  # a pair per head
+        Case("tree", F32, n_q=65, n_k=65, stored_ds=True),
+        Case("empty-rows", F16, n_q=40, n_k=57, tiles="t32", stored_ds=True),
+        Case("~full", F32, stored_ds=True),  # no tile at all
+        Case("doc&causal", F32, d=24, layout="bnhd", stored_ds=True),
+        Case("dilated", F32, tiles="t32", stored_ds=True),  # interleaved
     ]
     return cases
 
@@ -409,9 +434,18 @@ def _gpu_cases():
         Case("causal", F16, n_q=2048, n_k=2048, d=128, **base),
         Case("causal-offset", BF16, n_q=300, n_k=1000, d=128, **base),
         Case("causal", BF16, n_q=1000, n_k=1000, d=128, fused=False, **base),
-        # the one launch forced on sparse tiles (partial blocks, generated predicate)
-        Case("doc&(causal|prefix)", BF16, n_q=1000, n_k=1000, d=128, fused=True, **base),
+        # the one launch forced on sparse tiles (partial blocks, generated predicate); a mask with no
+        # heavy rows (a document of most of the sequence makes some, and heavy rows take two launches)
+        Case("window", BF16, n_q=1000, n_k=1000, d=128, fused=True, **base),
         Case("empty-rows", F16, n_q=257, n_k=1000, d=64, fused=True, **base),
+        # the backward with stored dS: where the table takes it (D = 128 sparse) and forced elsewhere,
+        # and the recomputing dQ pass forced where the table would store
+        Case("window", BF16, n_q=2048, n_k=2048, d=128, stored_ds=True, **base),
+        Case("window|global", F16, n_q=1000, n_k=1500, d=128, stored_ds=True, **dict(base, h_kv=1)),
+        Case("tree", BF16, n_q=1000, n_k=1000, d=128, stored_ds=True, **base),
+        Case("empty-rows", BF16, n_q=257, n_k=100, d=128, stored_ds=True, **base),
+        Case("document-batch", F16, n_q=1000, n_k=1000, d=64, stored_ds=True, **base),
+        Case("window", BF16, n_q=2048, n_k=2048, d=128, stored_ds=False, **base),
     ]
     return cases
 
@@ -565,6 +599,8 @@ def test_new_data_does_not_recompile(first, second, poisoned):
 DETERMINISM_CPU = [
     pytest.param(Case("window|global", F32, h_q=4, h_kv=2), id="cpu-window|global-gqa", marks=CPU_ONLY),
     pytest.param(Case("causal", F32, h_q=4, h_kv=2, fused=True), id="cpu-causal-gqa-one-launch", marks=CPU_ONLY),
+    pytest.param(Case("window|global", F32, h_q=4, h_kv=2, stored_ds=True), id="cpu-window|global-gqa-stored-dS",
+                 marks=CPU_ONLY),
 ]
 DETERMINISM_GPU = [
     pytest.param(Case(fam, dt, n_q=2048, n_k=2048, d=d, b=2, h_q=4, h_kv=h_kv, tiles=None, device="cuda"),
@@ -576,7 +612,7 @@ DETERMINISM_GPU = [
 
 @pytest.mark.parametrize("case", DETERMINISM_CPU + DETERMINISM_GPU)
 def test_backward_is_bitwise_deterministic(case, seed, monkeypatch):
-    _use_tiles(monkeypatch, case.tiles, case.fused)
+    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds)
     mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
     runs = []
@@ -663,6 +699,85 @@ def test_lists_flat_index_and_order(mask, by):
     assert [work[x] for x in order] == sorted(work, reverse=True)
     mean = sum(work) / len(work)
     assert lists.num_heavy == sum(w > 2 * max(mean, 1) for w in work)
+
+
+@pytest.mark.parametrize("mask", [md.Window(20) | md.Global([0, 77, 150]), md.Dilated(9, 3), md.Full(), ~md.Full(),
+                                  md.Document([[60, 90, 50], [100, 100]]) & md.Causal(),
+                                  md.TensorMask(torch.rand(2, 3, 200, 200, generator=torch.Generator().manual_seed(0))
+                                                < 0.02)], ids=repr)
+@pytest.mark.parametrize("row_tiles", [1, 2, 4])
+def test_stored_ds_tiles_follow_the_dkdv_visiting_order(mask, row_tiles):
+    # the dK/dV programs number their tiles as they visit them (per key block: full query blocks
+    # ascending, then partial ones, from the k lists); the dQ rows must find each tile by that number
+    n = 200
+    plan = md.prepare(mask, n, n)
+    lay, lists = plan.layout(16, 32), plan.lists(16, 32, "k")
+    tiles = plan.ds_tiles(16, 32, row_tiles)
+    mq, mk = lay.num_q_blocks, lay.num_k_blocks
+    pairs = lay.block_matrix.reshape(-1, mq, mk).shape[0]
+    first = tiles.k_first.tolist()
+    number = {}
+    for r, (_, full, part) in enumerate(_rows_of(lists, True)):  # r = pair * Mk + key block
+        pair, kb = divmod(r, mk)
+        for pos, qb in enumerate(full + part):
+            number[pair, qb, kb] = first[r] + pos
+    per_pair = [sum(1 for key in number if key[0] == p) for p in range(pairs)]
+    assert tiles.t_max == max(per_pair) == plan.ds_tile_count(16, 32)
+    for p in range(pairs):  # within a pair, the numbers are 0 .. tiles - 1, each once
+        assert sorted(v for key, v in number.items() if key[0] == p) == list(range(per_pair[p]))
+    assert set(number) == {tuple(x) for x in lay.block_matrix.reshape(-1, mq, mk).nonzero().tolist()}
+    ptr, kb_list, ids = tiles.q_ptr.tolist(), tiles.q_kb.tolist(), tiles.q_id.tolist()
+    assert tiles.num_rows == -(-mq // row_tiles) and tiles.row_tiles == row_tiles
+    assert len(ptr) == pairs * tiles.num_rows + 1
+    seen = set()
+    for row in range(pairs * tiles.num_rows):
+        pair, r = divmod(row, tiles.num_rows)
+        for e in range(ptr[row], ptr[row + 1]):
+            for t in range(row_tiles):
+                qb, kb, got = r * row_tiles + t, kb_list[e], ids[e * row_tiles + t]
+                assert got == number.get((pair, qb, kb), -1), (pair, qb, kb)
+                if got >= 0:
+                    seen.add((pair, qb, kb))
+    assert seen == set(number)  # every tile is read by the dQ pass
+    assert sorted(tiles.order.tolist()) == list(range(tiles.num_rows))
+
+
+@pytest.mark.parametrize("rows, ok", [(1, True), (4, True), (3, False), (0, False)])
+def test_stored_ds_row_tiles_must_be_a_power_of_two(rows, ok, monkeypatch):
+    monkeypatch.setitem(configs.OVERRIDE, "ds_rows", rows)
+    if ok:
+        assert configs.stored_ds_row_tiles(TileConfig(32, 64, 4, 3)) == rows
+    else:
+        with pytest.raises(ValueError, match="power of two"):
+            configs.stored_ds_row_tiles(TileConfig(32, 64, 4, 3))
+
+
+def test_stored_ds_table_and_memory_limit(monkeypatch, seed):
+    # the table: 2-byte inputs at D = 128 on sparse masks; the limit: the dS buffer against q, k and v
+    assert configs.stored_ds(2, 128, "sparse") and configs.stored_ds(2, 96, "sparse")
+    assert not configs.stored_ds(2, 64, "sparse") and not configs.stored_ds(2, 128, "dense")
+    assert not configs.stored_ds(4, 128, "sparse")
+    _use_tiles(monkeypatch, "t16")
+    monkeypatch.setitem(configs.OVERRIDE, "stored_ds", True)
+    launched = []
+    real_launch = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real_launch(kernel, *a, **kw)))
+    mask = md.Window(10)
+    q, k, v, do = make_inputs(1, 2, 1, 50, 50, 16, torch.float16, "cpu")
+    for limit, stored in ((0.0, False), (float("inf"), True)):
+        monkeypatch.setattr(configs, "STORED_DS_MEMORY", limit)
+        launched.clear()
+        run_and_check(mask, q, k, v, do, context=f"limit {limit}")
+        assert (kernel_module.attn_bwd_dq_ds_kernel in launched) == stored, launched
+
+
+def test_stored_ds_row_tiles_one(monkeypatch, seed):
+    # one query block per dQ program (the grouping's degenerate case), with GQA and a ragged edge
+    _use_tiles(monkeypatch, "t16", stored_ds=True)
+    monkeypatch.setitem(configs.OVERRIDE, "ds_rows", 1)
+    mask = md.Window(7) | md.Global([3, 40])
+    q, k, v, do = make_inputs(1, 4, 2, 45, 53, 16, torch.float32, "cpu")
+    run_and_check(mask, q, k, v, do, context="ds_rows 1")
 
 
 def test_global_tokens_make_heavy_rows():
