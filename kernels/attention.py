@@ -19,6 +19,12 @@ H100 that made the D = 128 backward as fast as FlexAttention's (session 8: -7% o
 the backward kernels at N = 8192); running the two kernels on two streams had not
 (their programs do not interleave: one grid drains before the other starts).
 
+With stored dS (``configs.STORED_DS``: D = 128 on sparse masks, memory allowing) the backward
+is a delta pre-pass, the dK/dV pass writing each tile's dS^T to a buffer as it goes
+(``STORE_DS``), and ``attn_bwd_dq_ds_kernel``, which multiplies the stored tiles by K: the dQ
+pass no longer recomputes S = QK^T, P and dP = dO V^T (five tile products instead of seven;
+session 10: the D = 128 window's forward+backward 5-12% faster on an H200).
+
 Scheduling: a 1-D grid whose programs take the rows of one (batch, head) after
 another, so programs running together share that head's keys and values in L2.
 Within a head, rows go heaviest first (``ORDER``); the ``NUM_HEAVY`` heaviest
