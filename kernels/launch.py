@@ -183,7 +183,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     even_n, even_m = n_k % dq_cfg.BLOCK_N == 0, n_q % dkdv_cfg.BLOCK_M == 0
     if ds_tiles is not None:
         tile = dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M
-        ds = new_output((B * H * ds_tiles.t_max * tile,), q)
+        ds = new_output((max(1, B * H * ds_tiles.t_max) * tile,), q)  # never an empty buffer to a kernel
         _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)),
                 (o, do, delta, *o.stride(), *do.stride(), H, n_q), q.device,
                 HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)

@@ -15,7 +15,7 @@ import threading
 import numpy as np
 import torch
 
-from kernels.configs import fused_stages, stored_ds, stored_ds_row_tiles, tile_config
+from kernels.configs import fused_stages, stored_ds, tile_config
 from kernels.launch import DsTiles, Lists
 
 from . import codegen
@@ -159,7 +159,9 @@ class Plan:
 
     def ds_tiles(self, block_q: int, block_k: int, row_tiles: int) -> DsTiles:
         """The tile numbering of the backward with stored dS, for the dK/dV layout (block_q, block_k),
-        its dQ pass taking ``row_tiles`` query blocks at a time."""
+        its dQ pass taking ``row_tiles`` query blocks at a time. Built at the first backward that
+        stores dS (not by ``warm``: whether it does depends on the batch and heads, through the
+        buffer's size), then kept."""
         key = (block_q, block_k, "ds", row_tiles)
         got = self._lists.get(key)
         if got is None:
@@ -176,8 +178,6 @@ class Plan:
         for name, by in (("fwd", "q"), ("dq", "q"), ("dkdv", "k")):
             cfg = self.tiles(name, element_size, head_dim)
             self.lists(cfg.BLOCK_M, cfg.BLOCK_N, by)
-        if self.stored_ds(element_size, head_dim):
-            self.ds_tiles(cfg.BLOCK_M, cfg.BLOCK_N, stored_ds_row_tiles(cfg))
         self.meta  # noqa: B018 - generate the predicate and move the data now
         return self
 
