@@ -179,7 +179,10 @@ def test_ab_attention_variants():
     assert ab.parse_variant("fused:3+ov:dq=128x64x8x3;dkdv=64x128x8x2") == {
         "fused": 3, "dq": TileConfig(128, 64, 8, 3), "dkdv": TileConfig(64, 128, 8, 2)}
     assert ab.parse_variant("ov:dq=64x16x4x2x128") == {"dq": TileConfig(64, 16, 4, 2, maxnreg=128)}
-    for bad in ("fused:0", "fused:x", "ov:bwd=64x64x4x3", "ov:dq=64x64x4", "ov:dq=64x64x4x2x1x1", "turbo"):
+    assert ab.parse_variant("nods") == {"stored_ds": False}
+    assert ab.parse_variant("ds:2x4x3") == {"stored_ds": True, "ds_rows": 2, "ds_warps": 4, "ds_stages": 3}
+    for bad in ("fused:0", "fused:x", "ov:bwd=64x64x4x3", "ov:dq=64x64x4", "ov:dq=64x64x4x2x1x1", "turbo",
+                "ds:2x4", "ds:ax4x3"):
         with pytest.raises(ValueError, match="variant"):
             ab.parse_variant(bad)
 
