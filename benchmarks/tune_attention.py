@@ -97,6 +97,8 @@ def sweep(passes, dims, names, n, candidates=None):
             for cfg in candidates or CANDIDATES[pass_name]:
                 configs.OVERRIDE.clear()
                 configs.OVERRIDE[pass_name] = cfg
+                if pass_name == "dq":  # the recomputing dQ pass (the backward with stored dS has its own)
+                    configs.OVERRIDE["stored_ds"] = False
                 total, per = 0.0, []
                 try:
                     for w in names:
