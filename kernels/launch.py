@@ -184,9 +184,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     if ds_tiles is not None:
         tile = dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M
         ds = new_output((max(1, B * H * ds_tiles.t_max) * tile,), q)  # never an empty buffer to a kernel
-        _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)),
-                (o, do, delta, *o.stride(), *do.stride(), H, n_q), q.device,
-                HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
+        _delta(o, do, delta, block_d)
         _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common,
               ds=ds, ds_tiles=ds_tiles)
         _launch(
@@ -202,9 +200,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         return dq, dk, dv
     if (fused_stages is not None and dq_lists.num_heavy == 0 and dkdv_lists.num_heavy == 0
             and dq_cfg.num_warps == dkdv_cfg.num_warps):
-        _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)),
-                (o, do, delta, *o.stride(), *do.stride(), H, n_q), q.device,
-                HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
+        _delta(o, do, delta, block_d)
         _launch(
             attn_bwd_kernel, (B * h_kv * (dkdv_lists.num_rows + (H // h_kv) * dq_lists.num_rows),),
             (q, k, v, o, do, dq, dk, dv, lse, delta, meta, *dq_lists.tensors(), *dkdv_lists.tensors(),
@@ -228,6 +224,14 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     )
     _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common)
     return dq, dk, dv
+
+
+def _delta(o, do, delta, block_d: int) -> None:
+    """The delta pre-pass: delta = rowsum(dO * O) in float32, for the backward kernels that cannot
+    take it from a dQ pass run before them."""
+    B, H, n_q, D = o.shape
+    _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)), (o, do, delta, *o.stride(), *do.stride(), H, n_q),
+            o.device, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
 
 
 # the dQ pass from stored dS (a stream of K and dS^T tiles, no other work): its warps and stages

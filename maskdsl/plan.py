@@ -204,13 +204,18 @@ def _lists(lay, by: str, device) -> Lists:
     # rows go heaviest first within each (batch, head), those made dense by global tokens first of all
     order, heavy = _heaviest_first(work.reshape(-1, rows).sum(0))
 
-    def dev(t):
-        t = torch.as_tensor(t)
-        t = t if t.numel() else torch.zeros(1, dtype=torch.int32)  # never hand a kernel an empty buffer
-        return t.to(device=device, dtype=torch.int32).contiguous()
+    dev = functools.partial(_int32_on, device=device)
 
     return Lists(dev(ptr), dev(start), dev(end), dev(iptr), dev(idx), dev(pptr), dev(pidx), dev(order), heavy,
                  rows, rb, cb)
+
+
+def _int32_on(t, device) -> torch.Tensor:
+    """An index array (numpy or torch) as a contiguous int32 tensor on ``device``; never an empty
+    buffer for a kernel (a single 0 instead)."""
+    t = torch.as_tensor(t)
+    t = t if t.numel() else torch.zeros(1, dtype=torch.int32)
+    return t.to(device=device, dtype=torch.int32).contiguous()
 
 
 def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
@@ -245,10 +250,7 @@ def _ds_tiles(lay, device, row_tiles: int) -> DsTiles:
     ptr = np.concatenate([[0], np.cumsum(per_row.reshape(-1))])
     order, heavy = _heaviest_first(per_row.sum(0))
 
-    def dev(t):
-        t = torch.as_tensor(np.asarray(t, dtype=np.int64))
-        t = t if t.numel() else torch.zeros(1, dtype=torch.int64)  # never hand a kernel an empty buffer
-        return t.to(device=device, dtype=torch.int32).contiguous()
+    dev = functools.partial(_int32_on, device=device)
 
     return DsTiles(dev(first.reshape(-1)), dev(ptr), dev(kb), dev(tile_ids.reshape(-1)), dev(order), heavy, rows,
                    row_tiles, int(per_col.sum(axis=1).max()) if per_col.size else 0)
