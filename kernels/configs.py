@@ -111,6 +111,12 @@ STORED_DS = [
     ((2,), (128,), "sparse"),
 ]
 STORED_DS_MEMORY = 2.0
+# ... and only where at most this share of the dK/dV pass's tiles lies in its heavy rows (the key
+# blocks that global tokens or tree roots make dense, ``Lists.num_heavy``): there storing the tiles
+# slowed the dK/dV pass more than the dQ pass gained (H200, session 11, forward+backward at D = 128:
+# MEDUSA 8x3, share 0.69: 6% slower stored; MEDUSA 5x5, 0.50: 4% faster; ALPACA 0.31-0.40 and the
+# window, 0: faster)
+STORED_DS_MAX_HEAVY = 0.6
 # its dQ pass multiplies each K tile by the dS^T tiles of this many query rows at once
 STORED_DS_ROWS = 128
 
@@ -156,13 +162,15 @@ def fused_maxnreg(dq: TileConfig, dkdv: TileConfig) -> int | None:
     return dq.maxnreg if dq.maxnreg == dkdv.maxnreg else None
 
 
-def stored_ds(element_size: int, head_dim: int, kind: str = "sparse") -> bool:
+def stored_ds(element_size: int, head_dim: int, kind: str = "sparse", heavy_share: float = 0.0) -> bool:
     """Whether the backward for these inputs and this mask ``kind`` stores dS (``STORED_DS``),
-    memory allowing (``STORED_DS_MEMORY``)."""
+    memory allowing (``STORED_DS_MEMORY``); ``heavy_share``: the share of the dK/dV tiles in heavy
+    rows (``STORED_DS_MAX_HEAVY``)."""
     if "stored_ds" in OVERRIDE:
         return bool(OVERRIDE["stored_ds"])
     padded = padded_head_dim(head_dim)
-    return any(element_size in sizes and padded in dims and k in (kind, "any") for sizes, dims, k in STORED_DS)
+    return heavy_share <= STORED_DS_MAX_HEAVY and any(
+        element_size in sizes and padded in dims and k in (kind, "any") for sizes, dims, k in STORED_DS)
 
 
 def fused_stages(element_size: int, head_dim: int, kind: str = "sparse") -> int | None:

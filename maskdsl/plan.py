@@ -144,7 +144,21 @@ class Plan:
 
     def stored_ds(self, element_size: int, head_dim: int) -> bool:
         """Whether the backward for these inputs may store dS (``configs.STORED_DS``), memory allowing."""
-        return stored_ds(element_size, head_dim, self.kind)
+        cfg = self.tiles("dkdv", element_size, head_dim)
+        return stored_ds(element_size, head_dim, self.kind, self.heavy_share(cfg.BLOCK_M, cfg.BLOCK_N))
+
+    def heavy_share(self, block_q: int, block_k: int) -> float:
+        """The share of the (block_q, block_k) layout's non-empty tiles that lie in the heavy key
+        blocks of its dK/dV lists (``Lists.num_heavy``: made dense by global tokens, tree roots)."""
+        key = (block_q, block_k, "heavy share")
+        got = self._lists.get(key)
+        if got is None:
+            lay = self.layout(block_q, block_k)
+            per_kb = lay.block_matrix.reshape(-1, lay.num_q_blocks, lay.num_k_blocks).sum(1).sum(0).numpy()
+            order, heavy = _heaviest_first(per_kb)
+            got = float(per_kb[order[:heavy]].sum() / per_kb.sum()) if per_kb.sum() else 0.0
+            self._lists[key] = got
+        return got
 
     def ds_tile_count(self, block_q: int, block_k: int) -> int:
         """Non-empty tiles of the (block_q, block_k) layout of the (batch, head) pair that has the most:

@@ -757,6 +757,12 @@ def test_stored_ds_table_and_memory_limit(monkeypatch, seed):
     assert configs.stored_ds(2, 128, "sparse") and configs.stored_ds(2, 96, "sparse")
     assert not configs.stored_ds(2, 64, "sparse") and not configs.stored_ds(2, 128, "dense")
     assert not configs.stored_ds(4, 128, "sparse")
+    assert not configs.stored_ds(2, 128, "sparse", heavy_share=configs.STORED_DS_MAX_HEAVY + 0.01)
+    # a plan whose heavy key blocks (global tokens) hold most tiles recomputes dS; the window alone stores it
+    spread = md.prepare(md.Window(2) | md.Global(list(range(0, 2048, 256))), 2048, 2048)
+    assert spread.heavy_share(32, 64) > configs.STORED_DS_MAX_HEAVY and not spread.stored_ds(2, 128)
+    window = md.prepare(md.Window(2), 2048, 2048)
+    assert window.heavy_share(32, 64) == 0.0 and window.stored_ds(2, 128)
     _use_tiles(monkeypatch, "t16")
     monkeypatch.setitem(configs.OVERRIDE, "stored_ds", True)
     launched = []
