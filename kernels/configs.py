@@ -59,8 +59,10 @@ CONFIGS = [
     # data/tune_h100_session7.txt); 3 stages of 128 x 128 do not fit on the ragged edge
     ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 2)),
     # 64 x 32 spills 8 bytes against 64 x 64's 592: 6% faster on lf_window, 19% on alpaca_seq (H100, N = 16384);
-    # 2 stages (48 KiB of shared memory): 3-4 programs per multiprocessor instead of 3, 10-22% faster
-    ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 2)),
+    # 2 stages (48 KiB of shared memory): 3-4 programs per multiprocessor instead of 3, 10-22% faster;
+    # maxnreg 128 (at most 32 bytes spilled; 154-165 registers uncapped): 4 programs per multiprocessor,
+    # 3-9% faster on the window, ALPACA and MEDUSA (H200, session 11, N = 16384)
+    ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 2, maxnreg=128)),
     ("fwd", (2,), (256,), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
@@ -117,8 +119,11 @@ STORED_DS_MEMORY = 2.0
 # MEDUSA 8x3, share 0.69: 6% slower stored; MEDUSA 5x5, 0.50: 4% faster; ALPACA 0.31-0.40 and the
 # window, 0: faster)
 STORED_DS_MAX_HEAVY = 0.6
-# its dQ pass multiplies each K tile by the dS^T tiles of this many query rows at once
-STORED_DS_ROWS = 128
+# its dQ pass multiplies each K tile by the dS^T tiles of this many query rows at once: 64 (with
+# launch.STORED_DS_WARPS = 4) made that pass 7-12% faster than 128 with 8 warps (window, ALPACA,
+# N = 16384, H200, session 11): smaller programs, more of them per multiprocessor to overlap the
+# latency of its loads, which its index loads keep one iteration ahead at most
+STORED_DS_ROWS = 64
 
 
 def stored_ds_row_tiles(dkdv: TileConfig) -> int:

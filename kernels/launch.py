@@ -235,7 +235,7 @@ def _delta(o, do, delta, block_d: int) -> None:
 
 
 # the dQ pass from stored dS (a stream of K and dS^T tiles, no other work): its warps and stages
-STORED_DS_WARPS = 8
+STORED_DS_WARPS = 4
 STORED_DS_STAGES = 3
 
 
