@@ -53,7 +53,9 @@ CONFIGS = [
     # them. 2 stages instead of 3 (less shared memory) and, where registers limit, ``maxnreg``
     # made most passes 1-23% faster on LongFormer window / ALPACA / global / MEDUSA (two were 4-7%
     # slower, far outweighed: session 9, H100, docs/benchmarks/attention_h100.md)
-    ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2)),
+    # maxnreg 128 (H200, session 11, D = 64, N = 16384): ALPACA's forward 4-7% faster (149-155 registers
+    # uncapped, 28-36 bytes spilled capped); the window (127 registers) and MEDUSA 8x3 unchanged
+    ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2, maxnreg=128)),
     # 128 x 128 at 2 stages: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels
     # compute offsets in int32 and ptxas no longer serialises their wgmma (session 7,
     # data/tune_h100_session7.txt); 3 stages of 128 x 128 do not fit on the ragged edge
