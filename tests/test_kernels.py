@@ -761,6 +761,8 @@ def test_stored_ds_table_and_memory_limit(monkeypatch, seed):
     # a plan whose heavy key blocks (global tokens) hold most tiles recomputes dS; the window alone stores it
     spread = md.prepare(md.Window(2) | md.Global(list(range(0, 2048, 256))), 2048, 2048)
     assert spread.heavy_share(32, 64) > configs.STORED_DS_MAX_HEAVY and not spread.stored_ds(2, 128)
+    # the 8 key blocks of the global tokens are the dK/dV lists' heavy rows: 64 tiles each, of 792
+    assert spread.lists(32, 64, "k").num_heavy == 8 and spread.heavy_share(32, 64) == pytest.approx(8 * 64 / 792)
     window = md.prepare(md.Window(2), 2048, 2048)
     assert window.heavy_share(32, 64) == 0.0 and window.stored_ds(2, 128)
     _use_tiles(monkeypatch, "t16")
