@@ -41,6 +41,7 @@ class Lists:
     num_rows: int
     block_rows: int  # the tile along the rows (query block for fwd/dQ, key block for dK/dV)
     block_cols: int
+    heavy_share: float = 0.0  # the share of the non-empty blocks that lie in the num_heavy rows
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""

@@ -150,15 +150,7 @@ class Plan:
     def heavy_share(self, block_q: int, block_k: int) -> float:
         """The share of the (block_q, block_k) layout's non-empty tiles that lie in the heavy key
         blocks of its dK/dV lists (``Lists.num_heavy``: made dense by global tokens, tree roots)."""
-        key = (block_q, block_k, "heavy share")
-        got = self._lists.get(key)
-        if got is None:
-            lay = self.layout(block_q, block_k)
-            per_kb = lay.block_matrix.reshape(-1, lay.num_q_blocks, lay.num_k_blocks).sum(1).sum(0).numpy()
-            order, heavy = _heaviest_first(per_kb)
-            got = float(per_kb[order[:heavy]].sum() / per_kb.sum()) if per_kb.sum() else 0.0
-            self._lists[key] = got
-        return got
+        return self.lists(block_q, block_k, "k").heavy_share
 
     def ds_tile_count(self, block_q: int, block_k: int) -> int:
         """Non-empty tiles of the (block_q, block_k) layout of the (batch, head) pair that has the most:
@@ -179,7 +171,7 @@ class Plan:
         key = (block_q, block_k, "ds", row_tiles)
         got = self._lists.get(key)
         if got is None:
-            got = _ds_tiles(self.layout(block_q, block_k), self.device, row_tiles)
+            got = _ds_tiles(self.layout(block_q, block_k), self.device, row_tiles, self.ds_tile_count(block_q, block_k))
             self._lists[key] = got
         return got
 
@@ -216,12 +208,14 @@ def _lists(lay, by: str, device) -> Lists:
     first = np.repeat(start_np - flat_cov[:-1], flat_len)
     idx = np.arange(flat_cov[-1], dtype=np.int64) + first
     # rows go heaviest first within each (batch, head), those made dense by global tokens first of all
-    order, heavy = _heaviest_first(work.reshape(-1, rows).sum(0))
+    per_row = work.reshape(-1, rows).sum(0)
+    order, heavy = _heaviest_first(per_row)
+    total = per_row.sum()
 
     dev = functools.partial(_int32_on, device=device)
 
     return Lists(dev(ptr), dev(start), dev(end), dev(iptr), dev(idx), dev(pptr), dev(pidx), dev(order), heavy,
-                 rows, rb, cb)
+                 rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0)
 
 
 def _int32_on(t, device) -> torch.Tensor:
@@ -240,11 +234,12 @@ def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
     return order, heavy
 
 
-def _ds_tiles(lay, device, row_tiles: int) -> DsTiles:
+def _ds_tiles(lay, device, row_tiles: int, t_max: int) -> DsTiles:
     """Number the non-empty tiles of each (batch, head) pair in the order the dK/dV programs visit
     them (per key block: its full query blocks ascending, then its partial ones ascending: see
     ``attn_bwd_dkdv_kernel``), and list per row of ``row_tiles`` query blocks the key blocks its
-    tiles have and their numbers."""
+    tiles have and their numbers. ``t_max``: the tiles of the pair that has the most
+    (``Plan.ds_tile_count``)."""
     mq, mk = lay.num_q_blocks, lay.num_k_blocks
     block = lay.block_matrix.reshape(-1, mq, mk).numpy()
     full = lay.full_matrix.reshape(-1, mq, mk).numpy() & block
@@ -267,7 +262,7 @@ def _ds_tiles(lay, device, row_tiles: int) -> DsTiles:
     dev = functools.partial(_int32_on, device=device)
 
     return DsTiles(dev(first.reshape(-1)), dev(ptr), dev(kb), dev(tile_ids.reshape(-1)), dev(order), heavy, rows,
-                   row_tiles, int(per_col.sum(axis=1).max()) if per_col.size else 0)
+                   row_tiles, t_max)
 
 
 # ---------------------------------------------------------------------------
