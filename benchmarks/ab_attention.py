@@ -21,6 +21,12 @@ A variant is ``+``-joined parts, each setting ``kernels.configs.OVERRIDE`` for i
 - ``ov:PASS=MxNxWxS[xR][;PASS=...]``: that pass's TileConfig (PASS fwd, dq or dkdv; R its
   ``maxnreg``), e.g. ``ov:fwd=128x128x8x2;dq=128x128x8x2`` or ``ov:dq=64x16x4x2x128``.
 
+``--sustained S`` adds, per variant, S seconds of back-to-back steps with the GPU's SM clock and
+power sampled by ``nvidia-smi`` (every 100 ms): the time per step, the median clock, the mean
+power and their product, the energy per step. At a power cap (an H200's 700 W) a GPU lowers its
+clocks, so that kernels that do the same work in less time run at lower clocks: the sustained
+time follows the energy a step takes (session 12, docs/benchmarks/attention_h200_session12.md).
+
 ``--warm`` only compiles (one call per variant): run one ``--warm`` process per variant side by
 side first, then the timed run finds Triton's cache warm. ``--profile`` adds per-kernel GPU times
 (torch.profiler, 3 calls) to each line. Session 8's runs are in
@@ -90,6 +96,48 @@ def profile(step, iters: int = 3) -> str:
     return "  ".join(f"{k}={v:.3f}" for k, v in sorted(acc.items(), key=lambda kv: -kv[1]) if v > 0.01)
 
 
+def sustained(step, seconds: float) -> str:
+    """Back-to-back ``step`` calls for ``seconds``, with ``nvidia-smi`` sampling the SM clock and the
+    power meanwhile: ms per step, median clock (MHz), mean power (W), energy per step (mJ) and the
+    throttle reasons seen (nvidia-smi's bit mask; 0x4: the software power cap)."""
+    import shutil
+    import subprocess
+    import time
+
+    smi = None
+    if shutil.which("nvidia-smi"):
+        smi = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active", "--format=csv,noheader,nounits",
+             "-lms", "100", "-i", str(torch.cuda.current_device())], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # the first samples predate the load; they are dropped below with the rest before t0
+    torch.cuda.synchronize()
+    t0 = time.time()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    count = 0
+    while time.time() - t0 < seconds:
+        step()
+        count += 1
+        if count % 20 == 0:  # keep the queue short so that the loop ends on time
+            torch.cuda.synchronize()
+    end.record()
+    torch.cuda.synchronize()
+    per = start.elapsed_time(end) / count
+    line = f"sustained {per:.3f} ms/step ({count} steps)"
+    if smi is not None:
+        smi.terminate()
+        rows = [r.split(", ") for r in smi.communicate()[0].splitlines() if r.count(",") == 2]
+        rows = rows[len(rows) * 1 // 10: len(rows) * 9 // 10]  # away from the start and the end of the load
+        try:
+            clock = statistics.median(float(r[0]) for r in rows)
+            power = statistics.mean(float(r[1]) for r in rows)
+        except (ValueError, statistics.StatisticsError):
+            return line + ", no clock/power samples"
+        reasons = sorted({r[2].strip() for r in rows})
+        line += f", SM {clock:.0f} MHz, {power:.0f} W, {power * per:.0f} mJ/step, reasons {'/'.join(reasons)}"
+    return line
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workloads", default="full", help="comma list of maskdsl.bench workloads")
@@ -103,8 +151,12 @@ def main(argv=None) -> int:
                     help="also time FlexAttention with 64 x 64 blocks (kernel_options BLOCK_M = BLOCK_N = 64); "
                          "'vs flex' is then against the faster of the two")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sustained", type=float, default=0.0, metavar="S",
+                    help="also run each variant back to back for S seconds: time per step, clock, power, energy")
     ap.add_argument("--warm", action="store_true", help="compile only: one call of each variant")
     args = ap.parse_args(argv)
+    if args.sustained < 0:
+        ap.error(f"--sustained: expected seconds >= 0, got {args.sustained}")
     variants = {v: parse_variant(v) for v in args.variants.split(",")}  # bad variants fail before any work
     if not torch.cuda.is_available():
         print("ab_attention: needs a CUDA GPU (it times the Triton kernels)", file=sys.stderr)
@@ -172,6 +224,9 @@ def main(argv=None) -> int:
             if args.profile:
                 line += " | " + profile(steps[label])
             print(line, flush=True)
+        for label in steps if args.sustained > 0 else ():
+            print(f"{label:44s} {name:12s} N={n} D={args.d} {args.mode} {sustained(steps[label], args.sustained)}",
+                  flush=True)
         _use({})
     return 0
 

@@ -187,6 +187,13 @@ def test_ab_attention_variants():
             ab.parse_variant(bad)
 
 
+def test_ab_attention_rejects_negative_sustained_seconds(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load_ab().main(["--sustained", "-1"])
+    assert exc.value.code == 2
+    assert "--sustained: expected seconds >= 0, got -1.0" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 def test_ab_attention_needs_a_gpu(capsys):
     assert _load_ab().main(["--variants", "base,unfused"]) == 2
