@@ -23,7 +23,8 @@ A variant is ``+``-joined parts, each setting ``kernels.configs.OVERRIDE`` for i
 
 ``--sustained S`` adds, per variant, S seconds of back-to-back steps with the GPU's SM clock and
 power sampled by ``nvidia-smi`` (every 100 ms): the time per step, the median clock, the mean
-power and their product, the energy per step. At a power cap (an H200's 700 W) a GPU lowers its
+power and their product, the energy per step (S of 5 or more: the tenth of the samples dropped at
+each end then covers nvidia-smi's half second before the load). At a power cap (an H200's 700 W) a GPU lowers its
 clocks, so that kernels that do the same work in less time run at lower clocks: the sustained
 time follows the energy a step takes (session 12, docs/benchmarks/attention_h200_session12.md).
 
@@ -96,20 +97,45 @@ def profile(step, iters: int = 3) -> str:
     return "  ".join(f"{k}={v:.3f}" for k, v in sorted(acc.items(), key=lambda kv: -kv[1]) if v > 0.01)
 
 
+SMI_QUERY = "clocks.sm,power.draw,clocks_event_reasons.active"
+
+
+def smi_summary(lines, ms_per_step: float) -> str:
+    """``", SM <MHz>, <W>, <mJ>/step, reasons <masks>"`` from the lines of ``nvidia-smi
+    --query-gpu=SMI_QUERY --format=csv,noheader,nounits -lms 100`` taken while a run went on: the
+    median SM clock, the mean power, their energy per step and the throttle reasons seen
+    (nvidia-smi's bit masks; 0x4: the software power cap), over the middle 80% of the samples
+    (away from the start and the end of the load). Lines that do not parse are skipped."""
+    rows = []
+    for line in lines:
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) != 3:
+            continue
+        try:
+            rows.append((float(parts[0]), float(parts[1]), parts[2]))
+        except ValueError:  # a header, "[N/A]"
+            continue
+    rows = rows[len(rows) // 10: len(rows) - len(rows) // 10]
+    if not rows:
+        return ", no clock/power samples"
+    clock = statistics.median(r[0] for r in rows)
+    power = statistics.mean(r[1] for r in rows)
+    reasons = "/".join(sorted({r[2] for r in rows}))
+    return f", SM {clock:.0f} MHz, {power:.0f} W, {power * ms_per_step:.0f} mJ/step, reasons {reasons}"
+
+
 def sustained(step, seconds: float) -> str:
     """Back-to-back ``step`` calls for ``seconds``, with ``nvidia-smi`` sampling the SM clock and the
-    power meanwhile: ms per step, median clock (MHz), mean power (W), energy per step (mJ) and the
-    throttle reasons seen (nvidia-smi's bit mask; 0x4: the software power cap)."""
+    power every 100 ms meanwhile: ms per step and ``smi_summary``."""
     import shutil
     import subprocess
     import time
 
     smi = None
     if shutil.which("nvidia-smi"):
-        smi = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=clocks.sm,power.draw,clocks_event_reasons.active", "--format=csv,noheader,nounits",
-             "-lms", "100", "-i", str(torch.cuda.current_device())], stdout=subprocess.PIPE, text=True)
-        time.sleep(0.5)  # the first samples predate the load; they are dropped below with the rest before t0
+        smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv,noheader,nounits", "-lms", "100",
+                                "-i", str(torch.cuda.current_device())], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # nvidia-smi's start: its first samples come before the load (smi_summary drops 10%)
     torch.cuda.synchronize()
     t0 = time.time()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -126,15 +152,7 @@ def sustained(step, seconds: float) -> str:
     line = f"sustained {per:.3f} ms/step ({count} steps)"
     if smi is not None:
         smi.terminate()
-        rows = [r.split(", ") for r in smi.communicate()[0].splitlines() if r.count(",") == 2]
-        rows = rows[len(rows) * 1 // 10: len(rows) * 9 // 10]  # away from the start and the end of the load
-        try:
-            clock = statistics.median(float(r[0]) for r in rows)
-            power = statistics.mean(float(r[1]) for r in rows)
-        except (ValueError, statistics.StatisticsError):
-            return line + ", no clock/power samples"
-        reasons = sorted({r[2].strip() for r in rows})
-        line += f", SM {clock:.0f} MHz, {power:.0f} W, {power * per:.0f} mJ/step, reasons {'/'.join(reasons)}"
+        line += smi_summary(smi.communicate()[0].splitlines(), per)
     return line
 
 
@@ -152,7 +170,7 @@ def main(argv=None) -> int:
                          "'vs flex' is then against the faster of the two")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--sustained", type=float, default=0.0, metavar="S",
-                    help="also run each variant back to back for S seconds: time per step, clock, power, energy")
+                    help="also run each variant back to back for S (5 or more) seconds: time per step, clock, power, energy")
     ap.add_argument("--warm", action="store_true", help="compile only: one call of each variant")
     args = ap.parse_args(argv)
     if args.sustained < 0:

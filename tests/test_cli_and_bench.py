@@ -198,3 +198,18 @@ def test_ab_attention_rejects_negative_sustained_seconds(capsys):
 def test_ab_attention_needs_a_gpu(capsys):
     assert _load_ab().main(["--variants", "base,unfused"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_ab_attention_smi_summary():
+    ab = _load_ab()
+    load = ["1800, 690.00, 0x0000000000000004", "1700, 700.00, 0x0000000000000004", "1980, 650.00, 0x0000000000000000",
+            "1800, 680.00, 0x0000000000000004"] * 4
+    idle = ["345, 120.00, 0x0000000000000001"] * 2
+    header = "clocks.current.sm [MHz], power.draw [W], clocks_event_reasons.active"
+    # 20 samples: the first two and the last two (10% at each end) go; a header and [N/A] do not parse
+    lines = [header] + idle + load + ["[N/A], [N/A], [N/A]"] + idle
+    assert ab.smi_summary(lines, 2.0) == ", SM 1800 MHz, 680 W, 1360 mJ/step, reasons 0x0000000000000000/0x0000000000000004"
+    # fewer than 10 samples: all of them
+    assert ab.smi_summary(["1000, 100.00, 0xA", "2000, 300.00, 0xA", "1500, 200.00, 0xB"], 2.0) == \
+        ", SM 1500 MHz, 200 W, 400 mJ/step, reasons 0xA/0xB"
+    assert ab.smi_summary([header, "[N/A], [N/A], [N/A]"], 2.0) == ", no clock/power samples"
