@@ -73,6 +73,12 @@ class DsTiles:
     t_max: int  # tiles per query head (the most of any pair)
 
 
+def ds_numel(batch: int, heads: int, t_max: int, dkdv: TileConfig) -> int:
+    """Elements of the stored-dS buffer: ``t_max`` dS^T tiles (``dkdv``'s BLOCK_N x BLOCK_M) per
+    (batch, query head)."""
+    return batch * heads * t_max * dkdv.BLOCK_N * dkdv.BLOCK_M
+
+
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """An output buffer on ``like``'s device (filled with NaN when ``POISON`` is set)."""
     dtype = like.dtype if dtype is None else dtype
@@ -183,8 +189,8 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
     even_n, even_m = n_k % dq_cfg.BLOCK_N == 0, n_q % dkdv_cfg.BLOCK_M == 0
     if ds_tiles is not None:
-        tile = dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M
-        ds = new_output((max(1, B * H * ds_tiles.t_max) * tile,), q)  # never an empty buffer to a kernel
+        # never an empty buffer to a kernel: one tile at least
+        ds = new_output((max(ds_numel(B, H, ds_tiles.t_max, dkdv_cfg), dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M),), q)
         _delta(o, do, delta, block_d)
         _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common,
               ds=ds, ds_tiles=ds_tiles)

@@ -165,8 +165,7 @@ def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):
     dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
     ds_tiles, fused = None, p.fused_stages(es, d)
     if fused is None and p.stored_ds(es, d):  # the one-launch backward, where it applies, comes first
-        ds_bytes = q.shape[0] * q.shape[1] * p.ds_tile_count(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N) * kv_cfg.BLOCK_M \
-            * kv_cfg.BLOCK_N * es
+        ds_bytes = launch.ds_numel(q.shape[0], q.shape[1], p.ds_tile_count(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N), kv_cfg) * es
         if ds_bytes <= configs.STORED_DS_MEMORY * (q.numel() + k.numel() + v.numel()) * es:
             ds_tiles = p.ds_tiles(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, configs.stored_ds_row_tiles(kv_cfg))
     return launch.backward(

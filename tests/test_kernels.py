@@ -772,7 +772,13 @@ def test_stored_ds_table_and_memory_limit(monkeypatch, seed):
     monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real_launch(kernel, *a, **kw)))
     mask = md.Window(10)
     q, k, v, do = make_inputs(1, 2, 1, 50, 50, 16, torch.float16, "cpu")
-    for limit, stored in ((0.0, False), (float("inf"), True)):
+    # the buffer: t_max dS^T tiles of the dK/dV tile per (batch, query head), in q's element size
+    plan = md.prepare(mask, 50, 50)
+    cfg = configs.tile_config("dkdv", 2, 16)
+    ds_bytes = launch.ds_numel(1, 2, plan.ds_tile_count(cfg.BLOCK_M, cfg.BLOCK_N), cfg) * 2
+    assert ds_bytes == 2 * plan.ds_tile_count(16, 32) * 16 * 32 * 2 > 0
+    exact = ds_bytes / ((q.numel() + k.numel() + v.numel()) * 2)
+    for limit, stored in ((0.0, False), (float("inf"), True), (exact, True), (exact * 0.999, False)):
         monkeypatch.setattr(configs, "STORED_DS_MEMORY", limit)
         launched.clear()
         run_and_check(mask, q, k, v, do, context=f"limit {limit}")
