@@ -138,3 +138,101 @@ def test_one_launch_backward_table():
     sparse = md.prepare(md.Document([300, 400, 324]) & md.Causal(), 1024, 1024, device="cpu")
     assert (full.kind, sparse.kind) == ("dense", "sparse")
     assert full.fused_stages(2, 128) == 2 and sparse.fused_stages(2, 128) is None
+
+
+class _Compiled:
+    """Stands in for Triton's compiled kernel: ``compiled[(x, y, z)](*every_parameter)``."""
+
+    def __init__(self, owner, fail=False):
+        self.owner, self.fail = owner, fail
+
+    def __getitem__(self, grid):
+        def run(*values):
+            if self.fail:
+                raise TypeError("launch() takes other arguments")
+            self.owner.direct.append((grid, values))
+        return run
+
+
+class _Param:
+    def __init__(self, name, default):
+        self.name, self.default = name, default
+
+
+class _JitKernel:
+    """Stands in for a @triton.jit kernel ``k(X, n, s, BLOCK: constexpr, FLAG: constexpr = 7)`` on a
+    GPU: its launch returns the compiled kernel, which later launches may call directly."""
+
+    def __init__(self, fail=False):
+        import inspect
+
+        self.params = [_Param("X", inspect.Parameter.empty), _Param("n", inspect.Parameter.empty),
+                       _Param("s", inspect.Parameter.empty), _Param("BLOCK", inspect.Parameter.empty), _Param("FLAG", 7)]
+        self.slow, self.direct, self.fail = [], [], fail
+
+    def __getitem__(self, grid):
+        def run(*args, num_warps, num_stages, **constexprs):
+            self.slow.append((grid, args, constexprs))
+            return _Compiled(self, self.fail)
+        return run
+
+
+@pytest.fixture
+def _fast_path():
+    launch._COMPILED.clear()
+    launch.FAST_LAUNCH = True
+    yield
+    launch._COMPILED.clear()
+    launch.FAST_LAUNCH = True
+
+
+def test_fast_launch_reuses_the_compiled_kernel(_fast_path):
+    """The second launch of a configuration with arguments Triton specialises alike calls the compiled
+    kernel directly, with every parameter in order (constexprs, then defaults), the grid made 3-D."""
+    k = _JitKernel()
+    x = torch.zeros(64)
+    for n in (48, 4096):  # both multiples of 16, neither 1: specialised alike
+        launch._launch(k, (5,), (x, n, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
+    assert len(k.slow) == 1 and k.direct == [((5, 1, 1), (x, 4096, 2.0, 64, 7))]
+    # what Triton specialises on differently takes its own path (and is remembered apart)
+    for n in (1, 40, 2**31):  # equal to 1; not a multiple of 16; past int32
+        launch._launch(k, (5,), (x, n, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
+    launch._launch(k, (5,), (x[1:], 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)  # 4-byte aligned
+    launch._launch(k, (5,), (x.half(), 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)  # dtype
+    launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=8, num_stages=2, BLOCK=64)  # warps
+    launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=32)  # constexpr
+    launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, maxnreg=128, BLOCK=64)
+    assert len(k.slow) == 9 and len(k.direct) == 1
+    y = x[1:]
+    launch._launch(k, (2, 3), (y, 32, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
+    assert len(k.slow) == 9 and len(k.direct) == 2
+    grid, values = k.direct[-1]
+    assert grid == (2, 3, 1) and values[0] is y and values[1:] == (32, 1.0, 64, 7)
+    assert launch._arg_key((object(),)) is None  # an unknown kind of argument: never cached
+
+
+def test_fast_launch_table_is_bounded(_fast_path, monkeypatch):
+    monkeypatch.setattr(launch, "_MAX_COMPILED", 2)
+    k = _JitKernel()
+    for block in (16, 32, 64):
+        launch._launch(k, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=block)
+    assert len(launch._COMPILED) == 1  # cleared when full, then the newest entered
+
+
+def test_fast_launch_off_and_its_fallbacks(_fast_path):
+    k = _JitKernel()
+    launch.FAST_LAUNCH = False
+    for _ in range(2):
+        launch._launch(k, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
+    assert len(k.slow) == 2 and k.direct == [] and launch._COMPILED == {}
+    # a compiled kernel that refuses the direct call's arguments (another Triton): Triton's path, then off
+    launch.FAST_LAUNCH = True
+    bad = _JitKernel(fail=True)
+    for _ in range(3):
+        launch._launch(bad, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
+    assert len(bad.slow) == 3 and launch.FAST_LAUNCH is False and launch._COMPILED == {}
+    # a parameter with neither a value nor a default: nothing cached
+    launch.FAST_LAUNCH = True
+    for _ in range(2):
+        launch._launch(k, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2)
+    assert len(k.slow) == 4 and launch._COMPILED == {}
