@@ -213,3 +213,32 @@ def test_ab_attention_smi_summary():
     assert ab.smi_summary(["1000, 100.00, 0xA", "2000, 300.00, 0xA", "1500, 200.00, 0xB"], 2.0) == \
         ", SM 1500 MHz, 200 W, 400 mJ/step, reasons 0xA/0xB"
     assert ab.smi_summary([header, "[N/A], [N/A], [N/A]"], 2.0) == ", no clock/power samples"
+
+
+def _load_energy():
+    spec = importlib.util.spec_from_file_location("kernel_energy", ROOT / "benchmarks" / "kernel_energy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_energy_rejects_short_runs(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _load_energy().main(["--seconds", "1"])
+    assert exc.value.code == 2
+    assert "--seconds: expected 2 or more, got 1.0" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_kernel_energy_needs_a_gpu(capsys):
+    assert _load_energy().main(["--workload", "lf_window"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_host_phases_needs_a_gpu(capsys):
+    spec = importlib.util.spec_from_file_location("host_phases", ROOT / "benchmarks" / "host_phases.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--workloads", "alpaca_seq"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

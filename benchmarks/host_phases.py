@@ -1,0 +1,118 @@
+"""Host time of one md.attention forward+backward step, by phase, on the GPU machine.
+
+    PYTHONPATH=$PWD python benchmarks/host_phases.py --workloads alpaca_seq,lf_window --d 64 [--ab-fast]
+
+Per workload (N = 4096, B=4, H=32, bf16): the host time, after a synchronisation, of md.attention
+(the forward), of autograd's engine before and after our backward, and of our backward, medians of
+60 steps, with the Triton launches real and stubbed out (their difference is what the launches
+cost the host); do_bench of the step and the sum of its kernels' GPU times (torch.profiler). A
+step whose kernels take less than its host time is host-bound. ``--ab-fast`` adds do_bench of the
+step with the launch fast path (``kernels.launch.FAST_LAUNCH``) off and on, three alternating
+rounds each. Session 13: docs/benchmarks/attention_h200_session13.md.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import statistics
+import sys
+import time
+
+import torch
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default="alpaca_seq", help="comma list of maskdsl.bench workloads")
+    ap.add_argument("--n", type=int, default=4096)
+    ap.add_argument("--d", type=int, default=64)
+    ap.add_argument("--ab-fast", action="store_true", help="also time the step with the launch fast path off and on")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("host_phases: needs a CUDA GPU (it times the host's side of the Triton launches)", file=sys.stderr)
+        return 2
+    import triton
+
+    import maskdsl as md
+    from kernels import launch
+    from maskdsl import bench
+
+    impl = sys.modules["maskdsl.attention"]  # the module (maskdsl.attention the attribute is the function)
+    marks = {}
+    real_backward = impl._backward_impl
+
+    def backward(*a, **kw):
+        marks["b0"] = time.perf_counter()
+        out = real_backward(*a, **kw)
+        marks["b1"] = time.perf_counter()
+        return out
+
+    impl._backward_impl = backward
+    try:
+        for name in args.workloads.split(","):
+            wl = bench.build(name, args.n)
+            n = wl.n
+            q, k, v = (torch.randn(4, 32, n, args.d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+                       for _ in range(3))
+            do = torch.randn(4, 32, n, args.d, device="cuda", dtype=torch.bfloat16)
+            plan = md.prepare(wl.mask, n, n, device="cuda")
+
+            def step():
+                marks["s"] = time.perf_counter()
+                for t in (q, k, v):
+                    t.grad = None
+                out = md.attention(q, k, v, plan)
+                marks["f"] = time.perf_counter()
+                out.backward(do)
+                marks["e"] = time.perf_counter()
+
+            def phases(label):
+                for _ in range(10):
+                    step()
+                torch.cuda.synchronize()
+                acc = collections.defaultdict(list)
+                for _ in range(60):
+                    step()
+                    acc["total"].append(marks["e"] - marks["s"])
+                    acc["fwd (md.attention)"].append(marks["f"] - marks["s"])
+                    acc["engine before bwd"].append(marks["b0"] - marks["f"])
+                    acc["our backward"].append(marks["b1"] - marks["b0"])
+                    acc["engine after bwd"].append(marks["e"] - marks["b1"])
+                    torch.cuda.synchronize()
+                print(f"{name} N={n} D={args.d} {label}: "
+                      + ", ".join(f"{key} {statistics.median(v) * 1e3:.3f}" for key, v in acc.items()) + " ms", flush=True)
+
+            phases("launches real")
+            real_launch = launch._launch
+            launch._launch = lambda *a, **kw: None
+            try:
+                phases("launches stubbed")
+            finally:
+                launch._launch = real_launch
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                torch.cuda.synchronize()
+            kernels = collections.defaultdict(float)
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    kernels[e.name[:24]] += e.device_time_total / 1e3 / 5
+            print(f"{name} N={n} D={args.d} do_bench {triton.testing.do_bench(step):.3f} ms, kernels "
+                  f"{sum(kernels.values()):.3f} ms: " + " ".join(f"{key}={v:.3f}" for key, v in kernels.items()), flush=True)
+            if args.ab_fast:
+                res = {False: [], True: []}
+                for _ in range(3):
+                    for on in (False, True):
+                        launch.FAST_LAUNCH = on
+                        launch._COMPILED.clear()
+                        res[on].append(triton.testing.do_bench(step, warmup=50, rep=200))
+                launch.FAST_LAUNCH = True
+                print(f"{name} N={n} D={args.d} do_bench, launch fast path off / on (3 alternating rounds, medians): "
+                      f"{statistics.median(res[False]):.3f} / {statistics.median(res[True]):.3f} ms", flush=True)
+    finally:
+        impl._backward_impl = real_backward
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
