@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -114,10 +115,10 @@ _FITTED: dict = {}
 # alike: ``_arg_key`` records at least what Triton 3.6 specialises on (each tensor's dtype and
 # 16-byte alignment; each integer's equality to 1, divisibility by 16 and 32-bit range).
 _COMPILED: dict = {}
-# set to False for Triton's launch path everywhere (also where a compiled kernel cannot be called
-# directly: then it turns itself off). Triton's runtime options (TRITON_DEBUG and the like) are read
-# when a configuration is first launched; set them before.
-FAST_LAUNCH = True
+# False (or MASKDSL_FAST_LAUNCH=0 in the environment at import): Triton's launch path everywhere. It
+# also turns itself off where a compiled kernel cannot be called directly. Triton's runtime options
+# (TRITON_DEBUG and the like) are read when a configuration is first launched; set them before.
+FAST_LAUNCH = os.environ.get("MASKDSL_FAST_LAUNCH", "1") != "0"
 _MAX_COMPILED = 4096  # entries; past it the table starts afresh (a few per plan and head dim in practice)
 
 

@@ -236,3 +236,16 @@ def test_fast_launch_off_and_its_fallbacks(_fast_path):
     for _ in range(2):
         launch._launch(k, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2)
     assert len(k.slow) == 4 and launch._COMPILED == {}
+
+
+def test_fast_launch_off_from_the_environment():
+    import subprocess
+    import sys
+
+    code = "from kernels import launch; print(launch.FAST_LAUNCH)"
+    for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
+        env = {k: v for k, v in __import__("os").environ.items() if k != "MASKDSL_FAST_LAUNCH"}
+        if value is not None:
+            env["MASKDSL_FAST_LAUNCH"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected
