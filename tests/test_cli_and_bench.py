@@ -163,11 +163,16 @@ def test_bench_script_runs(tmp_path):
     assert "--sizes 300" in text  # the exact command is recorded
 
 
-def _load_ab():
-    spec = importlib.util.spec_from_file_location("ab_attention", ROOT / "benchmarks" / "ab_attention.py")
+def _load_script(name):
+    """A benchmarks/ script as a module (they are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def _load_ab():
+    return _load_script("ab_attention")
 
 
 def test_ab_attention_variants():
@@ -187,16 +192,23 @@ def test_ab_attention_variants():
             ab.parse_variant(bad)
 
 
-def test_ab_attention_rejects_negative_sustained_seconds(capsys):
+@pytest.mark.parametrize("script, argv, message", [
+    ("ab_attention", ["--sustained", "-1"], "--sustained: expected seconds >= 0, got -1.0"),
+    ("kernel_energy", ["--seconds", "1"], "--seconds: expected 2 or more, got 1.0"),
+])
+def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):
     with pytest.raises(SystemExit) as exc:
-        _load_ab().main(["--sustained", "-1"])
+        _load_script(script).main(argv)
     assert exc.value.code == 2
-    assert "--sustained: expected seconds >= 0, got -1.0" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-def test_ab_attention_needs_a_gpu(capsys):
-    assert _load_ab().main(["--variants", "base,unfused"]) == 2
+@pytest.mark.parametrize("script, argv", [("ab_attention", ["--variants", "base,unfused"]),
+                                          ("kernel_energy", ["--workload", "lf_window"]),
+                                          ("host_phases", ["--workloads", "alpaca_seq"])])
+def test_benchmark_scripts_need_a_gpu(capsys, script, argv):
+    assert _load_script(script).main(argv) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
@@ -213,32 +225,3 @@ def test_ab_attention_smi_summary():
     assert ab.smi_summary(["1000, 100.00, 0xA", "2000, 300.00, 0xA", "1500, 200.00, 0xB"], 2.0) == \
         ", SM 1500 MHz, 200 W, 400 mJ/step, reasons 0xA/0xB"
     assert ab.smi_summary([header, "[N/A], [N/A], [N/A]"], 2.0) == ", no clock/power samples"
-
-
-def _load_energy():
-    spec = importlib.util.spec_from_file_location("kernel_energy", ROOT / "benchmarks" / "kernel_energy.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_kernel_energy_rejects_short_runs(capsys):
-    with pytest.raises(SystemExit) as exc:
-        _load_energy().main(["--seconds", "1"])
-    assert exc.value.code == 2
-    assert "--seconds: expected 2 or more, got 1.0" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-def test_kernel_energy_needs_a_gpu(capsys):
-    assert _load_energy().main(["--workload", "lf_window"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
-def test_host_phases_needs_a_gpu(capsys):
-    spec = importlib.util.spec_from_file_location("host_phases", ROOT / "benchmarks" / "host_phases.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main(["--workloads", "alpaca_seq"]) == 2
-    assert "needs a CUDA GPU" in capsys.readouterr().err
