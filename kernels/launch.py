@@ -113,7 +113,8 @@ _FITTED: dict = {}
 # launches made a small workload host-bound (packed ALPACA, N = 4096, D = 64: 0.47 ms of kernels,
 # 0.90 ms per step). A compiled kernel is reused only for arguments that Triton would specialise
 # alike: ``_arg_key`` records at least what Triton 3.6 specialises on (each tensor's dtype and
-# 16-byte alignment; each integer's equality to 1, divisibility by 16 and 32-bit range).
+# 16-byte alignment; each integer's equality to 1, divisibility by 16 and its range: int32, int64 or
+# uint64).
 _COMPILED: dict = {}
 # False (or MASKDSL_FAST_LAUNCH=0 in the environment at import): Triton's launch path everywhere. It
 # also turns itself off where a compiled kernel cannot be called directly. Triton's runtime options
@@ -135,7 +136,7 @@ def _arg_key(args):
     for a in args:
         kind = type(a)
         if kind is int:
-            key.append((a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF))
+            key.append((a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF, a > 0x7FFFFFFFFFFFFFFF))
         elif isinstance(a, torch.Tensor):
             key.append((a.dtype, a.data_ptr() & 15 == 0))
         elif kind is float or kind is bool or a is None:
@@ -162,7 +163,7 @@ def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_sta
     block; on a device with less (an A100 has 163 KiB, consumer GPUs ~100 KiB) Triton refuses the
     launch, and this retries with fewer pipeline stages (the tiles, and so the block layout, stay),
     remembering what fit. The refusal comes before the kernel runs: nothing is half written.
-    Where the tuned stages fit (Hopper) a launch builds no key: nothing is added to its host time.
+    Where the tuned stages fit (Hopper) a launch builds no key for that memo.
     ``maxnreg``: the registers per thread the compiler may use (``TileConfig.maxnreg``), or None.
     A configuration launched before with arguments that Triton specialises alike calls the kernel
     Triton compiled then directly (``_COMPILED``)."""

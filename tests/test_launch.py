@@ -195,17 +195,17 @@ def test_fast_launch_reuses_the_compiled_kernel(_fast_path):
         launch._launch(k, (5,), (x, n, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
     assert len(k.slow) == 1 and k.direct == [((5, 1, 1), (x, 4096, 2.0, 64, 7))]
     # what Triton specialises on differently takes its own path (and is remembered apart)
-    for n in (1, 40, 2**31):  # equal to 1; not a multiple of 16; past int32
+    for n in (1, 40, 2**31, 2**64):  # equal to 1; not a multiple of 16; past int32; past int64
         launch._launch(k, (5,), (x, n, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
     launch._launch(k, (5,), (x[1:], 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)  # 4-byte aligned
     launch._launch(k, (5,), (x.half(), 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)  # dtype
     launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=8, num_stages=2, BLOCK=64)  # warps
     launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=32)  # constexpr
     launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, maxnreg=128, BLOCK=64)
-    assert len(k.slow) == 9 and len(k.direct) == 1
+    assert len(k.slow) == 10 and len(k.direct) == 1
     y = x[1:]
     launch._launch(k, (2, 3), (y, 32, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
-    assert len(k.slow) == 9 and len(k.direct) == 2
+    assert len(k.slow) == 10 and len(k.direct) == 2
     grid, values = k.direct[-1]
     assert grid == (2, 3, 1) and values[0] is y and values[1:] == (32, 1.0, 64, 7)
     assert launch._arg_key((object(),)) is None  # an unknown kind of argument: never cached
