@@ -159,20 +159,16 @@ def _kernel_forward(p, q, k, v, scale, out=None):
 
 
 def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):
-    from kernels import configs, launch
+    from kernels import launch
 
     es, d = q.element_size(), q.shape[3]
     dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
-    ds_tiles, fused = None, p.fused_stages(es, d)
-    if fused is None and p.stored_ds(es, d):  # the one-launch backward, where it applies, comes first
-        ds_bytes = launch.ds_numel(q.shape[0], q.shape[1], p.ds_tile_count(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N), kv_cfg) * es
-        if ds_bytes <= configs.STORED_DS_MEMORY * (q.numel() + k.numel() + v.numel()) * es:
-            ds_tiles = p.ds_tiles(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, configs.stored_ds_row_tiles(kv_cfg))
     return launch.backward(
         do, q, k, v, o, lse,
         dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),
         meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn, scale=scale,
-        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg, fused_stages=fused, out=out, ds_tiles=ds_tiles,
+        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg, fused_stages=p.fused_stages(es, d), out=out,
+        ds_tiles=p.backward_ds_tiles(q, k, v),
     )
 
 

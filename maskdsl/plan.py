@@ -15,8 +15,9 @@ import threading
 import numpy as np
 import torch
 
+from kernels import configs
 from kernels.configs import fused_stages, stored_ds, tile_config
-from kernels.launch import DsTiles, Lists
+from kernels.launch import DsTiles, Lists, ds_numel
 
 from . import codegen
 from . import reorder as _reorder
@@ -146,6 +147,20 @@ class Plan:
         """Whether the backward for these inputs may store dS (``configs.STORED_DS``), memory allowing."""
         cfg = self.tiles("dkdv", element_size, head_dim)
         return stored_ds(element_size, head_dim, self.kind, self.heavy_share(cfg.BLOCK_M, cfg.BLOCK_N))
+
+    def backward_ds_tiles(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> DsTiles | None:
+        """The tile numbering of the backward with stored dS where these inputs take it, else None:
+        where the backward is not one launch (``fused_stages``), the table and the heavy rows allow
+        it (``stored_ds``) and its buffer (``launch.ds_numel``) is at most ``STORED_DS_MEMORY``
+        times the bytes of q, k and v."""
+        es, d = q.element_size(), q.shape[3]
+        if self.fused_stages(es, d) is not None or not self.stored_ds(es, d):
+            return None
+        cfg = self.tiles("dkdv", es, d)
+        ds_bytes = ds_numel(q.shape[0], q.shape[1], self.ds_tile_count(cfg.BLOCK_M, cfg.BLOCK_N), cfg) * es
+        if ds_bytes > configs.STORED_DS_MEMORY * (q.numel() + k.numel() + v.numel()) * es:
+            return None
+        return self.ds_tiles(cfg.BLOCK_M, cfg.BLOCK_N, configs.stored_ds_row_tiles(cfg))
 
     def heavy_share(self, block_q: int, block_k: int) -> float:
         """The share of the (block_q, block_k) layout's non-empty tiles that lie in the heavy key
