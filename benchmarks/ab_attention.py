@@ -43,7 +43,7 @@ import sys
 
 import torch
 
-from kernels import configs
+from kernels import configs, launch
 from kernels.configs import TileConfig
 
 
@@ -173,6 +173,9 @@ def main(argv=None) -> int:
                     help="also run each variant back to back for S (5 or more) seconds: time per step, clock, power, energy")
     ap.add_argument("--warm", action="store_true", help="compile only: one call of each variant")
     args = ap.parse_args(argv)
+    # variants are tile overrides (configs.OVERRIDE), whose passes take the launchers' path every
+    # time: the base configuration does too, so that all are timed alike (kernels.launch.replay)
+    launch.REPLAY = False
     if args.sustained < 0:
         ap.error(f"--sustained: expected seconds >= 0, got {args.sustained}")
     variants = {v: parse_variant(v) for v in args.variants.split(",")}  # bad variants fail before any work

@@ -1,14 +1,16 @@
 """Host time of one md.attention forward+backward step, by phase, on the GPU machine.
 
-    PYTHONPATH=$PWD python benchmarks/host_phases.py --workloads alpaca_seq,lf_window --d 64 [--ab-fast]
+    PYTHONPATH=$PWD python benchmarks/host_phases.py --workloads alpaca_seq,lf_window --d 64 [--ab]
 
 Per workload (N = 4096, B=4, H=32, bf16): the host time, after a synchronisation, of md.attention
 (the forward), of autograd's engine before and after our backward, and of our backward, medians of
-60 steps, with the Triton launches real and stubbed out (their difference is what the launches
-cost the host); do_bench of the step and the sum of its kernels' GPU times (torch.profiler). A
-step whose kernels take less than its host time is host-bound. ``--ab-fast`` adds do_bench of the
-step with the launch fast path (``kernels.launch.FAST_LAUNCH``) off and on, three alternating
-rounds each. Session 13: docs/benchmarks/attention_h200_session13.md.
+60 steps: with the passes replayed (``kernels.launch.replay``, the default), through the launchers
+(``REPLAY = False``), and through the launchers with the Triton launches stubbed out (the
+difference is what the launches cost the host); do_bench of the step and the sum of its kernels'
+GPU times (torch.profiler). A step whose kernels take less than its host time is host-bound.
+``--ab`` adds do_bench of the step with Triton's own launches (``FAST_LAUNCH = False``), the launch
+fast path without replay, and replay, three alternating rounds each. Sessions 13 and 14:
+docs/benchmarks/attention_h200_session13.md, attention_h200_session14.md.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workloads", default="alpaca_seq", help="comma list of maskdsl.bench workloads")
     ap.add_argument("--n", type=int, default=4096)
     ap.add_argument("--d", type=int, default=64)
-    ap.add_argument("--ab-fast", action="store_true", help="also time the step with the launch fast path off and on")
+    ap.add_argument("--ab", "--ab-fast", dest="ab", action="store_true",
+                    help="also time the step with Triton's launches, the launch fast path, and replay")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("host_phases: needs a CUDA GPU (it times the host's side of the Triton launches)", file=sys.stderr)
@@ -82,13 +85,16 @@ def main(argv=None) -> int:
                 print(f"{name} N={n} D={args.d} {label}: "
                       + ", ".join(f"{key} {statistics.median(v) * 1e3:.3f}" for key, v in acc.items()) + " ms", flush=True)
 
-            phases("launches real")
+            phases("replayed")
             real_launch = launch._launch
-            launch._launch = lambda *a, **kw: None
+            launch.REPLAY = False
             try:
-                phases("launches stubbed")
+                phases("launchers' path")
+                launch._launch = lambda *a, **kw: None
+                phases("launchers' path, launches stubbed")
             finally:
                 launch._launch = real_launch
+                launch.REPLAY = True
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 for _ in range(5):
                     step()
@@ -99,16 +105,19 @@ def main(argv=None) -> int:
                     kernels[e.name[:24]] += e.device_time_total / 1e3 / 5
             print(f"{name} N={n} D={args.d} do_bench {triton.testing.do_bench(step):.3f} ms, kernels "
                   f"{sum(kernels.values()):.3f} ms: " + " ".join(f"{key}={v:.3f}" for key, v in kernels.items()), flush=True)
-            if args.ab_fast:
-                res = {False: [], True: []}
-                for _ in range(3):
-                    for on in (False, True):
-                        launch.FAST_LAUNCH = on
-                        launch._COMPILED.clear()
-                        res[on].append(triton.testing.do_bench(step, warmup=50, rep=200))
-                launch.FAST_LAUNCH = True
-                print(f"{name} N={n} D={args.d} do_bench, launch fast path off / on (3 alternating rounds, medians): "
-                      f"{statistics.median(res[False]):.3f} / {statistics.median(res[True]):.3f} ms", flush=True)
+            if args.ab:
+                modes = {"Triton's launches": (False, False), "fast path": (True, False), "replay": (True, True)}
+                res = collections.defaultdict(list)
+                try:
+                    for _ in range(3):
+                        for mode, (fast, replay) in modes.items():
+                            launch.FAST_LAUNCH, launch.REPLAY = fast, replay
+                            res[mode].append(triton.testing.do_bench(step, warmup=50, rep=200))
+                finally:
+                    launch.FAST_LAUNCH, launch.REPLAY = True, True
+                print(f"{name} N={n} D={args.d} do_bench ms, medians of 3 alternating rounds: " + ", ".join(
+                    f"{mode} {statistics.median(v):.3f} ({' '.join(f'{x:.3f}' for x in v)})" for mode, v in res.items()),
+                    flush=True)
     finally:
         impl._backward_impl = real_backward
     return 0

@@ -61,12 +61,12 @@ def main(argv=None) -> int:
 
     step()
     torch.cuda.synchronize()
-    launch._launch = spy
+    launch._launch, launch.REPLAY = spy, False  # a replayed step would not pass through the launchers
     try:
         step()
         torch.cuda.synchronize()
     finally:
-        launch._launch = real
+        launch._launch, launch.REPLAY = real, True
     print(f"{args.workload} N={n} D={args.d} kernels of a step: {[r[0].fn.__name__ for r in recorded]}", flush=True)
     calls = [("maskdsl step", step)]
     calls += [(r[0].fn.__name__, lambda r=r: real(r[0], r[1], r[2], r[3], **dict(r[4]))) for r in recorded]

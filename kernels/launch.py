@@ -8,14 +8,23 @@ row, and ``pred``, the ``@triton.jit`` predicate of partial blocks.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import operator
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
+
+try:  # Triton's launch hooks (Triton 3.4 and later): a launch may skip them only where none is set
+    from triton import knobs as _knobs
+    from triton.knobs import HookChain as _HookChain
+except ImportError:
+    _knobs = _HookChain = None
 
 from .attention import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_ds_kernel, attn_bwd_dq_kernel,
                         attn_bwd_kernel, attn_fwd_kernel)
@@ -74,6 +83,9 @@ class DsTiles:
     row_tiles: int
     t_max: int  # tiles per query head (the most of any pair)
 
+    def tensors(self):
+        return (self.k_first, self.q_ptr, self.q_kb, self.q_id, self.order)
+
 
 def ds_numel(batch: int, heads: int, t_max: int, dkdv: TileConfig) -> int:
     """Elements of the stored-dS buffer: ``t_max`` dS^T tiles (``dkdv``'s BLOCK_N x BLOCK_M) per
@@ -83,10 +95,16 @@ def ds_numel(batch: int, heads: int, t_max: int, dkdv: TileConfig) -> int:
 
 def new_output(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """An output buffer on ``like``'s device (filled with NaN when ``POISON`` is set)."""
-    dtype = like.dtype if dtype is None else dtype
+    out = _new(shape, like.dtype if dtype is None else dtype, like.device)
+    if _REC.recording is not None:
+        _REC.recording.alloc(out)
+    return out
+
+
+def _new(shape, dtype, device) -> torch.Tensor:
     if POISON:
-        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
-    return torch.empty(shape, dtype=dtype, device=like.device)
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
 
 
 # The forward and dQ kernels compute in-head offsets (row * stride + column * stride) in int32
@@ -98,52 +116,135 @@ _TILE_MARGIN = 256
 
 def _wide(*tensors: torch.Tensor) -> bool:
     """Whether any tensor's in-head offsets can reach ``OFFSET_LIMIT`` (int32 would overflow)."""
-    return any((t.shape[-2] + _TILE_MARGIN) * abs(t.stride(-2)) + t.shape[-1] * abs(t.stride(-1)) >= OFFSET_LIMIT
-               for t in tensors)
+    return _wide_of(*((t.shape[-2], t.shape[-1], t.stride()) for t in tensors))
+
+
+def _wide_of(*extents) -> bool:
+    """``_wide`` of tensors given as (rows, columns, strides) (the launchers have the strides at hand)."""
+    for rows, cols, strides in extents:
+        if (rows + _TILE_MARGIN) * abs(strides[-2]) + cols * abs(strides[-1]) >= OFFSET_LIMIT:
+            return True
+    return False
 
 
 # (kernel, device, warps, stages asked, constexprs but the predicate) -> the fewer stages that fit,
 # for the configurations whose tuned stage count did not
 _FITTED: dict = {}
 
-# The launches' fast path: (kernel, device, warps, stages, constexprs, argument key) -> (Triton's compiled
-# kernel, the values of the parameters after the positional arguments). Triton's own launch path
-# (binding ~60 arguments, specialising each, hashing the key, its hooks) took 45 us per launch in a
-# tight loop and 65-135 us within a training step on an H200 host (session 13), where a step's four
-# launches made a small workload host-bound (packed ALPACA, N = 4096, D = 64: 0.47 ms of kernels,
-# 0.90 ms per step). A compiled kernel is reused only for arguments that Triton would specialise
-# alike: ``_arg_key`` records at least what Triton 3.6 specialises on (each tensor's dtype and
-# 16-byte alignment; each integer's equality to 1, divisibility by 16 and its range: int32, int64 or
-# uint64).
-_COMPILED: dict = {}
+# The launches' fast path. Triton's own launch path (binding ~60 arguments, specialising each, hashing
+# the key, its hooks) took 45 us per launch in a tight loop and 65-135 us within a training step on an
+# H200 host (session 13), where a step's launches made small workloads host-bound (packed ALPACA,
+# N = 4096, D = 64: 0.47 ms of kernels, 0.90 ms per step). So per configuration (kernel, device, warps,
+# stages, constexprs) a ``_Site`` remembers the kernels Triton compiled at earlier launches, keyed by
+# the arguments: each tensor's dtype and 16-byte alignment, and the other arguments' exact values and
+# types (at least what Triton specialises on: for integers their equality to 1, divisibility by 16
+# and range), and calls the one that matches directly.
+_SITES: dict = {}
 # False (or MASKDSL_FAST_LAUNCH=0 in the environment at import): Triton's launch path everywhere. It
 # also turns itself off where a compiled kernel cannot be called directly. Triton's runtime options
 # (TRITON_DEBUG and the like) are read when a configuration is first launched; set them before.
 FAST_LAUNCH = os.environ.get("MASKDSL_FAST_LAUNCH", "1") != "0"
-_MAX_COMPILED = 4096  # entries; past it the table starts afresh (a few per plan and head dim in practice)
+_MAX_COMPILED = 4096  # compiled kernels remembered in all; past it the sites start afresh
+_SCALARS = (int, float, bool, type(None))
+_DTYPE, _DATA_PTR = operator.attrgetter("dtype"), operator.methodcaller("data_ptr")
 
 
 def _disable_fast_launch() -> None:
     global FAST_LAUNCH
     FAST_LAUNCH = False
-    _COMPILED.clear()
+    _SITES.clear()
 
 
-def _arg_key(args):
-    """What Triton specialises a kernel on, per positional argument; None where an argument is of a
-    kind the fast path does not know (then Triton's own launch path runs)."""
-    key = []
-    for a in args:
-        kind = type(a)
-        if kind is int:
-            key.append((a == 1, a & 15 == 0, -0x80000000 <= a <= 0x7FFFFFFF, a > 0x7FFFFFFFFFFFFFFF))
-        elif isinstance(a, torch.Tensor):
-            key.append((a.dtype, a.data_ptr() & 15 == 0))
-        elif kind is float or kind is bool or a is None:
-            key.append(kind if kind is float else a)
-        else:
+def _getter(positions):
+    """A function of the argument tuple returning the tuple of its elements at ``positions``."""
+    if len(positions) >= 2:
+        return operator.itemgetter(*positions)
+    if len(positions) == 1:
+        i = positions[0]
+        return lambda args: (args[i],)
+    return lambda args: ()
+
+
+class _Site:
+    """The compiled kernels of one launch configuration, by argument key. The positions of the
+    tensors among the arguments are those of the site's first launch (each launcher passes its
+    tensors at fixed positions); a launch whose arguments are laid out otherwise never matches."""
+
+    __slots__ = ("n_args", "tensors", "scalars", "types", "table", "refs")
+
+    def __init__(self, args, refs):
+        self.n_args = len(args)
+        tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        self.tensors = _getter(tensor_pos)
+        self.scalars = _getter([i for i in range(len(args)) if i not in set(tensor_pos)])
+        self.types = tuple(map(type, self.scalars(args)))
+        self.table = {}
+        self.refs = refs  # the kernel and predicate whose ids key the site: alive while it is
+
+    def key(self, args):
+        """The argument key, or None where the arguments are not laid out as this site's: the
+        tensors' dtypes and 16-byte alignment, the other arguments as they are (``known`` keeps
+        their types those of the site's first launch)."""
+        if len(args) != self.n_args:
             return None
-    return tuple(key)
+        try:
+            tensors = self.tensors(args)
+            dtypes = tuple(map(_DTYPE, tensors))
+            ptrs = tuple(map(_DATA_PTR, tensors))
+        except (AttributeError, TypeError):  # not a tensor where the site has one
+            return None
+        aligned = True if functools.reduce(operator.or_, ptrs, 0) & 15 == 0 else tuple(p & 15 == 0 for p in ptrs)
+        return dtypes, aligned, self.scalars(args)
+
+    def known(self, args) -> bool:
+        """Whether ``args`` are laid out as this site's, with scalars of the kinds the key can tell apart."""
+        return (len(args) == self.n_args and all(isinstance(t, torch.Tensor) for t in self.tensors(args))
+                and tuple(map(type, self.scalars(args))) == self.types and all(t in _SCALARS for t in self.types))
+
+
+def _hooks_idle() -> bool:
+    """Whether Triton's launch hooks are unset (then a launch may skip them): with a profiler
+    hooked in (Triton's proton), launches take Triton's compiled-kernel call, which runs the hooks."""
+    if _knobs is None:
+        return False
+    rt = _knobs.runtime
+    return all(h is None or (type(h) is _HookChain and not h.calls) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def _stream_source():
+    """(current device, stream of a device): the functions Triton's launches take them from."""
+    from triton.runtime.driver import driver
+
+    return driver.active.get_current_device, driver.active.get_current_stream
+
+
+class _Direct:
+    """One compiled kernel, called with every parameter (``args`` and then ``tail``, the values of
+    the constexprs and defaulted parameters): straight to its launcher ``run`` where Triton's hooks
+    are idle (what ``compiled[grid]`` does, less the hooks' bookkeeping), else ``compiled[grid]``."""
+
+    __slots__ = ("compiled", "tail", "run", "device", "stream")
+
+    def __init__(self, compiled, tail):
+        self.compiled, self.tail, self.run = compiled, tail, None
+        try:
+            compiled._init_handles()
+            self.run = (compiled.run, compiled.function, compiled.packed_metadata)
+            self.device, self.stream = _stream_source()
+        except Exception:  # another Triton's compiled kernel: its own call only
+            self.run = None
+
+    def __call__(self, grid, args):
+        g = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        if self.run is not None and _hooks_idle():
+            run, function, packed = self.run
+            run(g[0], g[1], g[2], self.stream(self.device()), function, packed, None, None, None, *args, *self.tail)
+        else:
+            self.compiled[g](*args, *self.tail)
+
+
+def _fast_entries() -> int:
+    return sum(len(site.table) for site in _SITES.values())
 
 
 def _tail(kernel, n_args: int, constexprs: dict):
@@ -166,23 +267,28 @@ def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_sta
     Where the tuned stages fit (Hopper) a launch builds no key for that memo.
     ``maxnreg``: the registers per thread the compiler may use (``TileConfig.maxnreg``), or None.
     A configuration launched before with arguments that Triton specialises alike calls the kernel
-    Triton compiled then directly (``_COMPILED``)."""
+    Triton compiled then directly (``_SITES``)."""
     if maxnreg is not None:  # a compile option, passed (and keyed) like the constexprs
         constexprs["maxnreg"] = maxnreg
-    fast = None
+    site = key_args = None
     if FAST_LAUNCH:
-        arg_key = _arg_key(args)
-        if arg_key is not None:
-            fast = (kernel, device, num_warps, num_stages, tuple(constexprs.items()), arg_key)
-            hit = _COMPILED.get(fast)
+        # by id: the hash of a Triton function is computed in Python; the site keeps both alive
+        pred = constexprs.get("PRED")
+        site_key = (id(kernel), id(pred), device, num_warps, num_stages,
+                    *(item for item in constexprs.items() if item[0] != "PRED"))
+        site = _SITES.get(site_key)
+        if site is not None:
+            key_args = site.key(args)
+            hit = site.table.get(key_args) if key_args is not None else None
             if hit is not None:
-                compiled, tail = hit
                 try:
-                    compiled[(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)](*args, *tail)
+                    hit(grid, args)
+                    if _REC.recording is not None:
+                        _REC.recording.launch(hit, grid, args)
                     return
                 except TypeError:  # a Triton whose compiled kernels take other arguments: its own path from now on
                     _disable_fast_launch()
-                    fast = None
+                    site = None
 
     def key():
         return (kernel, str(device), num_warps, num_stages,
@@ -200,13 +306,135 @@ def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_sta
         if stages != num_stages:
             _FITTED[key()] = stages
         break
+    direct = None
     # Triton returns the compiled kernel (None under TRITON_INTERPRET, which has none)
-    if fast is not None and compiled is not None and callable(getattr(compiled, "__getitem__", None)):
+    if FAST_LAUNCH and compiled is not None and callable(getattr(compiled, "__getitem__", None)):
         tail = _tail(kernel, len(args), constexprs)
         if tail is not None and len(args) + len(tail) == len(kernel.params):
-            if len(_COMPILED) >= _MAX_COMPILED:
-                _COMPILED.clear()
-            _COMPILED[fast] = (compiled, tail)
+            if site is None:
+                site = _SITES.setdefault(site_key, _Site(args, (kernel, pred)))
+                key_args = site.key(args)
+            if key_args is not None and site.known(args):
+                if _fast_entries() >= _MAX_COMPILED:
+                    _SITES.clear()
+                    site = _SITES.setdefault(site_key, site)
+                    site.table.clear()
+                direct = site.table[key_args] = _Direct(compiled, tail)
+    if _REC.recording is not None:
+        _REC.recording.launch(direct, grid, args)
+
+
+# ---------------------------------------------------------------------------
+# Replayed passes. A pass (the forward, the backward) of one plan, for inputs of the same dtypes,
+# shapes and strides, makes the same launches every time: only the input tensors and the fresh
+# outputs differ. ``replay`` records a pass's launches and allocations the first time (the launches
+# run as usual meanwhile) and afterwards replays them: it allocates the outputs and calls each
+# compiled kernel with the new tensors in place of the recorded ones, skipping the tile lookups,
+# the argument building and the launch keys (on an H200 host a small workload's step spent more
+# time there than its kernels took: session 14, docs/benchmarks/attention_h200_session14.md).
+# ---------------------------------------------------------------------------
+
+class _Recorder(threading.local):
+    recording = None  # the _Recording of the pass this thread runs, if it records one
+
+
+_REC = _Recorder()
+REPLAY = os.environ.get("MASKDSL_REPLAY", "1") != "0"  # False: every pass takes the launchers' path
+_MAX_RECIPES = 16  # per owner (a plan): signatures of inputs remembered
+
+
+class _Recording:
+    """What a pass did: its allocations (``new_output``) and launches, with each tensor argument
+    either an input, an allocation (a *slot*) or one of ``constants`` (the plan's own tensors)."""
+
+    def __init__(self, inputs, constants):
+        self.slots = {id(t): i for i, t in enumerate(inputs)}
+        self.keep = list(inputs)  # alive while recording, so that no id is reused
+        self.constants = constants
+        self.allocs, self.launches, self.ok = [], [], len(self.slots) == len(inputs)  # no input twice
+
+    def alloc(self, t):
+        self.slots[id(t)] = len(self.keep)
+        self.keep.append(t)
+        self.allocs.append((tuple(t.shape), t.dtype, t.device))
+
+    def launch(self, direct, grid, args):
+        if direct is None or not self.ok:  # a launch that cannot be called directly: no recipe
+            self.ok = False
+            return
+        template, places = list(args), []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                slot = self.slots.get(id(a))
+                if slot is not None:
+                    template[i] = None  # the recipe keeps no tensor of this call
+                    places.append((i, slot))
+                elif id(a) not in self.constants():  # derived from the inputs (a view, a copy): no recipe
+                    self.ok = False
+                    return
+        self.launches.append((direct, tuple(grid), template, tuple(places)))
+
+    def recipe(self, result):
+        slots = [self.slots.get(id(t)) for t in result]
+        if not self.ok or not self.launches or None in slots:
+            return None
+        return _Recipe(len(self.keep) - len(self.allocs), self.allocs, self.launches, slots)
+
+
+class _Recipe:
+    __slots__ = ("n_inputs", "allocs", "launches", "result")
+
+    def __init__(self, n_inputs, allocs, launches, result):
+        self.n_inputs, self.allocs, self.launches, self.result = n_inputs, allocs, launches, result
+
+    def __call__(self, inputs):
+        slots = list(inputs)
+        for shape, dtype, device in self.allocs:
+            slots.append(_new(shape, dtype, device))
+        for direct, grid, template, places in self.launches:
+            args = template.copy()
+            for i, slot in places:
+                args[i] = slots[slot]
+            direct(grid, args)
+        return tuple(slots[i] for i in self.result)
+
+
+_SHAPE, _STRIDE = operator.attrgetter("shape"), operator.methodcaller("stride")
+
+
+def replay(recipes: dict, tag, inputs: tuple, constants, compute):
+    """``compute()``, a pass over ``inputs`` (tensors) returning a tuple of tensors, recorded in
+    ``recipes`` under ``tag`` and the inputs' dtypes, shapes and strides, and replayed from there
+    at later calls. ``constants()``: the ids of the tensors the pass may pass to kernels besides
+    its inputs and fresh outputs (alive as long as ``recipes``, never modified). Passes that launch anything else (a tensor
+    derived from the inputs, a launch Triton must make itself, one tensor as two inputs) are never
+    recorded. Recording needs 16-byte aligned inputs and the launch fast path (``FAST_LAUNCH``);
+    ``configs.OVERRIDE`` and ``REPLAY = False`` turn it off."""
+    if not (REPLAY and FAST_LAUNCH) or configs.OVERRIDE or _REC.recording is not None:
+        return compute()
+    if functools.reduce(operator.or_, map(_DATA_PTR, inputs), 0) & 15:
+        return compute()
+    key = (tag, _precision(inputs[0].dtype), tuple(map(_DTYPE, inputs)), tuple(map(_SHAPE, inputs)),
+           tuple(map(_STRIDE, inputs)))
+    recipe = recipes.get(key, False)
+    if recipe:
+        try:
+            return recipe(inputs)
+        except TypeError:  # a Triton whose compiled kernels take other arguments
+            _disable_fast_launch()
+            recipes.clear()
+            return compute()
+    if recipe is None:  # recorded before: not replayable
+        return compute()
+    _REC.recording = rec = _Recording(inputs, constants)
+    try:
+        result = compute()
+    finally:
+        _REC.recording = None
+    if len(recipes) >= _MAX_RECIPES:
+        recipes.clear()
+    recipes[key] = rec.recipe(result)
+    return result
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -227,14 +455,15 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     o = new_output(q.shape, q) if out is None else out
     lse = new_output((B, H, n_q), q, torch.float32)
     even = n_k % cfg.BLOCK_N == 0
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), o.stride()
     _launch(
         attn_fwd_kernel, (B * H * lists.num_rows,),
-        (q, k, v, o, lse, meta, *lists.args(),
-         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        (q, k, v, o, lse, meta, *lists.args(), *qs, *ks, *vs, *os_,
          H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e)), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
-        EVEN_N=even, PREC=_precision(q.dtype), WIDE=_wide(q, k, v, o), num_warps=cfg.num_warps,
+        EVEN_N=even, PREC=_precision(q.dtype),
+        WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
         num_stages=cfg.stages(even), maxnreg=cfg.maxnreg,
     )
     return o, lse
@@ -264,6 +493,10 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     common = dict(PRED=pred, HEAD_D=D, BLOCK_D=block_d, PREC=_precision(q.dtype))
     even_n, even_m = n_k % dq_cfg.BLOCK_N == 0, n_q % dkdv_cfg.BLOCK_M == 0
+    qs, ks, vs, os_, dos, dqs = q.stride(), k.stride(), v.stride(), o.stride(), do.stride(), dq.stride()
+
+    def wide():  # WIDE of the dQ and the one-launch kernels
+        return _wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_), (n_q, D, dos), (n_q, D, dqs))
     if ds_tiles is not None:
         # never an empty buffer to a kernel: one tile at least
         ds = new_output((max(ds_numel(B, H, ds_tiles.t_max, dkdv_cfg), dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M),), q)
@@ -287,11 +520,10 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         _launch(
             attn_bwd_kernel, (B * h_kv * (dkdv_lists.num_rows + (H // h_kv) * dq_lists.num_rows),),
             (q, k, v, o, do, dq, dk, dv, lse, delta, meta, *dq_lists.tensors(), *dkdv_lists.tensors(),
-             *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(), *dk.stride(),
-             *dv.stride(), H, h_kv, n_q, n_k, dq_lists.num_rows, dkdv_lists.num_rows, H // h_kv, pair_b, pair_h,
+             *qs, *ks, *vs, *os_, *dos, *dqs, *dk.stride(), *dv.stride(), H, h_kv, n_q, n_k, dq_lists.num_rows, dkdv_lists.num_rows, H // h_kv, pair_b, pair_h,
              meta.stride(0), scale * math.log2(math.e), scale), q.device,
             DQ_BLOCK_M=dq_cfg.BLOCK_M, DQ_BLOCK_N=dq_cfg.BLOCK_N, KV_BLOCK_M=dkdv_cfg.BLOCK_M,
-            KV_BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_N=even_n, EVEN_M=even_m, WIDE=_wide(q, k, v, o, do, dq),
+            KV_BLOCK_N=dkdv_cfg.BLOCK_N, EVEN_N=even_n, EVEN_M=even_m, WIDE=wide(),
             num_warps=dq_cfg.num_warps, num_stages=fused_stages,
             maxnreg=fused_maxnreg(dq_cfg, dkdv_cfg), **common,
         )
@@ -299,10 +531,9 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     _launch(
         attn_bwd_dq_kernel, (B * H * dq_lists.num_rows,),
         (q, k, v, o, do, dq, lse, delta, meta, *dq_lists.args(),
-         *q.stride(), *k.stride(), *v.stride(), *o.stride(), *do.stride(), *dq.stride(),
-         H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
+         *qs, *ks, *vs, *os_, *dos, *dqs, H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale), q.device,
-        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=_wide(q, k, v, o, do, dq),
+        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=wide(),
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), maxnreg=dq_cfg.maxnreg, **common,
     )
     _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common)

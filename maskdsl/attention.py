@@ -70,7 +70,7 @@ def attention(q, k, v, mask, *, scale=None, reorder="auto"):
     """
     _check_inputs(q, k, v, mask, scale, reorder)
     out, _ = _attention(q, k, v, mask, scale=scale, reorder=reorder)
-    return out.to(q.dtype)
+    return out if out.dtype == q.dtype else out.to(q.dtype)
 
 
 def _attention(q, k, v, mask, *, scale=None, backend=None, reorder="auto"):
@@ -118,13 +118,13 @@ def _forward_impl(q, k, v, plan: str, scale: float, backend: str):
     if p.interleaved:  # a dilated mask: its residue classes r::d, one after another, on strided views
         out, lse = launch.new_output(q.shape, q), launch.new_output(q.shape[:3], q, torch.float32)
         for sl, sub in _classes(p):
-            _, lse_r = _kernel_forward(sub, q[:, :, sl], k[:, :, sl], v[:, :, sl], scale, out=out[:, :, sl])
+            _, lse_r = _run_forward(sub, q[:, :, sl], k[:, :, sl], v[:, :, sl], scale, out=out[:, :, sl])
             lse[:, :, sl] = lse_r
         return out, lse
     perm = p.permutation  # the kernels run the reordered positions; out and lse come back in order
     if perm is not None:
         q, k, v = (t.index_select(2, perm[0]) for t in (q, k, v))
-    out, lse = _kernel_forward(p, q, k, v, scale)
+    out, lse = _run_forward(p, q, k, v, scale)
     if perm is not None:
         out, lse = out.index_select(2, perm[1]), lse.index_select(2, perm[1])
     return out, lse
@@ -148,6 +148,23 @@ def _classes(p):
     d, subs = p.interleaved
     for r in range(d):
         yield slice(r, None, d), subs[(len(range(r, p.n_q, d)), len(range(r, p.n_k, d)))]
+
+
+def _run_forward(p, q, k, v, scale, out=None):
+    """(out, lse) of the forward kernel over a plan's lists, replayed where it ran before for
+    inputs like these (``kernels.launch.replay``)."""
+    from kernels import launch
+
+    return launch.replay(p.recipes, ("fwd", scale), (q, k, v) if out is None else (q, k, v, out),
+                         p.kernel_tensor_ids, lambda: _kernel_forward(p, q, k, v, scale, out=out))
+
+
+def _run_backward(p, do, q, k, v, o, lse, scale, out=None):
+    """(dq, dk, dv) of the backward kernels, replayed as ``_run_forward``."""
+    from kernels import launch
+
+    return launch.replay(p.recipes, ("bwd", scale), (do, q, k, v, o, lse) + (() if out is None else tuple(out)),
+                         p.kernel_tensor_ids, lambda: _kernel_backward(p, do, q, k, v, o, lse, scale, out=out))
 
 
 def _kernel_forward(p, q, k, v, scale, out=None):
@@ -183,13 +200,13 @@ def _backward_impl(do, q, k, v, o, lse, plan: str, scale: float, backend: str):
     if p.interleaved:
         grads = tuple(launch.new_output(t.shape, t) for t in (q, k, v))
         for sl, sub in _classes(p):
-            _kernel_backward(sub, do[:, :, sl], q[:, :, sl], k[:, :, sl], v[:, :, sl], o[:, :, sl], lse[:, :, sl],
-                             scale, out=tuple(g[:, :, sl] for g in grads))
+            _run_backward(sub, do[:, :, sl], q[:, :, sl], k[:, :, sl], v[:, :, sl], o[:, :, sl], lse[:, :, sl],
+                          scale, out=tuple(g[:, :, sl] for g in grads))
         return grads
     perm = p.permutation
     if perm is not None:
         do, q, k, v, o, lse = (t.index_select(2, perm[0]) for t in (do, q, k, v, o, lse))
-    grads = _kernel_backward(p, do, q, k, v, o, lse, scale)
+    grads = _run_backward(p, do, q, k, v, o, lse, scale)
     if perm is not None:
         grads = tuple(g.index_select(2, perm[1]) for g in grads)
     return grads
@@ -291,7 +308,7 @@ def _check_inputs(q, k, v, mask, scale, reorder) -> None:
                              f"and k has Nk={k.shape[2]}: prepare it for these sizes")
         if mask.device != q.device:
             raise ValueError(f"mask is a plan prepared for device {mask.device}, but q is on {q.device}")
-        mask.mask.check_size(q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1])
+        mask.check_batch(q.shape[0], q.shape[1])
         if mask.is_stale():
             raise ValueError("mask is a plan whose TensorMask tensor was modified in place (or moved) since "
                              "md.prepare: its block layout would be stale; call md.prepare again")

@@ -47,11 +47,14 @@ class Plan:
         self.device = torch.device(device)
         self.batch_shape = mask.batch_shape
         self.data_version = mask._data_version()
+        self._tensor_leaves = tuple(leaf for leaf in mask._symbolic[1] if isinstance(leaf, TensorMask))
+        self._checked_batches = set()  # (B, H) that check_batch has accepted
         bm, hm = self.batch_shape or (1, 1)
         self.pair_b = hm if bm > 1 else 0
         self.pair_h = 1 if hm > 1 else 0
         self._layouts = {}
         self._lists = {}
+        self.recipes = {}  # the kernels' passes recorded for replay (kernels.launch.replay)
         self._lock = threading.Lock()
         self.key = f"plan{next(_COUNTER)}"
         _register(self)
@@ -94,8 +97,17 @@ class Plan:
     def is_stale(self) -> bool:
         """Has a TensorMask tensor of this plan been edited in place (or moved) since the plan
         was made? Inference tensors keep no version counter: they cannot tell, and say no."""
-        untracked = any(leaf.tensor.is_inference() for leaf in self.mask._symbolic[1] if isinstance(leaf, TensorMask))
+        if not self._tensor_leaves:
+            return False
+        untracked = any(leaf.tensor.is_inference() for leaf in self._tensor_leaves)
         return not untracked and self.mask._data_version() != self.data_version
+
+    def check_batch(self, batch: int, heads: int) -> None:
+        """Raise ValueError if the mask cannot serve ``batch`` sequences of ``heads`` heads
+        (``Mask.check_size`` at this plan's sizes; remembered once accepted)."""
+        if (batch, heads) not in self._checked_batches:
+            self.mask.check_size(self.n_q, self.n_k, batch=batch, heads=heads)
+            self._checked_batches.add((batch, heads))
 
     @functools.cached_property
     def _bound(self):
@@ -142,6 +154,14 @@ class Plan:
             got = _lists(self.layout(block_q, block_k), by, self.device)
             self._lists[key] = got
         return got
+
+    def kernel_tensor_ids(self) -> set:
+        """The ids of this plan's tensors that kernels read (the mask data, every list built so far)."""
+        ids = {id(self.meta)}
+        for got in list(self._lists.values()):
+            if isinstance(got, (Lists, DsTiles)):
+                ids.update(map(id, got.tensors()))
+        return ids
 
     def stored_ds(self, element_size: int, head_dim: int) -> bool:
         """Whether the backward for these inputs may store dS (``configs.STORED_DS``), memory allowing."""

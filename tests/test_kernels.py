@@ -624,8 +624,52 @@ def test_backward_is_bitwise_deterministic(case, seed, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# GPU only: float32 inputs, and the public entry point's lse
+# GPU only: replayed passes, float32 inputs, and the public entry point's lse
 # ---------------------------------------------------------------------------
+
+# (family, D, N, the backward kernels the plan takes): one case per backward the tuned table picks,
+# and a dilated mask, whose residue classes run on strided views (their forwards replay)
+REPLAY_GPU = [
+    pytest.param("doc&causal", 64, 1000, "two-launch", id="doc&causal-D64-two-launch", marks=GPU),
+    pytest.param("full", 128, 640, "one-launch", id="full-D128-one-launch", marks=GPU),
+    pytest.param("window", 128, 1024, "stored-dS", id="window-D128-stored-dS", marks=GPU),
+    pytest.param("dilated", 64, 777, "two-launch", id="dilated-D64-classes", marks=GPU),
+]
+_BACKWARD_KERNEL = {"two-launch": "attn_bwd_dq_kernel", "one-launch": "attn_bwd_kernel",
+                    "stored-dS": "attn_bwd_dq_ds_kernel"}
+
+
+@pytest.mark.parametrize("family, d, n, backward", REPLAY_GPU)
+def test_replayed_passes(family, d, n, backward, seed, monkeypatch):
+    """The passes a plan ran before for inputs like these are replayed (``launch.replay``: no
+    launcher runs, the kernels are called with the new tensors): each call with fresh inputs
+    matches the reference, and the replayed kernels' results equal, bit for bit, those of the
+    launchers' path on the same inputs."""
+    monkeypatch.setattr(launch, "POISON", True)
+    mask = FAMILIES[family](Case(family, BF16, n, n, d, device="cuda"), torch.Generator().manual_seed(seed))
+    plan = md.prepare(mask, n, n, device="cuda")
+    launched = []
+    real_launch = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **kw: launched.append(kernel.__name__) or
+                        real_launch(kernel, *a, **kw))
+    for call in range(3):
+        launched.clear()
+        q, k, v, do = make_inputs(2, 4, 2, n, n, d, BF16, "cuda")
+        got = run_and_check(mask, q, k, v, do, target=plan, context=f"call {call}, seed {seed}")
+        if call == 0:
+            assert _BACKWARD_KERNEL[backward] in launched, launched
+            owners = list(plan.interleaved[1].values()) if plan.interleaved else [plan]
+            recorded = {key[0][0] for p in owners for key, recipe in p.recipes.items() if recipe is not None}
+            assert recorded == ({"fwd"} if plan.interleaved else {"fwd", "bwd"}), recorded
+        elif not plan.interleaved:  # replayed: no launcher ran
+            assert launched == [], launched
+        else:  # the classes' forwards replayed; their backwards take the launchers (lse views are copied)
+            assert "attn_fwd_kernel" not in launched and launched, launched
+    monkeypatch.setattr(launch, "REPLAY", False)
+    again = kernel_outputs(q, k, v, do, plan)
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(got[name], again[name]), f"{name}: the replayed pass differs from the launchers' path"
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")

@@ -141,10 +141,17 @@ def test_one_launch_backward_table():
 
 
 class _Compiled:
-    """Stands in for Triton's compiled kernel: ``compiled[(x, y, z)](*every_parameter)``."""
+    """Stands in for Triton's compiled kernel: ``compiled[(x, y, z)](*every_parameter)``, and, with
+    ``launcher``, its launcher ``run(x, y, z, stream, function, packed_metadata, launch_metadata,
+    enter_hook, exit_hook, *every_parameter)``."""
 
-    def __init__(self, owner, fail=False):
+    def __init__(self, owner, fail=False, launcher=False):
         self.owner, self.fail = owner, fail
+        if launcher:
+            self.function, self.packed_metadata = "fn", "meta"
+
+    def _init_handles(self):
+        pass
 
     def __getitem__(self, grid):
         def run(*values):
@@ -152,6 +159,10 @@ class _Compiled:
                 raise TypeError("launch() takes other arguments")
             self.owner.direct.append((grid, values))
         return run
+
+    def run(self, x, y, z, stream, function, packed, launch_metadata, enter, exit_hook, *values):
+        assert (function, packed, launch_metadata, enter, exit_hook) == ("fn", "meta", None, None, None)
+        self.owner.launched.append(((x, y, z), stream, values))
 
 
 class _Param:
@@ -163,79 +174,118 @@ class _JitKernel:
     """Stands in for a @triton.jit kernel ``k(X, n, s, BLOCK: constexpr, FLAG: constexpr = 7)`` on a
     GPU: its launch returns the compiled kernel, which later launches may call directly."""
 
-    def __init__(self, fail=False):
+    def __init__(self, fail=False, launcher=False, positional=("X", "n", "s")):
         import inspect
 
-        self.params = [_Param("X", inspect.Parameter.empty), _Param("n", inspect.Parameter.empty),
-                       _Param("s", inspect.Parameter.empty), _Param("BLOCK", inspect.Parameter.empty), _Param("FLAG", 7)]
-        self.slow, self.direct, self.fail = [], [], fail
+        self.params = [*(_Param(name, inspect.Parameter.empty) for name in positional),
+                       _Param("BLOCK", inspect.Parameter.empty), _Param("FLAG", 7)]
+        self.slow, self.direct, self.launched, self.fail, self.launcher = [], [], [], fail, launcher
 
     def __getitem__(self, grid):
         def run(*args, num_warps, num_stages, **constexprs):
             self.slow.append((grid, args, constexprs))
-            return _Compiled(self, self.fail)
+            return _Compiled(self, self.fail, self.launcher)
         return run
 
 
 @pytest.fixture
 def _fast_path():
-    launch._COMPILED.clear()
+    launch._SITES.clear()
     launch.FAST_LAUNCH = True
     yield
-    launch._COMPILED.clear()
+    launch._SITES.clear()
     launch.FAST_LAUNCH = True
+
+
+def _go(k, grid, args, **kw):
+    kw = {"num_warps": 4, "num_stages": 2, "BLOCK": 64, **kw}
+    launch._launch(k, grid, args, torch.device("cpu"), **kw)
 
 
 def test_fast_launch_reuses_the_compiled_kernel(_fast_path):
-    """The second launch of a configuration with arguments Triton specialises alike calls the compiled
-    kernel directly, with every parameter in order (constexprs, then defaults), the grid made 3-D."""
+    """A launch of a configuration with the arguments of an earlier one calls the kernel compiled then
+    directly, with every parameter in order (constexprs, then defaults), the grid made 3-D."""
     k = _JitKernel()
     x = torch.zeros(64)
-    for n in (48, 4096):  # both multiples of 16, neither 1: specialised alike
-        launch._launch(k, (5,), (x, n, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
-    assert len(k.slow) == 1 and k.direct == [((5, 1, 1), (x, 4096, 2.0, 64, 7))]
-    # what Triton specialises on differently takes its own path (and is remembered apart)
-    for n in (1, 40, 2**31, 2**64):  # equal to 1; not a multiple of 16; past int32; past int64
-        launch._launch(k, (5,), (x, n, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
-    launch._launch(k, (5,), (x[1:], 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)  # 4-byte aligned
-    launch._launch(k, (5,), (x.half(), 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)  # dtype
-    launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=8, num_stages=2, BLOCK=64)  # warps
-    launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=32)  # constexpr
-    launch._launch(k, (5,), (x, 48, 2.0), torch.device("cpu"), num_warps=4, num_stages=2, maxnreg=128, BLOCK=64)
-    assert len(k.slow) == 10 and len(k.direct) == 1
+    _go(k, (5,), (x, 48, 2.0))
+    _go(k, (5,), (torch.ones(64), 48, 2.0))  # another tensor of the same dtype and alignment
+    assert len(k.slow) == 1 and k.direct == [((5, 1, 1), (k.direct[0][1][0], 48, 2.0, 64, 7))]
+    assert k.direct[0][1][0] is not x
+    # anything Triton could specialise on differently takes its own path (and is remembered apart): every
+    # integer value (1; not a multiple of 16; past int32; past int64), a float, a tensor's alignment and
+    # dtype, the warps, a constexpr, the register cap
+    for args in ((x, 1, 2.0), (x, 40, 2.0), (x, 2**31, 2.0), (x, 2**64, 2.0), (x, 48, 3.0), (x, 64, 2.0),
+                 (x[1:], 48, 2.0), (x.half(), 48, 2.0)):
+        _go(k, (5,), args)
+    _go(k, (5,), (x, 48, 2.0), num_warps=8)
+    _go(k, (5,), (x, 48, 2.0), BLOCK=32)
+    _go(k, (5,), (x, 48, 2.0), maxnreg=128)
+    assert len(k.slow) == 12 and len(k.direct) == 1
     y = x[1:]
-    launch._launch(k, (2, 3), (y, 32, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
-    assert len(k.slow) == 10 and len(k.direct) == 2
+    _go(k, (2, 3), (y, 48, 2.0))  # remembered too: a 4-byte aligned tensor
+    assert len(k.slow) == 12 and len(k.direct) == 2
     grid, values = k.direct[-1]
-    assert grid == (2, 3, 1) and values[0] is y and values[1:] == (32, 1.0, 64, 7)
-    assert launch._arg_key((object(),)) is None  # an unknown kind of argument: never cached
+    assert grid == (2, 3, 1) and values[0] is y and values[1:] == (48, 2.0, 64, 7)
+    # an argument of an unknown kind, or a tensor where the first launch had a number: never cached
+    # nor an argument of another type than at the configuration's first launch (a float for an integer)
+    for args in ((x, object(), 2.0), (x, object(), 2.0), (x, x, 2.0), (x, x, 2.0), (48, x, 2.0), (48, x, 2.0),
+                 (x, 48.5, 2.0), (x, 48.5, 2.0)):
+        _go(k, (5,), args)
+    assert len(k.slow) == 20 and len(k.direct) == 2
+
+
+def test_fast_launch_calls_the_launcher_where_hooks_are_idle(_fast_path, monkeypatch):
+    """With Triton's launch hooks unset, a cached launch calls the compiled kernel's launcher with the
+    stream of the current device; with a hook set (a profiler), ``compiled[grid]``, which runs it."""
+    if launch._knobs is None:
+        pytest.skip("a Triton without launch hooks (before 3.4): the launcher is never called directly")
+    monkeypatch.setattr(launch, "_stream_source", lambda: (lambda: 3, lambda dev: 1000 + dev))
+    k = _JitKernel(launcher=True)
+    x = torch.zeros(64)
+    for _ in range(2):
+        _go(k, (5, 2), (x, 48, 2.0))
+    assert len(k.slow) == 1 and k.direct == [] and k.launched == [((5, 2, 1), 1003, (x, 48, 2.0, 64, 7))]
+
+    def hook(metadata):
+        pass
+
+    launch._knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        _go(k, (5, 2), (x, 48, 2.0))
+    finally:
+        launch._knobs.runtime.launch_enter_hook.remove(hook)
+    assert len(k.launched) == 1 and k.direct == [((5, 2, 1), (x, 48, 2.0, 64, 7))]
 
 
 def test_fast_launch_table_is_bounded(_fast_path, monkeypatch):
     monkeypatch.setattr(launch, "_MAX_COMPILED", 2)
     k = _JitKernel()
-    for block in (16, 32, 64):
-        launch._launch(k, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=block)
-    assert len(launch._COMPILED) == 1  # cleared when full, then the newest entered
+    for n in (16, 32, 64):
+        _go(k, (1,), (torch.zeros(4), n, 1.0))
+    assert launch._fast_entries() == 1  # cleared when full, then the newest entered
+    _go(k, (1,), (torch.zeros(4), 16, 1.0), BLOCK=16)  # counted across configurations
+    assert launch._fast_entries() == 2 and len(launch._SITES) == 2
+    _go(k, (1,), (torch.zeros(4), 16, 1.0), BLOCK=32)
+    assert launch._fast_entries() == 1
 
 
 def test_fast_launch_off_and_its_fallbacks(_fast_path):
     k = _JitKernel()
     launch.FAST_LAUNCH = False
     for _ in range(2):
-        launch._launch(k, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
-    assert len(k.slow) == 2 and k.direct == [] and launch._COMPILED == {}
+        _go(k, (1,), (torch.zeros(4), 16, 1.0))
+    assert len(k.slow) == 2 and k.direct == [] and launch._SITES == {}
     # a compiled kernel that refuses the direct call's arguments (another Triton): Triton's path, then off
     launch.FAST_LAUNCH = True
     bad = _JitKernel(fail=True)
     for _ in range(3):
-        launch._launch(bad, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2, BLOCK=64)
-    assert len(bad.slow) == 3 and launch.FAST_LAUNCH is False and launch._COMPILED == {}
+        _go(bad, (1,), (torch.zeros(4), 16, 1.0))
+    assert len(bad.slow) == 3 and launch.FAST_LAUNCH is False and launch._SITES == {}
     # a parameter with neither a value nor a default: nothing cached
     launch.FAST_LAUNCH = True
     for _ in range(2):
         launch._launch(k, (1,), (torch.zeros(4), 16, 1.0), torch.device("cpu"), num_warps=4, num_stages=2)
-    assert len(k.slow) == 4 and launch._COMPILED == {}
+    assert len(k.slow) == 4 and launch._fast_entries() == 0
 
 
 def test_fast_launch_off_from_the_environment():
@@ -249,3 +299,97 @@ def test_fast_launch_off_from_the_environment():
             env["MASKDSL_FAST_LAUNCH"] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
+
+
+# ---------------------------------------------------------------------------
+# replayed passes (launch.replay)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def _replay(_fast_path, monkeypatch):
+    monkeypatch.setattr(launch, "REPLAY", True)
+    monkeypatch.setattr(launch, "POISON", False)
+    monkeypatch.setattr(launch.configs, "OVERRIDE", {})
+
+
+def _pass(k, const, extra=None):
+    """A pass like the launchers': two outputs, two launches (of ``k`` and of a second kernel
+    ``k.other``) reading the inputs and a constant."""
+    if not hasattr(k, "other"):
+        k.other = _JitKernel(positional=("A", "B", "C", "n", "s"))
+
+    def compute(x, y):
+        o1, o2 = launch.new_output(x.shape, x), launch.new_output((3,), x, torch.float32)
+        _go(k, (2,), (x, y if extra is None else extra(y), o1, const, x.shape[0], 0.5))
+        _go(k.other, (4, 2), (o1, o2, const, 16, 1.5), BLOCK=32)
+        return o1, o2
+    return compute
+
+
+def test_replay_records_once_then_launches_with_new_tensors(_replay):
+    import gc
+    import weakref
+
+    k, const, recipes = _JitKernel(positional=("X", "Y", "O", "C", "n", "s")), torch.zeros(8, dtype=torch.int32), {}
+    compute = _pass(k, const)
+    x, y = torch.zeros(64), torch.ones(64)
+    first = launch.replay(recipes, "t", (x, y), lambda: {id(const)}, lambda: compute(x, y))
+    assert len(k.slow) == len(k.other.slow) == 1 and k.direct == [] and list(recipes.values()) != [None]
+    recorded = [weakref.ref(t) for t in (x, y, *first)]
+    k.slow.clear(), k.other.slow.clear()  # the stand-ins' own record of the launches
+    del x, y, first
+    gc.collect()
+    assert all(r() is None for r in recorded)  # the recipe keeps no tensor of the recorded call
+    x2, y2 = torch.zeros(64), torch.ones(64)
+    o1, o2 = launch.replay(recipes, "t", (x2, y2), lambda: set(), lambda: pytest.fail("recomputed"))
+    assert k.slow == k.other.slow == []  # both launches straight to the compiled kernels
+    (g1, a1), (g2, a2) = k.direct + k.other.direct
+    assert g1 == (2, 1, 1) and a1[0] is x2 and a1[1] is y2 and a1[2] is o1 and a1[3] is const and a1[4:] == (64, 0.5, 64, 7)
+    assert g2 == (4, 2, 1) and a2[0] is o1 and a2[1] is o2 and a2[2] is const and a2[3:] == (16, 1.5, 32, 7)
+    assert o1.shape == (64,) and o1.dtype == x2.dtype and o2.shape == (3,) and o2.dtype == torch.float32
+    # other strides (or shapes, dtypes, tag): a recipe of their own
+    xs, ys = x2[::2], y2[::2]
+    launch.replay(recipes, "t", (xs, ys), lambda: {id(const)}, lambda: compute(xs, ys))
+    launch.replay(recipes, "u", (x2, y2), lambda: {id(const)}, lambda: compute(x2, y2))
+    assert len(recipes) == 3 and all(recipes.values())
+
+
+def test_replay_refuses_what_it_cannot_replay(_replay, monkeypatch):
+    k, const = _JitKernel(positional=("X", "Y", "O", "C", "n", "s")), torch.zeros(8, dtype=torch.int32)
+    x, y = torch.zeros(64), torch.ones(64)
+    # a tensor derived from an input (not an input, an output or a constant), one tensor as two inputs,
+    # a launch that cannot be called directly: recorded as not replayable, computed every time
+    for inputs, extra, consts in (((x, y), lambda t: t + 1, {id(const)}), ((x, x), None, {id(const)}),
+                                  ((x, y), None, set())):
+        recipes, calls = {}, []
+        compute = _pass(k, const, extra)
+        for _ in range(2):
+            launch.replay(recipes, "t", inputs, lambda: consts, lambda: calls.append(compute(*inputs)) or calls[-1])
+        assert list(recipes.values()) == [None] and len(calls) == 2
+    # unaligned inputs, configs.OVERRIDE, REPLAY off, FAST_LAUNCH off: never recorded
+    for name in ("unaligned", "override", "replay off", "fast path off"):
+        with monkeypatch.context() as m:
+            inputs = (x[1:], y[1:]) if name == "unaligned" else (x, y)
+            if name == "override":
+                m.setitem(launch.configs.OVERRIDE, "fwd", None)
+            m.setattr(launch, "REPLAY", name != "replay off")
+            m.setattr(launch, "FAST_LAUNCH", name != "fast path off")
+            recipes, calls = {}, []
+            for _ in range(2):
+                launch.replay(recipes, "t", inputs, lambda: {id(const)},
+                              lambda: calls.append(_pass(k, const)(*inputs)) or calls[-1])
+            assert recipes == {} and len(calls) == 2, name
+
+
+def test_replay_recording_is_per_thread(_replay):
+    import threading
+
+    seen = []
+    launch._REC.recording = "busy"
+    try:
+        t = threading.Thread(target=lambda: seen.append(launch._REC.recording))
+        t.start()
+        t.join()
+    finally:
+        launch._REC.recording = None
+    assert seen == [None]
