@@ -288,15 +288,16 @@ def test_fast_launch_off_and_its_fallbacks(_fast_path):
     assert len(k.slow) == 4 and launch._fast_entries() == 0
 
 
-def test_fast_launch_off_from_the_environment():
+@pytest.mark.parametrize("variable, switch", [("MASKDSL_FAST_LAUNCH", "FAST_LAUNCH"), ("MASKDSL_REPLAY", "REPLAY")])
+def test_fast_launch_off_from_the_environment(variable, switch):
     import subprocess
     import sys
 
-    code = "from kernels import launch; print(launch.FAST_LAUNCH)"
+    code = f"from kernels import launch; print(launch.{switch})"
     for value, expected in (("0", "False"), ("1", "True"), (None, "True")):
-        env = {k: v for k, v in __import__("os").environ.items() if k != "MASKDSL_FAST_LAUNCH"}
+        env = {k: v for k, v in __import__("os").environ.items() if k != variable}
         if value is not None:
-            env["MASKDSL_FAST_LAUNCH"] = value
+            env[variable] = value
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected
 
