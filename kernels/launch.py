@@ -345,13 +345,17 @@ _MAX_RECIPES = 16  # per owner (a plan): signatures of inputs remembered
 
 class _Recording:
     """What a pass did: its allocations (``new_output``) and launches, with each tensor argument
-    either an input, an allocation (a *slot*) or one of ``constants`` (the plan's own tensors)."""
+    either an input, an allocation (a *slot*) or one of ``constants`` (the plan's own tensors).
+    An input given twice (k is v) takes the slot of its first position (``replay`` keys recipes
+    by that pattern)."""
 
     def __init__(self, inputs, constants):
-        self.slots = {id(t): i for i, t in enumerate(inputs)}
+        self.slots = {}
+        for i, t in enumerate(inputs):
+            self.slots.setdefault(id(t), i)
         self.keep = list(inputs)  # alive while recording, so that no id is reused
         self.constants = constants
-        self.allocs, self.launches, self.ok = [], [], len(self.slots) == len(inputs)  # no input twice
+        self.allocs, self.launches, self.ok = [], [], True
 
     def alloc(self, t):
         self.slots[id(t)] = len(self.keep)
@@ -362,14 +366,16 @@ class _Recording:
         if direct is None or not self.ok:  # a launch that cannot be called directly: no recipe
             self.ok = False
             return
-        template, places = list(args), []
+        template, places, constants = list(args), [], None
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 slot = self.slots.get(id(a))
                 if slot is not None:
                     template[i] = None  # the recipe keeps no tensor of this call
                     places.append((i, slot))
-                elif id(a) not in self.constants():  # derived from the inputs (a view, a copy): no recipe
+                    continue
+                constants = self.constants() if constants is None else constants
+                if id(a) not in constants:  # derived from the inputs (a view, a copy): no recipe
                     self.ok = False
                     return
         self.launches.append((direct, tuple(grid), template, tuple(places)))
@@ -378,14 +384,14 @@ class _Recording:
         slots = [self.slots.get(id(t)) for t in result]
         if not self.ok or not self.launches or None in slots:
             return None
-        return _Recipe(len(self.keep) - len(self.allocs), self.allocs, self.launches, slots)
+        return _Recipe(self.allocs, self.launches, slots)
 
 
 class _Recipe:
-    __slots__ = ("n_inputs", "allocs", "launches", "result")
+    __slots__ = ("allocs", "launches", "result")
 
-    def __init__(self, n_inputs, allocs, launches, result):
-        self.n_inputs, self.allocs, self.launches, self.result = n_inputs, allocs, launches, result
+    def __init__(self, allocs, launches, result):
+        self.allocs, self.launches, self.result = allocs, launches, result
 
     def __call__(self, inputs):
         slots = list(inputs)
@@ -404,18 +410,19 @@ _SHAPE, _STRIDE = operator.attrgetter("shape"), operator.methodcaller("stride")
 
 def replay(recipes: dict, tag, inputs: tuple, constants, compute):
     """``compute()``, a pass over ``inputs`` (tensors) returning a tuple of tensors, recorded in
-    ``recipes`` under ``tag`` and the inputs' dtypes, shapes and strides, and replayed from there
-    at later calls. ``constants()``: the ids of the tensors the pass may pass to kernels besides
-    its inputs and fresh outputs (alive as long as ``recipes``, never modified). Passes that launch anything else (a tensor
-    derived from the inputs, a launch Triton must make itself, one tensor as two inputs) are never
-    recorded. Recording needs 16-byte aligned inputs and the launch fast path (``FAST_LAUNCH``);
-    ``configs.OVERRIDE`` and ``REPLAY = False`` turn it off."""
+    ``recipes`` under ``tag`` and the inputs' dtypes, shapes, strides (and which of them are one
+    tensor), and replayed from there at later calls. ``constants()``: the ids of the tensors the
+    pass may pass to kernels besides its inputs and fresh outputs (alive as long as ``recipes``,
+    never modified). A pass that launches anything else (a tensor derived from the inputs, a launch
+    Triton must make itself) is never recorded. Recording needs 16-byte aligned inputs and the
+    launch fast path (``FAST_LAUNCH``); ``configs.OVERRIDE`` and ``REPLAY = False`` turn it off."""
     if not (REPLAY and FAST_LAUNCH) or configs.OVERRIDE or _REC.recording is not None:
         return compute()
     if functools.reduce(operator.or_, map(_DATA_PTR, inputs), 0) & 15:
         return compute()
+    ids = tuple(map(id, inputs))
     key = (tag, _precision(inputs[0].dtype), tuple(map(_DTYPE, inputs)), tuple(map(_SHAPE, inputs)),
-           tuple(map(_STRIDE, inputs)))
+           tuple(map(_STRIDE, inputs)), None if len(set(ids)) == len(ids) else tuple(map(ids.index, ids)))
     recipe = recipes.get(key, False)
     if recipe:
         try:

@@ -113,6 +113,9 @@ def _forward_impl(q, k, v, plan: str, scale: float, backend: str):
     p = _plans.lookup(plan)
     if backend == "reference":
         return reference.forward(q, k, v, p.mask, scale, reference.default_chunk(q, k.shape[2]))
+    if _other_device(q):  # Triton launches on the current device: make it q's
+        with torch.cuda.device(q.device):
+            return _forward_impl(q, k, v, plan, scale, backend)
     from kernels import launch
 
     if p.interleaved:  # a dilated mask: its residue classes r::d, one after another, on strided views
@@ -140,6 +143,11 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: str,
 def _(q, k, v, plan, scale, backend):
     wide = torch.float64 if q.dtype == torch.float64 else torch.float32
     return torch.empty_like(q, dtype=wide if backend == "reference" else q.dtype), q.new_empty(q.shape[:3], dtype=wide)
+
+
+def _other_device(q) -> bool:
+    """Whether q is on a CUDA device other than the current one (where Triton would launch)."""
+    return q.is_cuda and q.device.index != torch.cuda.current_device()
 
 
 def _classes(p):
@@ -195,13 +203,17 @@ def _backward_impl(do, q, k, v, o, lse, plan: str, scale: float, backend: str):
     if backend == "reference":
         return reference.backward(q, k, v, o, lse, do, None, p.mask, scale,
                                   reference.default_chunk(q, k.shape[2]))
+    if _other_device(q):
+        with torch.cuda.device(q.device):
+            return _backward_impl(do, q, k, v, o, lse, plan, scale, backend)
     from kernels import launch
 
     if p.interleaved:
         grads = tuple(launch.new_output(t.shape, t) for t in (q, k, v))
         for sl, sub in _classes(p):
-            _run_backward(sub, do[:, :, sl], q[:, :, sl], k[:, :, sl], v[:, :, sl], o[:, :, sl], lse[:, :, sl],
-                          scale, out=tuple(g[:, :, sl] for g in grads))
+            # the kernels read lse contiguous: copied here, so that the class's backward is replayable
+            _run_backward(sub, do[:, :, sl], q[:, :, sl], k[:, :, sl], v[:, :, sl], o[:, :, sl],
+                          lse[:, :, sl].contiguous(), scale, out=tuple(g[:, :, sl] for g in grads))
         return grads
     perm = p.permutation
     if perm is not None:

@@ -358,10 +358,9 @@ def test_replay_records_once_then_launches_with_new_tensors(_replay):
 def test_replay_refuses_what_it_cannot_replay(_replay, monkeypatch):
     k, const = _JitKernel(positional=("X", "Y", "O", "C", "n", "s")), torch.zeros(8, dtype=torch.int32)
     x, y = torch.zeros(64), torch.ones(64)
-    # a tensor derived from an input (not an input, an output or a constant), one tensor as two inputs,
-    # a launch that cannot be called directly: recorded as not replayable, computed every time
-    for inputs, extra, consts in (((x, y), lambda t: t + 1, {id(const)}), ((x, x), None, {id(const)}),
-                                  ((x, y), None, set())):
+    # a tensor derived from an input (not an input, an output or a constant), a launch that cannot be
+    # called directly: recorded as not replayable, computed every time
+    for inputs, extra, consts in (((x, y), lambda t: t + 1, {id(const)}), ((x, y), None, set())):
         recipes, calls = {}, []
         compute = _pass(k, const, extra)
         for _ in range(2):
@@ -380,6 +379,20 @@ def test_replay_refuses_what_it_cannot_replay(_replay, monkeypatch):
                 launch.replay(recipes, "t", inputs, lambda: {id(const)},
                               lambda: calls.append(_pass(k, const)(*inputs)) or calls[-1])
             assert recipes == {} and len(calls) == 2, name
+
+
+def test_replay_keeps_one_tensor_given_twice_apart(_replay):
+    """A pass recorded with one tensor as two inputs (k is v) replays only for calls that do the same."""
+    k, const, recipes = _JitKernel(positional=("X", "Y", "O", "C", "n", "s")), torch.zeros(8, dtype=torch.int32), {}
+    compute = _pass(k, const)
+    x = torch.zeros(64)
+    launch.replay(recipes, "t", (x, x), lambda: {id(const)}, lambda: compute(x, x))
+    a, b = torch.zeros(64), torch.ones(64)
+    launch.replay(recipes, "t", (a, b), lambda: {id(const)}, lambda: compute(a, b))  # recorded apart
+    assert len(recipes) == 2 and all(recipes.values())
+    for first, second in ((a, b), (b, b)):
+        launch.replay(recipes, "t", (first, second), lambda: set(), lambda: pytest.fail("recomputed"))
+        assert k.direct[-1][1][0] is first and k.direct[-1][1][1] is second
 
 
 def test_replay_recording_is_per_thread(_replay):
