@@ -136,9 +136,10 @@ _FITTED: dict = {}
 # H200 host (session 13), where a step's launches made small workloads host-bound (packed ALPACA,
 # N = 4096, D = 64: 0.47 ms of kernels, 0.90 ms per step). So per configuration (kernel, device, warps,
 # stages, constexprs) a ``_Site`` remembers the kernels Triton compiled at earlier launches, keyed by
-# the arguments: each tensor's dtype and 16-byte alignment, and the other arguments' exact values and
-# types (at least what Triton specialises on: for integers their equality to 1, divisibility by 16
-# and range), and calls the one that matches directly.
+# the arguments: each tensor's dtype and 16-byte alignment, and the other arguments' exact values
+# (more than Triton specialises on: for integers their equality to 1, divisibility by 16 and range;
+# their types are those of the site's first launch, ``_Site.known``), and calls the one that matches
+# directly.
 _SITES: dict = {}
 # False (or MASKDSL_FAST_LAUNCH=0 in the environment at import): Triton's launch path everywhere. It
 # also turns itself off where a compiled kernel cannot be called directly. Triton's runtime options
@@ -174,9 +175,9 @@ class _Site:
 
     def __init__(self, args, refs):
         self.n_args = len(args)
-        tensor_pos = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-        self.tensors = _getter(tensor_pos)
-        self.scalars = _getter([i for i in range(len(args)) if i not in set(tensor_pos)])
+        is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        self.tensors = _getter([i for i, t in enumerate(is_tensor) if t])
+        self.scalars = _getter([i for i, t in enumerate(is_tensor) if not t])
         self.types = tuple(map(type, self.scalars(args)))
         self.table = {}
         self.refs = refs  # the kernel and predicate whose ids key the site: alive while it is
@@ -266,7 +267,7 @@ def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_sta
     remembering what fit. The refusal comes before the kernel runs: nothing is half written.
     Where the tuned stages fit (Hopper) a launch builds no key for that memo.
     ``maxnreg``: the registers per thread the compiler may use (``TileConfig.maxnreg``), or None.
-    A configuration launched before with arguments that Triton specialises alike calls the kernel
+    A configuration launched before with the same argument key (``_Site.key``) calls the kernel
     Triton compiled then directly (``_SITES``)."""
     if maxnreg is not None:  # a compile option, passed (and keyed) like the constexprs
         constexprs["maxnreg"] = maxnreg

@@ -117,6 +117,22 @@ def test_invalid_input_is_rejected_before_compute(no_compute, build, exc, match)
         md.attention(q, k, v, mask, **kwargs)
 
 
+def test_plan_checks_the_batch_every_call(no_compute):
+    """A plan of per-batch data serves its batch size only: a wrong one is refused each time, before
+    and after a call that fitted (``Plan.check_batch`` remembers only what it accepted)."""
+    plan = md.prepare(md.Document([[3, 6], [4, 5]]), 9, 9)
+    q, k, v = (torch.randn(b, 4, 9, 16) for b in (3, 3, 3))
+    with pytest.raises(ValueError, match=r"per-batch data for 2 sequences, but the batch size is 3"):
+        md.attention(q, k, v, plan)
+    with pytest.raises(ValueError, match=r"per-batch data for 2 sequences, but the batch size is 3"):
+        md.attention(q, k, v, plan)
+    assert plan._checked_batches == set()
+    plan.check_batch(2, 4)
+    assert plan._checked_batches == {(2, 4)}
+    with pytest.raises(ValueError, match=r"per-batch data for 2 sequences, but the batch size is 3"):
+        md.attention(q, k, v, plan)
+
+
 def test_mask_none_is_rejected():
     q, k, v = qkv()
     with pytest.raises(TypeError, match=r"mask must be a maskdsl\.Mask or a plan from md\.prepare, got NoneType"):
