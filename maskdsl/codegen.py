@@ -305,9 +305,16 @@ def _generate(lifted, fmt: str) -> tuple:
     return _load(src), src, tuple(tables), scalars, consts, header
 
 
+@functools.lru_cache(maxsize=1024)
+def _lifted(expr) -> tuple:
+    """``_lift_constants(_separate(expr))``, cached: a new mask of a known structure (new document
+    lengths each step) skips sympy's rewriting, ~0.3 ms."""
+    return _lift_constants(_separate(expr))
+
+
 def predicate_for(expr) -> Predicate:
     """The generated predicate of a bound mask expression (cached by structure)."""
-    lifted, values = _lift_constants(_separate(expr))
+    lifted, values = _lifted(expr)
     fmt = tensor_format()
     fn, src, tables, scalars, consts, header = _generate(lifted, fmt)
     assert len(consts) == len(values)

@@ -186,44 +186,99 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
 def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transpose_dense=None) -> BlockLayout:
     bq, bk = _check_block(block)
     bound = mask.bind(n_q, n_k)
-    pairs = bound.pairs()
-    grid = A.Grid(n_q, n_k, bq, bk)
-    tgrid = A.Grid(n_k, n_q, bk, bq)
-    lead = () if bound.batch_shape is None else tuple(bound.batch_shape)
     if isinstance(mask, (TensorMask, Tree)):
         # an arbitrary tensor by itself: classify every block in one read of the mask, and derive
         # every array from the classes with torch ops (maskdsl.preprocess.layout_arrays). A tree
         # by itself too, from counts over its Euler tour (tree_classes): its ancestor sets defeat
         # the interval analysis (~1 s for MEDUSA 8x3), and its dense form grows as N^2.
-        if isinstance(mask, Tree):
-            classes = tree_classes(mask.parents, n_q, n_k, bq, bk)
-        else:
-            classes = cached_classes(mask.tensor, bq, bk)
-        arrays = layout_arrays(classes)
-    else:
-        if any(t.device.type != "cpu" for t in bound.tables.values()):
-            # the analysis runs on the CPU: a TensorMask (or other data) living on the GPU inside
-            # a composite mask is read there, not compared against CPU positions
-            bound = mask.bind(n_q, n_k, device="cpu")
-        arrays = _analysed_arrays(bound, grid, tgrid, transpose_dense)
-    shaped = {"block_matrix": (*lead, grid.mq, grid.mk), "full_matrix": (*lead, grid.mq, grid.mk),
-              "offset": (*lead, grid.mq), "total_ones": (*lead, grid.mq)}
+        return layout_from_classes(block_classes(mask, n_q, n_k, (bq, bk), bound), n_q, n_k, (bq, bk),
+                                   bound.batch_shape, device)
+    arrays = _analysed_arrays(_cpu_bound(mask, bound), A.Grid(n_q, n_k, bq, bk), A.Grid(n_k, n_q, bk, bq),
+                              transpose_dense)
+    return _layout_of(arrays, n_q, n_k, (bq, bk), bound.batch_shape, device)
+
+
+def _cpu_bound(mask, bound):
+    """``bound``, or the mask bound again with its data on the CPU, where the analysis runs: a
+    TensorMask (or other data) living on the GPU inside a composite mask is read there, not
+    compared against CPU positions."""
+    if any(t.device.type != "cpu" for t in bound.tables.values()):
+        return mask.bind(bound.n_q, bound.n_k, device="cpu")
+    return bound
+
+
+def block_classes(mask, n_q: int, n_k: int, block=(128, 128), bound=None) -> torch.Tensor:
+    """Block classes (int8 ``[P, Mq, Mk]`` on the CPU, ``maskdsl.analysis`` codes; P = the (batch,
+    head) pairs of the mask's data, 1 without) of ``mask`` for tiles ``block``: a Tree's from its
+    Euler tour, a TensorMask's from one read of its tensor, any other mask's from the runs of the
+    symbolic analysis (dense here: memory ~ P x Mq x Mk bytes). ``bound``: ``mask.bind(n_q, n_k)``
+    if the caller has it."""
+    bq, bk = _check_block(block)
+    if isinstance(mask, Tree):
+        return tree_classes(mask.parents, n_q, n_k, bq, bk)
+    if isinstance(mask, TensorMask):
+        return cached_classes(mask.tensor, bq, bk)
+    bound = _cpu_bound(mask, mask.bind(n_q, n_k) if bound is None else bound)
+    grid = A.Grid(n_q, n_k, bq, bk)
+    rows = _concat([A.analyse(bound, b, h, grid) for b, h in bound.pairs()], grid.mq, grid.mk)
+    block_matrix, full_matrix = _dense(rows, grid)
+    return block_matrix.to(torch.int8) + full_matrix.to(torch.int8) * (A.FULL - 1)
+
+
+def pool_classes(classes: torch.Tensor, n_q: int, n_k: int, grain, block) -> torch.Tensor:
+    """The classes ``[P, Mq, Mk]`` for tiles ``block`` of the classes ``[P, mq, mk]`` for tiles
+    ``grain`` (``block`` a multiple of ``grain`` on each side, so each tile is exactly a group of
+    grain tiles, clipped at the edge): a tile is empty where all of its grain tiles are, full where
+    all of them are, partial otherwise. Exact, as the grain classes are."""
+    (gq, gk), (bq, bk) = _check_block(grain), _check_block(block)
+    if bq % gq or bk % gk:
+        raise ValueError(f"block {(bq, bk)} must be a multiple of grain {(gq, gk)} on each side")
+    rq, rk = bq // gq, bk // gk
+    p, mq, mk = classes.shape
+    cq, ck = -(-n_q // bq), -(-n_k // bk)
+    if (mq, mk) != (-(-n_q // gq), -(-n_k // gk)):
+        raise ValueError(f"classes of shape {tuple(classes.shape)} are not the {(gq, gk)} tiles of {n_q} x {n_k}")
+    if rq == rk == 1:
+        return classes
+    pad = (0, ck * rk - mk, 0, cq * rq - mq)  # grain tiles past the edge: no positions, so neutral
+    nonempty = torch.nn.functional.pad(classes != A.EMPTY, pad, value=False).view(p, cq, rq, ck, rk)
+    full = torch.nn.functional.pad(classes == A.FULL, pad, value=True).view(p, cq, rq, ck, rk)
+    return nonempty.any(4).any(2).to(torch.int8) + full.all(4).all(2).to(torch.int8) * (A.FULL - 1)
+
+
+def layout_from_classes(classes: torch.Tensor, n_q: int, n_k: int, block, batch_shape, device=None) -> BlockLayout:
+    """The BlockLayout for tiles ``block`` whose block classes are ``classes`` (``block_classes``)."""
+    return _layout_of(layout_arrays(classes), n_q, n_k, _check_block(block), batch_shape, device)
+
+
+def _layout_of(arrays: dict, n_q: int, n_k: int, block, batch_shape, device) -> BlockLayout:
+    bq, bk = block
+    lead = () if batch_shape is None else tuple(batch_shape)
+    mq, mk = -(-n_q // bq), -(-n_k // bk)
+    shaped = {"block_matrix": (*lead, mq, mk), "full_matrix": (*lead, mq, mk), "offset": (*lead, mq),
+              "total_ones": (*lead, mq)}
     fields = [arrays[f].reshape(shaped[f]) if f in shaped else arrays[f] for f in _TENSOR_FIELDS]
     if device is not None:
         fields = [t.to(device) for t in fields]
-    return BlockLayout(n_q, n_k, bq, bk, bound.batch_shape, *fields)
+    return BlockLayout(n_q, n_k, bq, bk, batch_shape, *fields)
 
 
-def _analysed_arrays(bound, grid, tgrid, transpose_dense) -> dict:
-    """The layout arrays of a mask from the symbolic analysis (runs, never the dense mask)."""
-    pairs = bound.pairs()
-    rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
+def _dense(rows: A.Runs, grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block_matrix, full_matrix) bool ``[P, Mq, Mk]`` of the analysis' runs."""
     # numpy's repeat fills the dense matrices ~50x faster than torch.repeat_interleave
     # on one core (34 ms vs 1.8 s for the 8192 x 8192 blocks of a causal mask at N = 1M)
     lens = (rows.end - rows.start).numpy()
     val = rows.val.numpy()
     block_matrix = torch.from_numpy(np.repeat(val != A.EMPTY, lens)).view(-1, grid.mq, grid.mk)
     full_matrix = torch.from_numpy(np.repeat(val == A.FULL, lens)).view(-1, grid.mq, grid.mk)
+    return block_matrix, full_matrix
+
+
+def _analysed_arrays(bound, grid, tgrid, transpose_dense) -> dict:
+    """The layout arrays of a mask from the symbolic analysis (runs, never the dense mask)."""
+    pairs = bound.pairs()
+    rows = _concat([A.analyse(bound, b, h, grid) for b, h in pairs], grid.mq, grid.mk)
+    block_matrix, full_matrix = _dense(rows, grid)
     if transpose_dense is None:
         transpose_dense = grid.mq * grid.mk <= _DENSE_TRANSPOSE_MAX
     if transpose_dense:

@@ -21,9 +21,19 @@ from kernels.launch import DsTiles, Lists, ds_numel
 
 from . import codegen
 from . import reorder as _reorder
+from .analysis import EMPTY, FULL
+from .layout import block_classes, layout_from_classes, pool_classes
+from .preprocess import LIST_FIELDS, row_lists
 from .masks import Mask, TensorMask
 
 __all__ = ["Plan", "prepare"]
+
+# The layouts of tiles that are multiples of POOL_GRAIN on each side are pooled from one set of
+# block classes at POOL_GRAIN x POOL_GRAIN (maskdsl.layout.pool_classes): one analysis per plan
+# instead of one per tile shape (a plan's passes use three or four), where those classes hold at
+# most POOL_MAX_BLOCKS entries (their dense form: a byte each, per (batch, head) pair of the data).
+POOL_GRAIN = 32
+POOL_MAX_BLOCKS = 1 << 23
 
 
 class Plan:
@@ -53,6 +63,7 @@ class Plan:
         self.pair_b = hm if bm > 1 else 0
         self.pair_h = 1 if hm > 1 else 0
         self._layouts = {}
+        self._grain = None  # block classes at POOL_GRAIN (False: not pooled), see _pooled
         self._lists = {}
         self.recipes = {}  # the kernels' passes recorded for replay (kernels.launch.replay)
         self._lock = threading.Lock()
@@ -122,21 +133,55 @@ class Plan:
         return codegen.pack_meta(self.predicate, self._bound).to(self.device)
 
     def layout(self, block_q: int, block_k: int):
-        """The BlockLayout of this plan for tiles block_q x block_k (built once, on this plan's device)."""
+        """The BlockLayout of this plan for tiles block_q x block_k (built once, on the CPU)."""
         with self._lock:
             lay = self._layouts.get((block_q, block_k))
             if lay is None:
-                lay = self.kernel_mask.block_layout(self.n_q, self.n_k, block=(block_q, block_k))
+                classes = self._pooled(block_q, block_k)
+                if classes is None:
+                    lay = self.kernel_mask.block_layout(self.n_q, self.n_k, block=(block_q, block_k))
+                else:
+                    lay = layout_from_classes(classes, self.n_q, self.n_k, (block_q, block_k), self._bound.batch_shape)
                 self._layouts[(block_q, block_k)] = lay
             return lay
+
+    def _pooled(self, block_q: int, block_k: int):
+        """The block classes (int8 ``[P, Mq, Mk]``) for tiles block_q x block_k, pooled from this
+        plan's classes at ``POOL_GRAIN`` (computed at the first call), or None where the tiles are
+        not multiples of the grain or those classes would exceed ``POOL_MAX_BLOCKS`` entries (the
+        plan then builds a BlockLayout per tile shape). Called under the lock."""
+        if block_q % POOL_GRAIN or block_k % POOL_GRAIN:
+            return None
+        if self._grain is None:
+            pairs = int(np.prod(self._bound.batch_shape)) if self._bound.batch_shape else 1
+            blocks = pairs * -(-self.n_q // POOL_GRAIN) * -(-self.n_k // POOL_GRAIN)
+            self._grain = {} if blocks > POOL_MAX_BLOCKS else {(POOL_GRAIN, POOL_GRAIN): block_classes(
+                self.kernel_mask, self.n_q, self.n_k, (POOL_GRAIN, POOL_GRAIN), self._bound)}
+        if not self._grain:
+            return None
+        got = self._grain.get((block_q, block_k))
+        if got is None:
+            got = pool_classes(self._grain[(POOL_GRAIN, POOL_GRAIN)], self.n_q, self.n_k, POOL_GRAIN, (block_q, block_k))
+            self._grain[(block_q, block_k)] = got
+        return got
+
+    def _matrices(self, block_q: int, block_k: int):
+        """(block_matrix, full_matrix): bool ``[P, Mq, Mk]`` on the CPU, for tiles block_q x block_k."""
+        with self._lock:
+            classes = self._pooled(block_q, block_k)
+        if classes is not None:
+            return classes != EMPTY, classes == FULL
+        lay = self.layout(block_q, block_k)
+        mq, mk = lay.num_q_blocks, lay.num_k_blocks
+        return lay.block_matrix.reshape(-1, mq, mk), lay.full_matrix.reshape(-1, mq, mk)
 
     @functools.cached_property
     def kind(self) -> str:
         """"dense" when at most 10% of the non-empty 128 x 128 blocks are partial (Full, Causal,
         wide windows), else "sparse": the kernels take tiles tuned for that kind."""
-        s = self.layout(128, 128).stats()
-        nonempty = s["full"] + s["partial"]
-        return "dense" if s["partial"] <= 0.1 * nonempty else "sparse"
+        block, full = self._matrices(128, 128)
+        nonempty, full = int(block.sum()), int(full.sum())
+        return "dense" if nonempty - full <= 0.1 * nonempty else "sparse"
 
     def tiles(self, pass_name: str, element_size: int, head_dim: int):
         """The TileConfig of one pass for inputs of this element size and head dim."""
@@ -151,7 +196,18 @@ class Plan:
         key = (block_q, block_k, by)
         got = self._lists.get(key)
         if got is None:
-            got = _lists(self.layout(block_q, block_k), by, self.device)
+            with self._lock:
+                classes = self._pooled(block_q, block_k)
+            if classes is None:
+                lay = self.layout(block_q, block_k)
+                p = "q" if by == "q" else "k"
+                arrays = tuple(getattr(lay, f"{p}_{name}") for name in LIST_FIELDS)
+            else:  # only the direction asked for
+                arrays = row_lists(classes.reshape(-1, classes.shape[2]) if by == "q"
+                                   else classes.transpose(1, 2).reshape(-1, classes.shape[1]))
+            rows, rb, cb = ((-(-self.n_q // block_q), block_q, block_k) if by == "q"
+                            else (-(-self.n_k // block_k), block_k, block_q))
+            got = _lists(arrays, rows, rb, cb, self.device)
             self._lists[key] = got
         return got
 
@@ -193,8 +249,8 @@ class Plan:
         key = (block_q, block_k, "ds count")
         got = self._lists.get(key)
         if got is None:
-            bm = self.layout(block_q, block_k).block_matrix
-            got = int(bm.reshape(-1, bm.shape[-2] * bm.shape[-1]).sum(1).max()) if bm.numel() else 0
+            bm = self._matrices(block_q, block_k)[0]
+            got = int(bm.reshape(bm.shape[0], -1).sum(1).max()) if bm.numel() else 0
             self._lists[key] = got
         return got
 
@@ -206,7 +262,7 @@ class Plan:
         key = (block_q, block_k, "ds", row_tiles)
         got = self._lists.get(key)
         if got is None:
-            got = _ds_tiles(self.layout(block_q, block_k), self.device, row_tiles, self.ds_tile_count(block_q, block_k))
+            got = _ds_tiles(*self._matrices(block_q, block_k), self.device, row_tiles, self.ds_tile_count(block_q, block_k))
             self._lists[key] = got
         return got
 
@@ -223,13 +279,11 @@ class Plan:
         return self
 
 
-def _lists(lay, by: str, device) -> Lists:
-    if by == "q":
-        ptr, start, end, pptr, pidx = (lay.q_full_ptr, lay.q_full_start, lay.q_full_end, lay.q_part_ptr, lay.q_part_idx)
-        rows, rb, cb = lay.num_q_blocks, lay.block_q, lay.block_k
-    else:
-        ptr, start, end, pptr, pidx = (lay.k_full_ptr, lay.k_full_start, lay.k_full_end, lay.k_part_ptr, lay.k_part_idx)
-        rows, rb, cb = lay.num_k_blocks, lay.block_k, lay.block_q
+def _lists(arrays, rows: int, rb: int, cb: int, device) -> Lists:
+    """The Lists of one direction of a layout, from its compact lists ``arrays`` (``LIST_FIELDS``:
+    full_ptr, full_start, full_end, part_ptr, part_idx), ``rows`` blocks per (batch, head) pair of
+    ``rb`` rows by ``cb`` columns each."""
+    ptr, start, end, pptr, pidx = arrays
     ptr_np, start_np, end_np, pptr_np = (t.numpy().astype(np.int64) for t in (ptr, start, end, pptr))
     lengths = end_np - start_np
     covered = np.concatenate([[0], np.cumsum(lengths)])
@@ -269,15 +323,15 @@ def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
     return order, heavy
 
 
-def _ds_tiles(lay, device, row_tiles: int, t_max: int) -> DsTiles:
+def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int) -> DsTiles:
     """Number the non-empty tiles of each (batch, head) pair in the order the dK/dV programs visit
     them (per key block: its full query blocks ascending, then its partial ones ascending: see
     ``attn_bwd_dkdv_kernel``), and list per row of ``row_tiles`` query blocks the key blocks its
     tiles have and their numbers. ``t_max``: the tiles of the pair that has the most
     (``Plan.ds_tile_count``)."""
-    mq, mk = lay.num_q_blocks, lay.num_k_blocks
-    block = lay.block_matrix.reshape(-1, mq, mk).numpy()
-    full = lay.full_matrix.reshape(-1, mq, mk).numpy() & block
+    _, mq, mk = block_matrix.shape
+    block = block_matrix.numpy()
+    full = full_matrix.numpy() & block
     part = block & ~full
     rank = np.where(full, np.cumsum(full, axis=1) - full,
                     full.sum(axis=1, keepdims=True) + np.cumsum(part, axis=1) - part)

@@ -138,11 +138,11 @@ def csr_ptr(rows: torch.Tensor, nrows: int) -> torch.Tensor:
     return ptr.to(torch.int32)
 
 
-# the compact lists of one direction of a layout, in the order _lists (and maskdsl.layout) return them
+# the compact lists of one direction of a layout, in the order row_lists (and maskdsl.layout) return them
 LIST_FIELDS = ("full_ptr", "full_start", "full_end", "part_ptr", "part_idx")
 
 
-def _lists(cls: torch.Tensor):
+def row_lists(cls: torch.Tensor):
     """(full_ptr, full_start, full_end, part_ptr, part_idx) of the rows of classes ``[R, C]``:
     each row's maximal runs of full blocks ``[start, end)`` and its partial blocks, CSR, int32."""
     nrows = cls.shape[0]
@@ -198,7 +198,7 @@ def layout_arrays(classes: torch.Tensor) -> dict:
     p, mq, mk = classes.shape
     out = run_arrays(classes)
     for prefix, rows in (("q", classes.reshape(p * mq, mk)), ("k", classes.transpose(1, 2).reshape(p * mk, mq))):
-        for name, t in zip(LIST_FIELDS, _lists(rows)):
+        for name, t in zip(LIST_FIELDS, row_lists(rows)):
             out[f"{prefix}_{name}"] = t
     return out
 

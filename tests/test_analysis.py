@@ -211,3 +211,81 @@ def test_tree_layouts_from_the_euler_tour_are_exact(data, bq, bk):
         mask = md.Tree([data.draw(random_tree(n)) for _ in range(data.draw(st.integers(1, 3)))])
     check_layout(mask, n_q, n_k, bq, bk)
 
+
+
+# ---------------------------------------------------------------------------
+# block classes pooled from a finer grain (what a Plan does: one analysis, every tile shape)
+# ---------------------------------------------------------------------------
+
+@settings(max_examples=150)
+@given(sized_mask(depth=3), st.sampled_from([1, 2, 3, 4, 8, 16]), st.sampled_from([1, 2, 4, 8]),
+       st.integers(1, 4), st.integers(1, 4))
+def test_pooled_classes_are_exact(m, gq, gk, rq, rk):
+    """Tiles of rq x rk grain tiles classed from the grain's classes are exactly the tiles'
+    classes from the mask: empty where no entry is allowed, full where every in-range entry is."""
+    from maskdsl import analysis as A
+    from maskdsl.layout import block_classes, pool_classes
+
+    mask, n_q, n_k = m
+    bq, bk = gq * rq, gk * rk
+    pooled = pool_classes(block_classes(mask, n_q, n_k, (gq, gk)), n_q, n_k, (gq, gk), (bq, bk))
+    anyb, allb = brute_blocks(mask.to_dense(n_q, n_k), bq, bk)
+    anyb, allb = anyb.reshape(-1, *anyb.shape[-2:]), allb.reshape(-1, *allb.shape[-2:])
+    expect = torch.where(allb, A.FULL, torch.where(anyb, A.PARTIAL, A.EMPTY)).to(torch.int8)
+    assert pooled.dtype == torch.int8
+    assert torch.equal(pooled, expect.expand_as(pooled))
+
+
+def test_pool_classes_argument_checks():
+    from maskdsl.layout import block_classes, pool_classes
+
+    classes = block_classes(md.Causal(), 100, 100, (16, 16))
+    with pytest.raises(ValueError, match="multiple of grain"):
+        pool_classes(classes, 100, 100, 16, (24, 32))
+    with pytest.raises(ValueError, match="not the"):
+        pool_classes(classes, 200, 100, 16, (32, 32))
+
+
+PLAN_TILES = [(32, 32), (64, 32), (32, 64), (64, 64), (128, 128), (128, 64), (16, 32)]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER) + ["per-batch", "tensor"])
+@pytest.mark.parametrize("n", [700, 1000])
+def test_plan_layouts_pooled_equal_direct(name, n, monkeypatch):
+    """A plan's layouts, lists, stored-dS numbering and kind, pooled from its classes at the
+    grain, equal those of one analysis per tile shape (the plan's path above POOL_MAX_BLOCKS)."""
+    import maskdsl.plan as P
+
+    if name == "per-batch":
+        mask = md.Document([[300, 200, 150], [50, 600], [n]]) & md.Causal()
+    elif name == "tensor":
+        mask = md.TensorMask(torch.rand(n, n, generator=torch.Generator().manual_seed(n)) < 0.02)
+    else:
+        mask = PAPER[name]
+    n = min(n, 37) if name == "medusa" else n
+
+    def built(max_blocks):
+        monkeypatch.setattr(P, "POOL_MAX_BLOCKS", max_blocks)
+        plan = P.Plan(mask, n, n, "cpu")
+        lays = {t: plan.layout(*t) for t in PLAN_TILES}
+        lists = {(t, by): plan.lists(*t, by) for t in PLAN_TILES for by in "qk"}
+        ds = plan.ds_tiles(32, 64, 2)
+        return plan, lays, lists, ds
+
+    pooled, direct = built(1 << 23), built(0)
+    assert pooled[0]._grain and not direct[0]._grain  # each path taken
+    assert pooled[0].kind == direct[0].kind
+    for t in PLAN_TILES:
+        a, b = pooled[1][t], direct[1][t]
+        for f in ("n_q", "n_k", "block_q", "block_k", "batch_shape"):
+            assert getattr(a, f) == getattr(b, f), (t, f)
+        for f in ("block_matrix", "full_matrix", "offset", "total_ones", "q_full_ptr", "q_full_start", "q_full_end",
+                  "q_part_ptr", "q_part_idx", "k_full_ptr", "k_full_start", "k_full_end", "k_part_ptr", "k_part_idx"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), (t, f)
+    for key, a in pooled[2].items():
+        b = direct[2][key]
+        assert (a.num_heavy, a.num_rows, a.block_rows, a.block_cols, a.heavy_share) == (
+            b.num_heavy, b.num_rows, b.block_rows, b.block_cols, b.heavy_share), key
+        assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors())), key
+    a, b = pooled[3], direct[3]
+    assert all(torch.equal(x, y) for x, y in zip(a.tensors(), b.tensors()))
