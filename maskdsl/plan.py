@@ -301,18 +301,26 @@ def _lists(arrays, rows: int, rb: int, cb: int, device) -> Lists:
     order, heavy = _heaviest_first(per_row)
     total = per_row.sum()
 
-    dev = functools.partial(_int32_on, device=device)
-
-    return Lists(dev(ptr), dev(start), dev(end), dev(iptr), dev(idx), dev(pptr), dev(pidx), dev(order), heavy,
+    return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
                  rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0)
 
 
-def _int32_on(t, device) -> torch.Tensor:
-    """An index array (numpy or torch) as a contiguous int32 tensor on ``device``; never an empty
-    buffer for a kernel (a single 0 instead)."""
-    t = torch.as_tensor(t)
-    t = t if t.numel() else torch.zeros(1, dtype=torch.int32)
-    return t.to(device=device, dtype=torch.int32).contiguous()
+def _int32_on(device, *arrays) -> list:
+    """Index arrays (numpy or torch) as contiguous int32 tensors on ``device``, never an empty
+    buffer for a kernel (a single 0 instead). Off the CPU they travel in one copy: views of one
+    buffer, each starting on a 16-byte boundary (the alignment the kernels are compiled for)."""
+    flat = [np.ascontiguousarray(torch.as_tensor(a).numpy() if isinstance(a, torch.Tensor) else a,
+                                 dtype=np.int32).reshape(-1) for a in arrays]
+    flat = [a if a.size else np.zeros(1, np.int32) for a in flat]
+    if torch.device(device).type == "cpu":
+        return [torch.from_numpy(a) for a in flat]
+    sizes = [-(-a.size // 4) * 4 for a in flat]
+    buf = np.zeros(sum(sizes), np.int32)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for a, at in zip(flat, starts):
+        buf[at:at + a.size] = a
+    on = torch.from_numpy(buf).to(device)
+    return [on[at:at + a.size] for a, at in zip(flat, starts)]
 
 
 def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
@@ -348,9 +356,7 @@ def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int) -> 
     ptr = np.concatenate([[0], np.cumsum(per_row.reshape(-1))])
     order, heavy = _heaviest_first(per_row.sum(0))
 
-    dev = functools.partial(_int32_on, device=device)
-
-    return DsTiles(dev(first.reshape(-1)), dev(ptr), dev(kb), dev(tile_ids.reshape(-1)), dev(order), heavy, rows,
+    return DsTiles(*_int32_on(device, first.reshape(-1), ptr, kb, tile_ids.reshape(-1), order), heavy, rows,
                    row_tiles, t_max)
 
 
