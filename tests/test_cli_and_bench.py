@@ -1,4 +1,5 @@
 """The command line demo, the ALPACA data loader and the analysis benchmark's smoke path."""
+import csv
 import importlib.util
 import os
 import subprocess
@@ -225,3 +226,18 @@ def test_ab_attention_smi_summary():
     assert ab.smi_summary(["1000, 100.00, 0xA", "2000, 300.00, 0xA", "1500, 200.00, 0xB"], 2.0) == \
         ", SM 1500 MHz, 200 W, 400 mJ/step, reasons 0xA/0xB"
     assert ab.smi_summary([header, "[N/A], [N/A], [N/A]"], 2.0) == ", no clock/power samples"
+
+
+def test_prepare_time_script(tmp_path, capsys):
+    """benchmarks/prepare_time.py on the CPU: md.prepare of fresh masks, warmed for a head dim,
+    one row per workload and size (a tree once, at its own size), written to the CSV."""
+    out = tmp_path / "prepare.csv"
+    script = _load_script("prepare_time")
+    assert script.main(["--workloads", "lf_window,alpaca_seq,medusa_5x5", "--n", "256,512", "--device", "cpu",
+                        "--repeats", "1", "--warm", "64", "--no-flex", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["workload"], r["n"]) for r in rows][:4] == [("lf_window", "256"), ("lf_window", "512"),
+                                                          ("alpaca_seq", "256"), ("alpaca_seq", "512")]
+    assert [r["workload"] for r in rows[4:]] == ["medusa_5x5"]
+    assert all(float(r["maskdsl_ms"]) > 0 and r["flex_ms"] == "" for r in rows)
+    assert "lf_window" in capsys.readouterr().out
