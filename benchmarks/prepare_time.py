@@ -7,8 +7,8 @@ Packed fine-tuning has new document lengths every batch, so every step builds it
 structure anew. Per workload and N (maskdsl.bench's workloads, B = H = 1 data), medians of
 ``--repeats`` calls after one warm-up, each timed from a synchronisation to a synchronisation:
 
-- ``maskdsl``: ``md.prepare(mask, N, N, device=...)`` on a fresh mask object with the plan cache
-  emptied (the analysis' once-per-structure caches stay warm, as for a second batch of the same
+- ``maskdsl``: ``md.prepare(mask, N, N, device=...)`` on a fresh mask object (made beforehand, like
+  FlexAttention's mask_mod) with the plan cache emptied (the analysis' once-per-structure caches stay warm, as for a second batch of the same
   model); on CUDA it builds the lists of both head dims 64 and 128 and moves them to the GPU;
 - ``flex``: ``create_block_mask(mask_mod, None, None, N, N, device=...)`` (eager);
 - ``flex_compiled``: ``torch.compile(create_block_mask)`` called the same way (FlexAttention's
@@ -49,10 +49,11 @@ def measure(name: str, n: int, device, repeats: int, flex: bool, warm: tuple) ->
     from maskdsl import bench
 
     wl = bench.build(name, n)
+    masks = [bench.build(name, n).mask for _ in range(repeats + 1)]  # made (and checked) before the clock
 
     def prepare():
         plan_module._CACHE.clear()
-        plan = md.prepare(bench.build(name, n).mask, wl.n, wl.n, device=device)
+        plan = md.prepare(masks.pop(), wl.n, wl.n, device=device)
         for d in warm:
             plan.warm(2, d)
 

@@ -150,37 +150,71 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
     (one parents row, or one per batch element) at sizes (n_q, n_k), without its dense mask.
 
     Query i sees key j when j is i or an ancestor of i: ``tin[j] <= tin[i] < tout[j]`` in the
-    Euler tour. For each query block the tour times of its rows are sorted once; each key then
-    counts the rows of every query block inside its interval with two binary searches, and a
-    block's count of allowed entries is the sum over its keys: exactly 0 (empty), every entry
-    (full) or in between (partial). Work ~ Mq x Nk x log(block_q), memory in chunks."""
+    Euler tour. A block's count of allowed entries is exactly 0 (empty), every entry (full) or in
+    between (partial). The counts: per key block, how many of its keys' intervals hold each tour
+    time (a difference array, then a cumulative sum over the times), read at each query's time and
+    summed per query block; work ~ Mk x (nodes + Nq), memory in chunks of key blocks. A tree whose
+    positions are its pre-order (after DFS reordering) takes closed forms instead
+    (``_preorder_counts``)."""
     rows = parents if parents and isinstance(parents[0], (tuple, list)) else (parents,)
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     out = torch.empty((len(rows), mq, mk), dtype=torch.int8)
     rows_per_block = (n_q - torch.arange(mq) * block_q).clamp(max=block_q)  # in-range rows of each query block
     cols_per_block = (n_k - torch.arange(mk) * block_k).clamp(max=block_k)
     valid = rows_per_block[:, None] * cols_per_block[None, :]
-    big = torch.iinfo(torch.int64).max
-    chunk = max(1, (1 << 24) // max(n_k, 1))  # query blocks per step: at most ~16M counts at once
     for b, row in enumerate(rows):
         tin, tout = (t.to(torch.int64) for t in _euler(tuple(row)))
-        # the tour times of each query block's rows, sorted; padding rows sort last and match nothing
-        times = torch.full((mq * block_q,), big, dtype=torch.int64)
-        times[:n_q] = tin[:n_q]
-        times = times.view(mq, block_q).sort(dim=1).values
-        lo, hi = tin[:n_k], tout[:n_k]
-        counts = torch.zeros((mq, mk), dtype=torch.int64)
-        for m0 in range(0, mq, chunk):
-            seq = times[m0:m0 + chunk]
-            inside = (torch.searchsorted(seq, hi.expand(seq.shape[0], -1).contiguous())
-                      - torch.searchsorted(seq, lo.expand(seq.shape[0], -1).contiguous()))  # [chunk, n_k]
-            padded = torch.nn.functional.pad(inside, (0, mk * block_k - n_k))
-            counts[m0:m0 + chunk] = padded.view(-1, mk, block_k).sum(-1)
-        cls = torch.full((mq, mk), A.PARTIAL, dtype=torch.int8)
-        cls[counts == 0] = A.EMPTY
-        cls[counts == valid] = A.FULL
-        out[b] = cls
+        m = max(n_q, n_k)
+        if torch.equal(tin[:m], torch.arange(m)):
+            out[b] = _classes_of_counts(_preorder_counts(tout[:n_k], n_q, n_k, block_q, block_k), valid)
+            continue
+        times = len(row) + 1
+        chunk = max(1, (1 << 24) // max(times + n_q, 1))  # key blocks per step: ~16M counts at once
+        counts = torch.empty((mk, mq), dtype=torch.int64)
+        for k0 in range(0, mk, chunk):
+            k1 = min(mk, k0 + chunk)
+            keys = torch.arange(k0 * block_k, min(n_k, k1 * block_k))
+            kb = keys // block_k - k0
+            held = torch.zeros((k1 - k0, times), dtype=torch.int32)  # +1 where a key's interval opens, -1 where it closes
+            ones = torch.ones(keys.numel(), dtype=torch.int32)
+            held.index_put_((kb, tin[keys]), ones, accumulate=True)
+            held.index_put_((kb, tout[keys]), -ones, accumulate=True)
+            held = held.cumsum(1, dtype=torch.int32)  # [chunk, times]: the block's keys whose interval holds t
+            at = torch.nn.functional.pad(held[:, tin[:n_q]], (0, mq * block_q - n_q))  # at each query's time
+            counts[k0:k1] = at.view(k1 - k0, mq, block_q).sum(-1, dtype=torch.int64)
+        out[b] = _classes_of_counts(counts.T, valid)
     return out
+
+
+def _classes_of_counts(counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """int8 classes of blocks with ``counts`` allowed entries out of ``valid`` in range."""
+    cls = torch.full(counts.shape, A.PARTIAL, dtype=torch.int8)
+    cls[counts == 0] = A.EMPTY
+    cls[counts == valid] = A.FULL
+    return cls
+
+
+def _preorder_counts(tout: torch.Tensor, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
+    """Allowed entries (int64 ``[Mq, Mk]``) of each block of a tree whose positions are its pre-order
+    (``tin[x] == x``, as after DFS reordering): key j is seen by the queries of ``[j, tout[j])``, so
+    a query block ``[s, s + r)`` holds ``F(tout[j]) - F(j)`` of them, F(t) = clamp(t - s, 0, r). Per
+    key block, sum F over its sorted values with prefix sums: two binary searches per block, not
+    per key (work ~ Mq x Mk x log(block_k))."""
+    mq, mk = -(-n_q // block_q), -(-n_k // block_k)
+    start = torch.arange(mq, dtype=torch.int64) * block_q
+    rows = (n_q - start).clamp(max=block_q)
+    pad = mk * block_k - n_k
+
+    def summed(t: torch.Tensor) -> torch.Tensor:  # [Mq, Mk]: sum of F over each key block's values
+        vals = torch.nn.functional.pad(t, (0, pad)).view(mk, block_k).sort(dim=1).values  # padding 0: F(0) = 0
+        prefix = torch.nn.functional.pad(vals.cumsum(1), (1, 0))
+        s = start.expand(mk, mq).contiguous()
+        lo = torch.searchsorted(vals, s, right=True)  # values <= s add 0
+        hi = torch.searchsorted(vals, s + rows, right=False)  # values >= s + r add r
+        inner = prefix.gather(1, hi) - prefix.gather(1, lo) - s * (hi - lo)
+        return (inner + rows * (block_k - hi)).T
+
+    return summed(tout) - summed(torch.arange(n_k, dtype=torch.int64))
 
 
 def build_layout(mask, n_q: int, n_k: int, block=(128, 128), device=None, transpose_dense=None) -> BlockLayout:

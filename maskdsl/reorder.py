@@ -30,6 +30,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
+from .layout import block_classes
 from .masks import And, Causal, Dilated, Full, Mask, TensorMask, Tree, Window, _euler
 
 __all__ = ["MODES", "applies", "check", "permutation", "permuted", "worth_it", "choose", "interleaving"]
@@ -122,10 +123,8 @@ def choose(mask: Mask, n_q: int, n_k: int, mode) -> tuple[torch.Tensor, Mask] | 
     perm = permutation(mask, n_q)
     new = permuted(mask, perm)
     if mode == "auto":
-        before = mask.block_layout(n_q, n_k).stats()
-        after = new.block_layout(n_q, n_k).stats()
-        rows = -(-n_q // 128)
-        if not worth_it(before["blocks"] - before["empty"], after["blocks"] - after["empty"], rows):
+        before, after = (int(block_classes(m, n_q, n_k, (128, 128)).count_nonzero()) for m in (mask, new))
+        if not worth_it(before, after, -(-n_q // 128)):
             return None
     return perm, new
 

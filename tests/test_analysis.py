@@ -212,6 +212,22 @@ def test_tree_layouts_from_the_euler_tour_are_exact(data, bq, bk):
     check_layout(mask, n_q, n_k, bq, bk)
 
 
+@given(st.data(), BLOCKS, BLOCKS)
+@settings(max_examples=120)
+def test_tree_layouts_in_preorder_are_exact(data, bq, bk):
+    """A tree whose positions are its DFS pre-order (what reordering a Tree produces) takes the
+    closed-form counts of ``layout._preorder_counts``: exact against the dense mask too."""
+    from maskdsl.masks import _euler
+    from maskdsl.reorder import permutation, permuted
+
+    n = data.draw(st.integers(1, 300))
+    n_q, n_k = data.draw(st.integers(1, n)), data.draw(st.integers(1, n))
+    tree = md.Tree(data.draw(random_tree(n)))
+    mask = permuted(tree, permutation(tree, n))
+    assert torch.equal(_euler(tuple(mask.parents))[0], torch.arange(n, dtype=torch.int32))  # the fast path's case
+    check_layout(mask, n_q, n_k, bq, bk)
+
+
 
 # ---------------------------------------------------------------------------
 # block classes pooled from a finer grain (what a Plan does: one analysis, every tile shape)
