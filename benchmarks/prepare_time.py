@@ -14,6 +14,9 @@ structure anew. Per workload and N (maskdsl.bench's workloads, B = H = 1 data), 
 - ``flex_compiled``: ``torch.compile(create_block_mask)`` called the same way (FlexAttention's
   advice for masks made per step; its compilation is the warm-up).
 
+``--batch B`` packs the ALPACA workloads differently in each of B sequences (per-batch lengths, a
+``[B, 1]`` mask for both libraries), as packed fine-tuning does.
+
 Runs on the CPU too (``--device cpu``), where md.prepare builds no lists: ``--warm D`` adds
 ``plan.warm(2, D)`` for head dim D so that both devices time the same work.
 """
@@ -43,13 +46,45 @@ def _timed(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, n: int, device, repeats: int, flex: bool, warm: tuple) -> dict:
+def packed(name: str, n: int, batch: int):
+    """(mask, mask_mod(device)) of ALPACA packed differently in each of ``batch`` sequences
+    (``pack_alpaca(n, seed=b)``): per-batch document lengths, as packed fine-tuning has."""
+    import maskdsl as md
+    from maskdsl import bench
+    from maskdsl.data import pack_alpaca
+
+    packs = [pack_alpaca(n, seed=b) for b in range(batch)]
+    lens, prompts = [list(p[0]) for p in packs], [list(p[1]) for p in packs]
+    if name == "alpaca_seq":
+        mask = md.Document(lens) & md.Causal()
+    elif name == "alpaca_bidir":
+        mask = md.Document(lens) & (md.Causal() | md.Prefix(prompts, documents=lens))
+    else:
+        raise ValueError(f"--batch applies to alpaca_seq and alpaca_bidir, not {name}")
+
+    def mask_mod(device):
+        tables = [bench._doc_tables(ln, pr, n, device) for ln, pr in zip(lens, prompts)]
+        doc = torch.stack([t[0] for t in tables])
+        in_prompt = torch.stack([t[1] for t in tables])
+        causal_only = name == "alpaca_seq"
+        return lambda b, h, q, kv: ((doc[b, q] == doc[b, kv]) & (doc[b, q] >= 0)
+                                    & ((q >= kv) | (in_prompt[b, kv] & (not causal_only))))
+
+    return mask, mask_mod
+
+
+def measure(name: str, n: int, device, repeats: int, flex: bool, warm: tuple, batch: int = 1) -> dict:
     import maskdsl as md
     import maskdsl.plan as plan_module
     from maskdsl import bench
 
     wl = bench.build(name, n)
-    masks = [bench.build(name, n).mask for _ in range(repeats + 1)]  # made (and checked) before the clock
+    if batch > 1:
+        masks = [packed(name, n, batch)[0] for _ in range(repeats + 1)]
+        mask_mod = packed(name, n, batch)[1]
+    else:
+        masks = [bench.build(name, n).mask for _ in range(repeats + 1)]  # made (and checked) before the clock
+        mask_mod = wl.mask_mod
 
     def prepare():
         plan_module._CACHE.clear()
@@ -57,14 +92,16 @@ def measure(name: str, n: int, device, repeats: int, flex: bool, warm: tuple) ->
         for d in warm:
             plan.warm(2, d)
 
-    row = {"workload": name, "n": wl.n, "device": str(device), "maskdsl_ms": _timed(prepare, repeats, device)}
+    row = {"workload": name, "n": wl.n, "batch": batch, "device": str(device),
+           "maskdsl_ms": _timed(prepare, repeats, device)}
     if flex:
         from torch.nn.attention.flex_attention import create_block_mask
 
-        mod = wl.mask_mod(device)
+        mod = mask_mod(device)
+        b = batch if batch > 1 else None
         for col, make in (("flex_ms", create_block_mask), ("flex_compiled_ms", torch.compile(create_block_mask))):
             try:
-                row[col] = _timed(lambda: make(mod, None, None, wl.n, wl.n, device=device), repeats, device)
+                row[col] = _timed(lambda: make(mod, b, None, wl.n, wl.n, device=device), repeats, device)
             except Exception as e:  # noqa: BLE001 - one peer failing leaves the others' figures
                 print(f"WARNING: {col} at {name} N={n}: {type(e).__name__}: {e}"[:300], file=sys.stderr)
                 row[col] = None
@@ -79,15 +116,17 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--warm", default="", help="comma list of head dims to warm after md.prepare (CPU)")
     ap.add_argument("--no-flex", action="store_true", help="time md.prepare alone")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="ALPACA workloads: B sequences packed differently (per-batch document lengths)")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     warm = tuple(int(d) for d in args.warm.split(",") if d)
     rows = []
-    print(f"{'workload':14} {'N':>6} {'maskdsl':>9} {'flex':>9} {'compiled':>9}  (ms, {device})")
+    print(f"{'workload':14} {'N':>6} {'maskdsl':>9} {'flex':>9} {'compiled':>9}  (ms, {device}, batch {args.batch})")
     for name in args.workloads.split(","):
         for n in (int(x) for x in args.n.split(",")):
-            row = measure(name, n, device, args.repeats, not args.no_flex, warm)
+            row = measure(name, n, device, args.repeats, not args.no_flex, warm, args.batch)
             if any(r["workload"] == name and r["n"] == row["n"] for r in rows):
                 continue  # a tree has one size whatever N
             rows.append(row)
@@ -95,7 +134,7 @@ def main(argv=None) -> int:
             print(f"{name:14} {row['n']:>6} " + " ".join(f"{c:9.2f}" if c is not None else f"{'-':>9}" for c in cells),
                   flush=True)
     if args.csv:
-        cols = ["workload", "n", "device", "maskdsl_ms", "flex_ms", "flex_compiled_ms"]
+        cols = ["workload", "n", "batch", "device", "maskdsl_ms", "flex_ms", "flex_compiled_ms"]
         with open(args.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()

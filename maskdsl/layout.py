@@ -275,9 +275,10 @@ def pool_classes(classes: torch.Tensor, n_q: int, n_k: int, grain, block) -> tor
     if rq == rk == 1:
         return classes
     pad = (0, ck * rk - mk, 0, cq * rq - mq)  # grain tiles past the edge: no positions, so neutral
-    nonempty = torch.nn.functional.pad(classes != A.EMPTY, pad, value=False).view(p, cq, rq, ck, rk)
-    full = torch.nn.functional.pad(classes == A.FULL, pad, value=True).view(p, cq, rq, ck, rk)
-    return nonempty.any(4).any(2).to(torch.int8) + full.all(4).all(2).to(torch.int8) * (A.FULL - 1)
+    # codes EMPTY < PARTIAL < FULL: a tile is empty where its largest code is, full where its smallest is
+    high = torch.nn.functional.pad(classes, pad, value=A.EMPTY).view(p, cq, rq, ck, rk).amax((2, 4))
+    low = torch.nn.functional.pad(classes, pad, value=A.FULL).view(p, cq, rq, ck, rk).amin((2, 4))
+    return torch.where(high == A.EMPTY, A.EMPTY, torch.where(low == A.FULL, A.FULL, A.PARTIAL)).to(torch.int8)
 
 
 def layout_from_classes(classes: torch.Tensor, n_q: int, n_k: int, block, batch_shape, device=None) -> BlockLayout:

@@ -30,10 +30,15 @@ __all__ = ["Plan", "prepare"]
 
 # The layouts of tiles that are multiples of POOL_GRAIN on each side are pooled from one set of
 # block classes at POOL_GRAIN x POOL_GRAIN (maskdsl.layout.pool_classes): one analysis per plan
-# instead of one per tile shape (a plan's passes use three or four), where those classes hold at
-# most POOL_MAX_BLOCKS entries (their dense form: a byte each, per (batch, head) pair of the data).
+# instead of one per tile shape (a plan's passes use three or four). Those classes are dense (a
+# byte per block), so their work grows as N^2 where the analysis' grows with the mask's runs:
+# pooled up to POOL_MAX_BLOCKS per (batch, head) pair of the data (N = 16384), where it was
+# 1.4-2.9x faster on the paper's data masks (CPU, session 15; Causal 1.3x slower, 7.9 ms against
+# 6.0), and beyond it (N = 32768: Causal 16 ms against 7, the window 21 against 16) analysed per
+# tile shape; and up to POOL_MAX_TOTAL blocks in all (memory).
 POOL_GRAIN = 32
-POOL_MAX_BLOCKS = 1 << 23
+POOL_MAX_BLOCKS = 1 << 18
+POOL_MAX_TOTAL = 1 << 24
 
 
 class Plan:
@@ -148,15 +153,17 @@ class Plan:
     def _pooled(self, block_q: int, block_k: int):
         """The block classes (int8 ``[P, Mq, Mk]``) for tiles block_q x block_k, pooled from this
         plan's classes at ``POOL_GRAIN`` (computed at the first call), or None where the tiles are
-        not multiples of the grain or those classes would exceed ``POOL_MAX_BLOCKS`` entries (the
-        plan then builds a BlockLayout per tile shape). Called under the lock."""
+        not multiples of the grain or those classes would exceed ``POOL_MAX_BLOCKS`` per pair or
+        ``POOL_MAX_TOTAL`` in all (the plan then builds a BlockLayout per tile shape). Called under
+        the lock."""
         if block_q % POOL_GRAIN or block_k % POOL_GRAIN:
             return None
         if self._grain is None:
             pairs = int(np.prod(self._bound.batch_shape)) if self._bound.batch_shape else 1
-            blocks = pairs * -(-self.n_q // POOL_GRAIN) * -(-self.n_k // POOL_GRAIN)
-            self._grain = {} if blocks > POOL_MAX_BLOCKS else {(POOL_GRAIN, POOL_GRAIN): block_classes(
-                self.kernel_mask, self.n_q, self.n_k, (POOL_GRAIN, POOL_GRAIN), self._bound)}
+            blocks = -(-self.n_q // POOL_GRAIN) * -(-self.n_k // POOL_GRAIN)
+            pooled = blocks <= POOL_MAX_BLOCKS and pairs * blocks <= POOL_MAX_TOTAL
+            self._grain = {(POOL_GRAIN, POOL_GRAIN): block_classes(
+                self.kernel_mask, self.n_q, self.n_k, (POOL_GRAIN, POOL_GRAIN), self._bound)} if pooled else {}
         if not self._grain:
             return None
         got = self._grain.get((block_q, block_k))

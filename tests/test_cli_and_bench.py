@@ -239,5 +239,16 @@ def test_prepare_time_script(tmp_path, capsys):
     assert [(r["workload"], r["n"]) for r in rows][:4] == [("lf_window", "256"), ("lf_window", "512"),
                                                           ("alpaca_seq", "256"), ("alpaca_seq", "512")]
     assert [r["workload"] for r in rows[4:]] == ["medusa_5x5"]
-    assert all(float(r["maskdsl_ms"]) > 0 and r["flex_ms"] == "" for r in rows)
+    assert all(float(r["maskdsl_ms"]) > 0 and r["flex_ms"] == "" and r["batch"] == "1" for r in rows)
     assert "lf_window" in capsys.readouterr().out
+    # per-batch packings: one mask with B length lists; the FlexAttention mask_mod agrees with it
+    assert script.main(["--workloads", "alpaca_bidir", "--n", "256", "--device", "cpu", "--repeats", "1",
+                        "--no-flex", "--batch", "3", "--csv", str(out)]) == 0
+    assert [(r["workload"], r["batch"]) for r in csv.DictReader(out.open())] == [("alpaca_bidir", "3")]
+    mask, mask_mod = script.packed("alpaca_bidir", 256, 3)
+    assert mask.batch_shape == (3, 1)
+    mod, pos = mask_mod("cpu"), torch.arange(256)
+    allowed = torch.stack([mod(torch.tensor(b), 0, pos[:, None], pos[None, :]) for b in range(3)])
+    assert torch.equal(allowed, mask.to_dense(256, 256).reshape(3, 256, 256))
+    with pytest.raises(ValueError, match="--batch"):
+        script.packed("lf_window", 256, 2)
