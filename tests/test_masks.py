@@ -217,6 +217,44 @@ def test_structure_is_cached_and_data_free():
     assert after.misses == before.misses and after.hits > before.hits
 
 
+@settings(max_examples=150)
+@given(sized_mask(depth=3), st.data())
+def test_expression_cache_by_shape(m, data):
+    """A mask's expression comes from the cache of its shape (Mask._symbolic) and equals the one
+    built from its own leaves; a second mask of the same shape with other data, and masks that
+    reuse one leaf object where the other has two, stay exact on dense."""
+    from maskdsl import masks as M
+
+    a, n_q, n_k = m
+    index = {id(leaf): k for k, leaf in enumerate(a._leaves())}
+    assert a._symbolic[0] == a._expr(index)
+    b = data.draw(mask_tree(n_q, n_k, 2))
+    shared = b | (b & a)  # leaves of b twice, as one object
+    apart = data.draw(mask_tree(n_q, n_k, 2))
+    twin = apart | (b & a)  # maybe the same shape, with distinct objects in the first place
+    for mask in (shared, twin):
+        index = {id(leaf): k for k, leaf in enumerate(mask._leaves())}
+        assert mask._symbolic[0] == mask._expr(index)
+    da, db, dapart = a.to_dense(n_q, n_k), b.to_dense(n_q, n_k), apart.to_dense(n_q, n_k)
+    assert torch.equal(shared.to_dense(n_q, n_k), db | (db & da))
+    assert torch.equal(twin.to_dense(n_q, n_k), dapart | (db & da))
+    assert len(M._EXPRESSIONS) <= M._EXPRESSIONS_MAX
+
+
+def test_expression_cache_keeps_shared_leaves_apart():
+    """``w | (w & c)`` with one Document object numbers both places alike; ``x | (y & c)`` of the same
+    shape with two objects must not reuse that expression."""
+    c = md.Causal()
+    w = md.Document([3, 5])
+    one = w | (w & c)
+    two = md.Document([4, 4]) | (md.Document([2, 6]) & c)
+    assert one._symbolic[0] != two._symbolic[0]
+    d1, d2 = md.Document([4, 4]).to_dense(8, 8), (md.Document([2, 6]) & c).to_dense(8, 8)
+    assert torch.equal(two.to_dense(8, 8), d1 | d2)
+    assert md.Window(3)._symbolic[0] != md.Window(4)._symbolic[0]  # scalar parameters are part of the shape
+    assert md.Prefix(3)._shape() != md.Prefix([3], documents=[5])._shape()
+
+
 def test_structured_masks_never_build_a_dense_mask(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the analysis built a dense mask")
