@@ -68,7 +68,7 @@ class Plan:
         self.pair_b = hm if bm > 1 else 0
         self.pair_h = 1 if hm > 1 else 0
         self._layouts = {}
-        self._grain = None  # block classes at POOL_GRAIN (False: not pooled), see _pooled
+        self._grain = None  # (block_q, block_k) -> pooled block classes ({}: not pooled), see _pooled
         self._lists = {}
         self.recipes = {}  # the kernels' passes recorded for replay (kernels.launch.replay)
         self._lock = threading.Lock()
@@ -207,8 +207,7 @@ class Plan:
                 classes = self._pooled(block_q, block_k)
             if classes is None:
                 lay = self.layout(block_q, block_k)
-                p = "q" if by == "q" else "k"
-                arrays = tuple(getattr(lay, f"{p}_{name}") for name in LIST_FIELDS)
+                arrays = tuple(getattr(lay, f"{by}_{name}") for name in LIST_FIELDS)
             else:  # only the direction asked for
                 arrays = row_lists(classes.reshape(-1, classes.shape[2]) if by == "q"
                                    else classes.transpose(1, 2).reshape(-1, classes.shape[1]))
