@@ -19,6 +19,7 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
+import numpy as np
 import sympy
 import torch
 
@@ -58,6 +59,8 @@ def _int_sequence(owner: str, name: str, data) -> tuple:
     if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
         raise TypeError(f"{owner}: {name} must be a sequence of integers or an integer tensor, got {type(data).__name__}")
     items = list(data)
+    if all(type(x) is int for x in items):  # plain ints (not bool): the common case, no per-item work
+        return tuple(items)
     if items and all(isinstance(x, (Sequence, torch.Tensor)) and not isinstance(x, str) for x in items):
         rows = tuple(_int_sequence(owner, name, x) for x in items)
         if any(r and isinstance(r[0], tuple) for r in rows):
@@ -649,9 +652,14 @@ class Tree(Mask):
     def __post_init__(self):
         parents = _int_sequence("Tree", "parents", self.parents)
         for row in _per_batch(parents):
-            for x, p in enumerate(row):
-                if p < -1 or p >= x:
-                    raise ValueError(f"Tree: parents[{x}] = {p}; each parent must satisfy -1 <= parents[i] < i")
+            try:
+                arr = np.asarray(row, dtype=np.int64)
+                bad = np.flatnonzero((arr < -1) | (arr >= np.arange(arr.size)))
+                first = int(bad[0]) if bad.size else None
+            except OverflowError:  # beyond int64: certainly not a parent, find it in Python
+                first = next(x for x, p in enumerate(row) if p < -1 or p >= x)
+            if first is not None:
+                raise ValueError(f"Tree: parents[{first}] = {row[first]}; each parent must satisfy -1 <= parents[i] < i")
         object.__setattr__(self, "parents", parents)
 
     def _own_batch_shape(self):

@@ -163,6 +163,11 @@ def test_tensor_data_is_accepted_and_equal():
     (lambda: md.Tree([-1, 1]), ValueError, r"Tree: parents\[1\] = 1"),
     (lambda: md.Tree([-1, -2]), ValueError, r"Tree: parents\[1\] = -2"),
     (lambda: md.Tree([0]), ValueError, r"Tree: parents\[0\] = 0"),
+    (lambda: md.Tree([-1, 0, 0, 1, 4]), ValueError, r"Tree: parents\[4\] = 4"),  # the first bad one, past others
+    (lambda: md.Tree([-1, 2**70]), ValueError, r"Tree: parents\[1\] = 1180591620717411303424"),
+    (lambda: md.Tree([[-1, 0], [-1, 1]]), ValueError, r"Tree: parents\[1\] = 1"),  # per batch
+    (lambda: md.Tree([-1, True]), TypeError, "Tree: parents must hold integers, got True"),
+    (lambda: md.Document([3, False]), TypeError, "Document: lengths must hold integers"),
     (lambda: md.TensorMask(torch.zeros(3, 3)), TypeError, "TensorMask: tensor must have dtype torch.bool"),
     (lambda: md.TensorMask(torch.zeros(3, dtype=torch.bool)), ValueError, "TensorMask: tensor must have shape"),
     (lambda: md.TensorMask([[True]]), TypeError, "TensorMask: tensor must be a torch.Tensor"),
