@@ -120,6 +120,11 @@ def main(argv=None) -> int:
                     help="ALPACA workloads: B sequences packed differently (per-batch document lengths)")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
     args = ap.parse_args(argv)
+    if args.batch < 1 or args.repeats < 1:
+        ap.error(f"--batch and --repeats: expected 1 or more, got {args.batch} and {args.repeats}")
+    others = sorted(set(args.workloads.split(",")) - {"alpaca_seq", "alpaca_bidir"})
+    if args.batch > 1 and others:
+        ap.error(f"--batch applies to alpaca_seq and alpaca_bidir; drop {','.join(others)} from --workloads")
     device = torch.device(args.device)
     warm = tuple(int(d) for d in args.warm.split(",") if d)
     rows = []

@@ -252,3 +252,8 @@ def test_prepare_time_script(tmp_path, capsys):
     assert torch.equal(allowed, mask.to_dense(256, 256).reshape(3, 256, 256))
     with pytest.raises(ValueError, match="--batch"):
         script.packed("lf_window", 256, 2)
+    for argv, message in ((["--batch", "2"], "drop lf_dilated,lf_global,lf_window,medusa_8x3 from --workloads"),
+                          (["--repeats", "0"], "expected 1 or more")):
+        with pytest.raises(SystemExit) as exc:
+            script.main(argv + ["--device", "cpu", "--no-flex"])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
