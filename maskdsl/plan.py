@@ -315,8 +315,8 @@ def _int32_on(device, *arrays) -> list:
     """Index arrays (numpy or torch) as contiguous int32 tensors on ``device``, never an empty
     buffer for a kernel (a single 0 instead). Off the CPU they travel in one copy: views of one
     buffer, each starting on a 16-byte boundary (the alignment the kernels are compiled for)."""
-    flat = [np.ascontiguousarray(torch.as_tensor(a).numpy() if isinstance(a, torch.Tensor) else a,
-                                 dtype=np.int32).reshape(-1) for a in arrays]
+    flat = [np.ascontiguousarray(a.numpy() if isinstance(a, torch.Tensor) else a, dtype=np.int32).reshape(-1)
+            for a in arrays]
     flat = [a if a.size else np.zeros(1, np.int32) for a in flat]
     if torch.device(device).type == "cpu":
         return [torch.from_numpy(a) for a in flat]
