@@ -50,6 +50,14 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
+# Integer arguments that follow the mask's data, not the shapes: the heavy rows' count and the mask
+# data's width per (batch, head) pair (and ``T_MAX``, the stored-dS tiles per head). Triton compiles
+# a kernel anew for an integer that is 1 or a multiple of 16 where the last call's was not, so new
+# document lengths or global tokens would now and then recompile the kernels (packed fine-tuning,
+# new data every step: 2-4 compilations of several seconds in 30-36 steps, session 16). They are
+# never specialised (tests/test_kernels.py::test_new_mask_data_compiles_nothing).
+_DATA_INTS = ("NUM_HEAVY", "META_STRIDE")
+
 
 @triton.jit
 def _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH):
@@ -141,7 +149,7 @@ def _fwd_block(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DATA_INTS)
 def attn_fwd_kernel(
     Q, K, V, O, LSE, META,
     FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
@@ -293,7 +301,7 @@ def _dq_program(
     tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_qd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DATA_INTS)
 def attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, META,
     FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
@@ -436,7 +444,7 @@ def _dkdv_program(
     tl.store(p_dv, dv.to(DV.dtype.element_ty), mask=m_kd)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_DATA_INTS + ("T_MAX",))
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, META,
     FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
@@ -462,7 +470,7 @@ def attn_bwd_dkdv_kernel(
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("NUM_HEAVY", "T_MAX"))
 def attn_bwd_dq_ds_kernel(
     K, DS, DQ, TILE_PTR, TILE_KB, TILE_ID, ORDER, NUM_HEAVY,
     stride_kb, stride_kh, stride_kn, stride_kd,
@@ -532,7 +540,7 @@ def attn_bwd_delta_kernel(O, DO, DELTA, stride_ob, stride_oh, stride_om, stride_
     tl.store(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("META_STRIDE",))
 def attn_bwd_kernel(
     Q, K, V, O, DO, DQ, DK, DV, LSE, DELTA, META,
     Q_FULL_PTR, Q_FULL_START, Q_FULL_END, Q_FULL_IPTR, Q_FULL_IDX, Q_PART_PTR, Q_PART_IDX, Q_ORDER,

@@ -150,6 +150,23 @@ _SCALARS = (int, float, bool, type(None))
 _DTYPE, _DATA_PTR = operator.attrgetter("dtype"), operator.methodcaller("data_ptr")
 
 
+def compiled_kernels() -> list:
+    """The kernels Triton has compiled in this process for the attention and preprocessing kernels:
+    (kernel name, device, specialisation key) each, from their JIT caches (tests and benchmarks:
+    new mask data compiles nothing)."""
+    import triton
+
+    from . import attention, preprocess
+
+    out = []
+    for module in (attention, preprocess):
+        for fn in vars(module).values():
+            if isinstance(fn, triton.runtime.JITFunction):
+                for device, caches in fn.device_caches.items():
+                    out.extend((fn.__name__, str(device), str(key)) for key in caches[0])
+    return out
+
+
 def _disable_fast_launch() -> None:
     global FAST_LAUNCH
     FAST_LAUNCH = False

@@ -94,7 +94,7 @@ class Plan:
         if not self._reordering:
             return None
         perm = self._reordering[0]
-        return perm.to(self.device), torch.argsort(perm).to(self.device)
+        return _to(perm, self.device), _to(torch.argsort(perm), self.device)
 
     @functools.cached_property
     def interleaved(self):
@@ -135,7 +135,7 @@ class Plan:
 
     @functools.cached_property
     def meta(self) -> torch.Tensor:
-        return codegen.pack_meta(self.predicate, self._bound).to(self.device)
+        return _to(codegen.pack_meta(self.predicate, self._bound), self.device)
 
     def layout(self, block_q: int, block_k: int):
         """The BlockLayout of this plan for tiles block_q x block_k (built once, on the CPU)."""
@@ -325,8 +325,21 @@ def _int32_on(device, *arrays) -> list:
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
     for a, at in zip(flat, starts):
         buf[at:at + a.size] = a
-    on = torch.from_numpy(buf).to(device)
+    on = _to(torch.from_numpy(buf), device)
     return [on[at:at + a.size] for a, at in zip(flat, starts)]
+
+
+# Host-to-device copies of a plan's tensors do not wait for the GPU: a blocking copy (``.to(device)``)
+# synchronises the stream, so that a training step preparing a new mask (packed fine-tuning: new
+# lengths every batch) would drain the GPU's queue and leave it idle while the host prepares.
+# From pageable memory CUDA stages the bytes before the call returns, so the source may go at once.
+# False: blocking copies, as before (benchmarks/packed_steps.py's A/B).
+COPY_NON_BLOCKING = True
+
+
+def _to(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``, copied without a synchronisation (``COPY_NON_BLOCKING``)."""
+    return t.to(device, non_blocking=COPY_NON_BLOCKING)
 
 
 def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:

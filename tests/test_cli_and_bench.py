@@ -228,6 +228,44 @@ def test_ab_attention_smi_summary():
     assert ab.smi_summary([header, "[N/A], [N/A], [N/A]"], 2.0) == ", no clock/power samples"
 
 
+def test_packed_steps_script(capsys, monkeypatch):
+    """benchmarks/packed_steps.py's parts on the CPU: per-step packings, the FlexAttention mask_mod
+    against the maskdsl mask it stands for, the model's steps with each maskdsl provider (the plan
+    made ahead is the one the next step finds), and its argument errors."""
+    import maskdsl.plan as plan_module
+
+    script = _load_script("packed_steps")
+    monkeypatch.setattr(plan_module, "COPY_NON_BLOCKING", True)  # restored after the blocking provider's steps
+    steps = script.packings(200, 2, 3, first_seed=5)
+    assert len(steps) == 3 and all(len(s) == 2 and sum(s[0]) <= 200 for s in steps) and steps[0] != steps[1]
+    doc, pos = script.doc_ids(steps[1], 200), torch.arange(200)
+    mod = script.doc_causal_mod(doc)
+    allowed = torch.stack([mod(torch.tensor(b), 0, pos[:, None], pos[None, :]) for b in range(2)])
+    assert torch.equal(allowed, (md.Document(steps[1]) & md.Causal()).to_dense(200, 200).reshape(2, 200, 200))
+    model = script.Model(1, 2, 16, "cpu")
+    x = torch.randn(2, 200, 32, dtype=torch.bfloat16)
+    losses = {}
+    for provider in ("maskdsl", "maskdsl_ahead", "maskdsl_blocking"):
+        plan_module._CACHE.clear()
+        prepare, ahead = script.step_fns(provider, 200, 2, steps, torch.device("cpu"))
+        assert (ahead is not None) == (provider == "maskdsl_ahead")
+        prepare(0)(*(x.view(2, 200, 2, 16).transpose(1, 2),) * 3)
+        if ahead is not None:
+            ahead(1)
+            made = len(plan_module._CACHE)
+            losses[provider] = model(x, prepare(1)).float().mean()
+            assert len(plan_module._CACHE) == made  # step 1 found the plan made ahead
+        else:
+            losses[provider] = model(x, prepare(1)).float().mean()
+    assert plan_module.COPY_NON_BLOCKING is False  # the last provider's, maskdsl_blocking
+    assert len({float(v) for v in losses.values()}) == 1  # the same masks, the same model
+    for argv, message in ((["--steps", "0"], "--steps: expected 1 or more"),
+                          (["--providers", "maskdsl,nope"], "unknown nope")):
+        with pytest.raises(SystemExit) as exc:
+            script.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_prepare_time_script(tmp_path, capsys):
     """benchmarks/prepare_time.py on the CPU: md.prepare of fresh masks, warmed for a head dim,
     one row per workload and size (a tree once, at its own size), written to the CSV."""

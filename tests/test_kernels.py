@@ -684,6 +684,43 @@ def test_inputs_on_another_device_than_the_current_one(seed, poisoned):
             assert got["out"].device == q.device and got["dq"].device == q.device
 
 
+def _doc_lengths(n: int, docs: int, shift: int) -> list:
+    """``docs`` document lengths covering n - shift tokens (the rest in no document)."""
+    cuts = [round(x * (n - shift) / docs) for x in range(docs + 1)]
+    return [b - a for a, b in zip(cuts, cuts[1:])]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("d, stored", [(64, None), (128, True), (128, False)])
+def test_new_mask_data_compiles_nothing(d, stored, seed, monkeypatch):
+    """Packed fine-tuning makes a new mask every step: once the kernels have run for one mask, masks
+    of the same structure with other data (document counts and lengths, global tokens: other heavy
+    rows, mask-data widths, stored-dS tile counts) compile nothing (kernels/attention.py
+    ``_DATA_INTS``: Triton would otherwise compile anew where such an integer becomes 1 or a multiple
+    of 16). The backward's algorithm is held (``stored``: dS stored or recomputed, whatever the
+    memory limit and the heavy rows decide; None: the table's, D = 64 recomputes), since data can
+    switch it (a single document makes the stored dS exceed its memory limit): another path,
+    compiled once, not a recompilation."""
+    _use_tiles(monkeypatch, None, stored_ds=stored)
+    n = 1000
+    families = {  # (mask of (count, shift), [(count, shift) per step])
+        "documents": (lambda docs, shift: md.Document([_doc_lengths(n, docs, shift),
+                                                      _doc_lengths(n, docs + 1, 2 * shift)]) & md.Causal(),
+                      [(3, 7), (1, 0), (16, 5), (15, 100), (32, 1), (47, 33)]),
+        "globals": (lambda count, shift: md.Window(40 + shift) | md.Global(list(range(3 + shift, n, n // count))),
+                    [(3, 7), (1, 0), (2, 5), (5, 100), (16, 1)]),
+    }
+    for family, (make, steps) in families.items():
+        for step, (count, shift) in enumerate(steps):
+            before = launch.compiled_kernels()
+            q, k, v, do = make_inputs(2, 4, 2, n, n, d, BF16, "cuda")
+            run_and_check(make(count, shift), q, k, v, do, context=f"{family} {count} {shift}, seed {seed}")
+            if step:
+                after = launch.compiled_kernels()
+                assert after == before, f"{family} ({count}, {shift}): compiled {sorted(set(after) - set(before))}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
