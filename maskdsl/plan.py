@@ -418,7 +418,9 @@ def prepare(mask: Mask, n_q: int, n_k: int, *, device=None, reorder="auto") -> P
     the same plan. A TensorMask's tensor edited in place gets a new plan (the cache key holds
     its version counter); a plan whose tensor changed after ``prepare`` is refused by
     ``md.attention`` with an error. The layouts for bf16/fp16 at head dims 64 and 128 are built now;
-    others when first used.
+    others when first used. On CUDA its copies to the device are asynchronous, on the current stream
+    (``md.prepare`` never waits for the GPU): a plan used on another stream needs that stream to wait
+    for this one first (``torch.cuda.Stream.wait_stream``), as a tensor made here would.
 
     Example:
         >>> import maskdsl as md
