@@ -62,7 +62,8 @@ def doc_ids(lens: list, n: int) -> torch.Tensor:
     """[B, N] int32 document of each position (-1 past the last document), pinned CPU memory."""
     out = torch.full((len(lens), n), -1, dtype=torch.int32)
     for b, seq in enumerate(lens):
-        out[b, :sum(seq)] = torch.repeat_interleave(torch.arange(len(seq), dtype=torch.int32), torch.tensor(seq, dtype=torch.int64))
+        lengths = torch.tensor(seq, dtype=torch.int64)
+        out[b, :sum(seq)] = torch.repeat_interleave(torch.arange(len(seq), dtype=torch.int32), lengths)
     return out.pin_memory() if torch.cuda.is_available() else out
 
 
@@ -180,6 +181,9 @@ def main(argv=None) -> int:
             ap.error(f"--{name.replace('_', '-')}: expected 1 or more, got {getattr(args, name)}")
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU (FlexAttention's kernels and the timing are the GPU's)")
+    import maskdsl.plan as plan_module
+    from kernels.launch import compiled_kernels
+
     device = torch.device("cuda")
     per_round = args.warmup + args.steps
     # round 0 compiles (untimed, masks of its own); every provider sees the same masks in a round
@@ -188,9 +192,6 @@ def main(argv=None) -> int:
     x = torch.randn(args.batch, args.n, args.heads * args.head_dim, device=device, dtype=torch.bfloat16)
     fns = {p: step_fns(p, args.n, args.batch, steps, device) for p in providers}
     times = {p: [] for p in providers}
-    import maskdsl.plan as plan_module
-    from kernels.launch import compiled_kernels
-
     counted = {p: 0 for p in providers}
     for r in range(args.rounds + 1):
         for p in (providers if r % 2 == 0 else providers[::-1]):

@@ -253,10 +253,10 @@ def test_packed_steps_script(capsys, monkeypatch):
         if ahead is not None:
             ahead(1)
             made = len(plan_module._CACHE)
-            losses[provider] = model(x, prepare(1)).float().mean()
+            losses[provider] = model(x, prepare(1)).float().mean().detach()
             assert len(plan_module._CACHE) == made  # step 1 found the plan made ahead
         else:
-            losses[provider] = model(x, prepare(1)).float().mean()
+            losses[provider] = model(x, prepare(1)).float().mean().detach()
     assert plan_module.COPY_NON_BLOCKING is False  # the last provider's, maskdsl_blocking
     assert len({float(v) for v in losses.values()}) == 1  # the same masks, the same model
     for argv, message in ((["--steps", "0"], "--steps: expected 1 or more"),
