@@ -692,6 +692,26 @@ def _doc_lengths(n: int, docs: int, shift: int) -> list:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_prepare_does_not_wait_for_the_gpu():
+    """md.prepare's copies to the GPU are asynchronous (``maskdsl.plan.COPY_NON_BLOCKING``): with
+    about a second of work queued on the GPU, preparing a new mask returns before that work ends (a
+    blocking copy synchronises the stream: a training step's first attention call drained the queue)."""
+    mask = md.Document([[300, 200, 480], [17, 900]]) & md.Causal()
+    md.prepare(mask, 1000, 1000, device="cuda")  # generate and compile its structure's code first
+    fresh = md.Document([[310, 190, 480], [18, 899]]) & md.Causal()
+    torch.cuda.synchronize()
+    torch.cuda._sleep(int(2e9))  # ~1 s of spinning at the H200's clocks
+    queued = torch.cuda.Event()
+    queued.record()
+    plan = md.prepare(fresh, 1000, 1000, device="cuda")
+    assert not queued.query(), "md.prepare waited for the work queued before it"
+    torch.cuda.synchronize()
+    q, k, v, do = make_inputs(2, 4, 2, 1000, 1000, 64, BF16, "cuda")
+    run_and_check(fresh, q, k, v, do, target=plan, context="plan made while the GPU was busy")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("d, stored", [(64, None), (128, True), (128, False)])
 def test_new_mask_data_compiles_nothing(d, stored, seed, monkeypatch):
     """Packed fine-tuning makes a new mask every step: once the kernels have run for one mask, masks
