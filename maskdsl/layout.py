@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from . import analysis as A
-from .masks import TensorMask, Tree, _euler
+from .masks import And, Causal, Document, TensorMask, Tree, _euler, _per_batch
 from .preprocess import LIST_FIELDS, cached_classes, csr_ptr, layout_arrays
 
 
@@ -145,6 +145,57 @@ def _longest_full_run(runs: A.Runs):
 # beyond it, from the transposed analysis, whose cost follows the runs, not Mq x Mk.
 _DENSE_TRANSPOSE_MAX = 1 << 16
 
+def _document_causal(mask):
+    """(document lengths per batch element, offset) of ``Document(lengths) & Causal(offset)`` with
+    offset >= 0, either side first (packed training's mask, made anew every step); else None."""
+    if isinstance(mask, And):
+        for doc, causal in ((mask.a, mask.b), (mask.b, mask.a)):
+            if isinstance(doc, Document) and isinstance(causal, Causal) and causal.offset >= 0:
+                return _per_batch(doc.lengths), causal.offset
+    return None
+
+
+def document_causal_classes(rows, offset: int, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
+    """Block classes (int8 ``[B, Mq, Mk]``) of ``Document(lengths) & Causal(offset)``, offset >= 0,
+    one ``rows`` entry of lengths per batch element, from the documents at each block's first and
+    last position: the symbolic analysis gives the same classes, at ~1.5 ms of small tensor ops per
+    sequence (N = 4096, 32 x 32 blocks) where this takes a few numpy operations.
+
+    Query i sees key j when both lie in one document d (positions are packed in order, so a
+    position's document ``doc(x)`` never decreases; past the last document it is ``len(lengths)``,
+    none) and j <= i + offset. Rows [r0, r1] x columns [c0, c1]:
+
+    - full: every position of both in one document (doc(r0) = doc(r1) = doc(c0) = doc(c1), a real
+      one) and c1 <= r0 + offset;
+    - non-empty: some real document lies in both, and c0 <= r1 + offset. The documents met by the
+      rows are doc(r0) .. doc(r1), by the columns doc(c0) .. doc(c1); where these ranges overlap,
+      lo = max(doc(r0), doc(c0)) is the document of r0 or c0, so a real one met by both blocks when it
+      is below ``len(lengths)``. Within a document d met by both, j = max(c0, start of d) and
+      i = min(r1, end of d) lie in the blocks, and j <= i + offset reduces to c0 <= r1 + offset.
+
+    Every term compares a row vector with a column vector (bool [Mq, Mk] results, no wider
+    temporaries): under 1 ms per sequence at N = 16384 in 32 x 32 blocks."""
+    mq, mk = -(-n_q // block_q), -(-n_k // block_k)
+    r0 = np.arange(mq, dtype=np.int64) * block_q
+    r1 = np.minimum(r0 + block_q, n_q) - 1
+    c0 = np.arange(mk, dtype=np.int64) * block_k
+    c1 = np.minimum(c0 + block_k, n_k) - 1
+    below = c0[None, :] <= r1[:, None] + offset  # some entry on or below the diagonal
+    under = c1[None, :] <= r0[:, None] + offset  # every entry
+    out = np.empty((len(rows), mq, mk), dtype=np.int8)
+    for b, lengths in enumerate(rows):
+        ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+        docs = len(lengths)
+        dq0, dq1, dk0, dk1 = (np.searchsorted(ends, x, side="right").astype(np.int32) for x in (r0, r1, c0, c1))
+        nonempty = ((dq0[:, None] <= dk1[None, :]) & (dk0[None, :] <= dq1[:, None]) & below
+                    & (dq0 < docs)[:, None] & (dk0 < docs)[None, :])
+        full = (((dq0 == dq1) & (dq0 < docs))[:, None] & (dk0 == dk1)[None, :] & (dq0[:, None] == dk0[None, :])
+                & under)
+        # EMPTY 0, PARTIAL 1, FULL 3 (full blocks are non-empty)
+        np.add(nonempty, full.view(np.int8) * np.int8(A.FULL - A.PARTIAL), out=out[b], dtype=np.int8)
+    return torch.from_numpy(out)
+
+
 def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
     """Block classes (int8 ``[B, Mq, Mk]``, ``maskdsl.analysis`` codes) of ``Tree(parents)``
     (one parents row, or one per batch element) at sizes (n_q, n_k), without its dense mask.
@@ -252,6 +303,9 @@ def block_classes(mask, n_q: int, n_k: int, block=(128, 128), bound=None) -> tor
         return tree_classes(mask.parents, n_q, n_k, bq, bk)
     if isinstance(mask, TensorMask):
         return cached_classes(mask.tensor, bq, bk)
+    documents = _document_causal(mask)
+    if documents is not None:
+        return document_causal_classes(*documents, n_q, n_k, bq, bk)
     bound = _cpu_bound(mask, mask.bind(n_q, n_k) if bound is None else bound)
     grid = A.Grid(n_q, n_k, bq, bk)
     rows = _concat([A.analyse(bound, b, h, grid) for b, h in bound.pairs()], grid.mq, grid.mk)

@@ -252,6 +252,51 @@ def test_pooled_classes_are_exact(m, gq, gk, rq, rk):
     assert torch.equal(pooled, expect.expand_as(pooled))
 
 
+@settings(max_examples=200)
+@given(st.data(), st.integers(1, 90), st.integers(1, 90), st.sampled_from([1, 2, 3, 8, 16, 32]),
+       st.sampled_from([1, 2, 5, 8, 16, 32]), st.sampled_from([0, 0, 1, 3, 40]), st.booleans(), st.booleans())
+def test_document_causal_classes_are_exact(data, n_q, n_k, bq, bk, offset, per_batch, swap):
+    """``Document(lengths) & Causal(offset)`` takes a closed form (``layout.document_causal_classes``,
+    packed training's mask, made anew every step): its block classes equal the brute-force ones
+    from the dense mask and the symbolic analysis', with empty documents, tokens past the last
+    document, Nq != Nk, ragged blocks and per-batch lengths."""
+    from maskdsl import analysis as A
+    from maskdsl.layout import _concat, _dense, _document_causal, block_classes
+
+    n = max(n_q, n_k)
+
+    def lengths():
+        out = data.draw(st.lists(st.integers(0, 30), max_size=8))
+        while sum(out) > n:
+            out.pop()
+        return out
+
+    lens = [lengths() for _ in range(data.draw(st.integers(2, 3)))] if per_batch else lengths()
+    doc, causal = md.Document(lens), md.Causal(offset)
+    mask = causal & doc if swap else doc & causal
+    assert _document_causal(mask) is not None
+    got = block_classes(mask, n_q, n_k, (bq, bk))
+    anyb, allb = brute_blocks(mask.to_dense(n_q, n_k), bq, bk)
+    anyb, allb = anyb.reshape(-1, *anyb.shape[-2:]), allb.reshape(-1, *allb.shape[-2:])
+    expect = torch.where(allb, A.FULL, torch.where(anyb, A.PARTIAL, A.EMPTY)).to(torch.int8)
+    assert got.dtype == torch.int8 and torch.equal(got, expect)
+    bound, grid = mask.bind(n_q, n_k), A.Grid(n_q, n_k, bq, bk)
+    analysed = _dense(_concat([A.analyse(bound, b, h, grid) for b, h in bound.pairs()], grid.mq, grid.mk), grid)
+    assert torch.equal(got, analysed)
+
+
+def test_document_causal_closed_form_only_where_it_holds():
+    from maskdsl.layout import _document_causal
+
+    lens = [3, 4]
+    assert _document_causal(md.Document(lens) & md.Causal(2)) == ((tuple(lens),), 2)
+    assert _document_causal(md.Document([lens, [7]]) & md.Causal()) == ((tuple(lens), (7,)), 0)
+    for other in (md.Document(lens) & md.Causal(-1), md.Document(lens) | md.Causal(), md.Document(lens),
+                  md.Document(lens) & (md.Causal() | md.Prefix([1, 1], documents=lens)),
+                  md.Document(lens) & md.Window(2), ~md.Document(lens) & md.Causal()):
+        assert _document_causal(other) is None, other
+
+
 def test_pool_classes_argument_checks():
     from maskdsl.layout import block_classes, pool_classes
 
