@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from . import analysis as A
-from .masks import And, Causal, Document, TensorMask, Tree, _euler, _per_batch
+from .masks import And, Causal, Document, Or, Prefix, TensorMask, Tree, _euler, _per_batch
 from .preprocess import LIST_FIELDS, cached_classes, csr_ptr, layout_arrays
 
 
@@ -146,35 +146,52 @@ def _longest_full_run(runs: A.Runs):
 _DENSE_TRANSPOSE_MAX = 1 << 16
 
 def _document_causal(mask):
-    """(document lengths per batch element, offset) of ``Document(lengths) & Causal(offset)`` with
-    offset >= 0, either side first (packed training's mask, made anew every step); else None."""
-    if isinstance(mask, And):
-        for doc, causal in ((mask.a, mask.b), (mask.b, mask.a)):
-            if isinstance(doc, Document) and isinstance(causal, Causal) and causal.offset >= 0:
-                return _per_batch(doc.lengths), causal.offset
+    """(document lengths per batch element, offset, prompt lengths per batch element or None) of
+    packed training's masks, ``Document(lengths) & Causal(offset)`` and ``Document(lengths) &
+    (Causal(offset) | Prefix(prompts, documents=lengths))``, offset >= 0, operands in any order;
+    else None."""
+    if not isinstance(mask, And):
+        return None
+    for doc, rest in ((mask.a, mask.b), (mask.b, mask.a)):
+        if not isinstance(doc, Document):
+            continue
+        if isinstance(rest, Causal) and rest.offset >= 0:
+            return _per_batch(doc.lengths), rest.offset, None
+        if isinstance(rest, Or):
+            for causal, prefix in ((rest.a, rest.b), (rest.b, rest.a)):
+                if (isinstance(causal, Causal) and causal.offset >= 0 and isinstance(prefix, Prefix)
+                        and prefix.documents == doc.lengths):
+                    return _per_batch(doc.lengths), causal.offset, _per_batch(prefix.length)
     return None
 
 
-def document_causal_classes(rows, offset: int, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
+def document_causal_classes(rows, offset: int, prompts, n_q: int, n_k: int, block_q: int,
+                            block_k: int) -> torch.Tensor:
     """Block classes (int8 ``[B, Mq, Mk]``) of ``Document(lengths) & Causal(offset)``, offset >= 0,
-    one ``rows`` entry of lengths per batch element, from the documents at each block's first and
-    last position: the symbolic analysis gives the same classes, at ~1.5 ms of small tensor ops per
-    sequence (N = 4096, 32 x 32 blocks) where this takes a few numpy operations.
+    or with ``prompts`` of ``Document(lengths) & (Causal(offset) | Prefix(prompts,
+    documents=lengths))``; one ``rows`` (and ``prompts``) entry per batch element. From the
+    documents at each block's first and last position, where the symbolic analysis gives the same
+    classes at ~1.5 ms of small tensor ops per sequence (N = 4096, 32 x 32 blocks).
 
     Query i sees key j when both lie in one document d (positions are packed in order, so a
     position's document ``doc(x)`` never decreases; past the last document it is ``len(lengths)``,
-    none) and j <= i + offset. Rows [r0, r1] x columns [c0, c1]:
+    none) and j <= i + offset, or, with prompts, j lies before d's prompt end pe(d) = start(d) +
+    prompts[d]. Rows [r0, r1] x columns [c0, c1]:
 
-    - full: every position of both in one document (doc(r0) = doc(r1) = doc(c0) = doc(c1), a real
-      one) and c1 <= r0 + offset;
-    - non-empty: some real document lies in both, and c0 <= r1 + offset. The documents met by the
-      rows are doc(r0) .. doc(r1), by the columns doc(c0) .. doc(c1); where these ranges overlap,
-      lo = max(doc(r0), doc(c0)) is the document of r0 or c0, so a real one met by both blocks when it
-      is below ``len(lengths)``. Within a document d met by both, j = max(c0, start of d) and
-      i = min(r1, end of d) lie in the blocks, and j <= i + offset reduces to c0 <= r1 + offset.
+    - full: every position of both in one document d (doc(r0) = doc(r1) = doc(c0) = doc(c1), a real
+      one) and every j of the columns seen from the first row: c1 <= r0 + offset (or c1 < pe(d));
+    - non-empty: some real document lies in both, and c0 <= r1 + offset or (with prompts)
+      c0 < pe(doc(c0)). The documents met by the rows are doc(r0) .. doc(r1), by the columns
+      doc(c0) .. doc(c1); where the ranges overlap, lo = max(doc(r0), doc(c0)) is the document of r0
+      or c0, so a real one met by both when below ``len(lengths)``. Within such a document d,
+      j = max(c0, start(d)) and i = min(r1, end(d)) lie in the blocks, and j <= i + offset reduces to
+      c0 <= r1 + offset. Prompts add blocks above that diagonal only through doc(c0): a document
+      met by both that starts after c0 has its first token among the columns and the rows' tokens
+      of it after that token (so c0 <= r1 already), and doc(c0)'s prompt meets the columns when
+      c0 < pe(doc(c0)).
 
     Every term compares a row vector with a column vector (bool [Mq, Mk] results, no wider
-    temporaries): under 1 ms per sequence at N = 16384 in 32 x 32 blocks."""
+    temporaries): about 1 ms per sequence at N = 16384 in 32 x 32 blocks."""
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     r0 = np.arange(mq, dtype=np.int64) * block_q
     r1 = np.minimum(r0 + block_q, n_q) - 1
@@ -187,10 +204,17 @@ def document_causal_classes(rows, offset: int, n_q: int, n_k: int, block_q: int,
         ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
         docs = len(lengths)
         dq0, dq1, dk0, dk1 = (np.searchsorted(ends, x, side="right").astype(np.int32) for x in (r0, r1, c0, c1))
-        nonempty = ((dq0[:, None] <= dk1[None, :]) & (dk0[None, :] <= dq1[:, None]) & below
-                    & (dq0 < docs)[:, None] & (dk0 < docs)[None, :])
-        full = (((dq0 == dq1) & (dq0 < docs))[:, None] & (dk0 == dk1)[None, :] & (dq0[:, None] == dk0[None, :])
-                & under)
+        shared = ((dq0[:, None] <= dk1[None, :]) & (dk0[None, :] <= dq1[:, None])
+                  & (dq0 < docs)[:, None] & (dk0 < docs)[None, :])
+        one = ((dq0 == dq1) & (dq0 < docs))[:, None] & (dk0 == dk1)[None, :] & (dq0[:, None] == dk0[None, :])
+        if prompts is None:
+            seen, every = below, under
+        else:  # pe(d); 0 past the last document
+            prompt_end = np.append(ends - np.asarray(lengths, dtype=np.int64) + np.asarray(prompts[b], np.int64), 0)
+            seen = below | (c0 < prompt_end[dk0])[None, :]
+            every = under | (c1 < prompt_end[dk0])[None, :]
+        nonempty = shared & seen
+        full = one & every
         # EMPTY 0, PARTIAL 1, FULL 3 (full blocks are non-empty)
         np.add(nonempty, full.view(np.int8) * np.int8(A.FULL - A.PARTIAL), out=out[b], dtype=np.int8)
     return torch.from_numpy(out)

@@ -252,14 +252,16 @@ def test_pooled_classes_are_exact(m, gq, gk, rq, rk):
     assert torch.equal(pooled, expect.expand_as(pooled))
 
 
-@settings(max_examples=200)
+@settings(max_examples=300)
 @given(st.data(), st.integers(1, 90), st.integers(1, 90), st.sampled_from([1, 2, 3, 8, 16, 32]),
-       st.sampled_from([1, 2, 5, 8, 16, 32]), st.sampled_from([0, 0, 1, 3, 40]), st.booleans(), st.booleans())
-def test_document_causal_classes_are_exact(data, n_q, n_k, bq, bk, offset, per_batch, swap):
-    """``Document(lengths) & Causal(offset)`` takes a closed form (``layout.document_causal_classes``,
-    packed training's mask, made anew every step): its block classes equal the brute-force ones
-    from the dense mask and the symbolic analysis', with empty documents, tokens past the last
-    document, Nq != Nk, ragged blocks and per-batch lengths."""
+       st.sampled_from([1, 2, 5, 8, 16, 32]), st.sampled_from([0, 0, 1, 3, 40]), st.booleans(), st.booleans(),
+       st.booleans())
+def test_document_causal_classes_are_exact(data, n_q, n_k, bq, bk, offset, per_batch, swap, prompts):
+    """Packed training's masks, ``Document(lengths) & Causal(offset)`` and with ``| Prefix(prompts,
+    documents=lengths)``, take a closed form (``layout.document_causal_classes``; made anew every
+    step): their block classes equal the brute-force ones from the dense mask and the symbolic
+    analysis', with empty documents and prompts, tokens past the last document, Nq != Nk, ragged
+    blocks and per-batch lengths."""
     from maskdsl import analysis as A
     from maskdsl.layout import _concat, _dense, _document_causal, block_classes
 
@@ -271,8 +273,14 @@ def test_document_causal_classes_are_exact(data, n_q, n_k, bq, bk, offset, per_b
             out.pop()
         return out
 
+    def prompts_of(lens):
+        return [data.draw(st.integers(0, x)) for x in lens]
+
     lens = [lengths() for _ in range(data.draw(st.integers(2, 3)))] if per_batch else lengths()
     doc, causal = md.Document(lens), md.Causal(offset)
+    if prompts:
+        pre = md.Prefix([prompts_of(r) for r in lens] if per_batch else prompts_of(lens), documents=lens)
+        causal = pre | causal if swap else causal | pre
     mask = causal & doc if swap else doc & causal
     assert _document_causal(mask) is not None
     got = block_classes(mask, n_q, n_k, (bq, bk))
@@ -289,10 +297,14 @@ def test_document_causal_closed_form_only_where_it_holds():
     from maskdsl.layout import _document_causal
 
     lens = [3, 4]
-    assert _document_causal(md.Document(lens) & md.Causal(2)) == ((tuple(lens),), 2)
-    assert _document_causal(md.Document([lens, [7]]) & md.Causal()) == ((tuple(lens), (7,)), 0)
+    assert _document_causal(md.Document(lens) & md.Causal(2)) == ((tuple(lens),), 2, None)
+    assert _document_causal(md.Document([lens, [7]]) & md.Causal()) == ((tuple(lens), (7,)), 0, None)
+    bidir = md.Document(lens) & (md.Causal() | md.Prefix([1, 2], documents=lens))
+    assert _document_causal(bidir) == ((tuple(lens),), 0, ((1, 2),))
     for other in (md.Document(lens) & md.Causal(-1), md.Document(lens) | md.Causal(), md.Document(lens),
-                  md.Document(lens) & (md.Causal() | md.Prefix([1, 1], documents=lens)),
+                  md.Document(lens) & (md.Causal() | md.Prefix([1, 1], documents=[2, 5])),
+                  md.Document(lens) & (md.Causal() & md.Prefix([1, 1], documents=lens)),
+                  md.Document(lens) & (md.Causal() | md.Prefix(2)),
                   md.Document(lens) & md.Window(2), ~md.Document(lens) & md.Causal()):
         assert _document_causal(other) is None, other
 
