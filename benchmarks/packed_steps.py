@@ -60,10 +60,9 @@ def packings(n: int, batch: int, count: int, first_seed: int) -> list:
 
 def doc_ids(lens: list, n: int) -> torch.Tensor:
     """[B, N] int32 document of each position (-1 past the last document), pinned CPU memory."""
-    out = torch.full((len(lens), n), -1, dtype=torch.int32)
-    for b, seq in enumerate(lens):
-        lengths = torch.tensor(seq, dtype=torch.int64)
-        out[b, :sum(seq)] = torch.repeat_interleave(torch.arange(len(seq), dtype=torch.int32), lengths)
+    from maskdsl.masks import _doc_ids  # Document's own table
+
+    out = torch.stack([_doc_ids(tuple(seq), n, -1) for seq in lens])
     return out.pin_memory() if torch.cuda.is_available() else out
 
 

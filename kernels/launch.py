@@ -154,8 +154,6 @@ def compiled_kernels() -> list:
     """The kernels Triton has compiled in this process for the attention and preprocessing kernels:
     (kernel name, device, specialisation key) each, from their JIT caches (tests and benchmarks:
     new mask data compiles nothing)."""
-    import triton
-
     from . import attention, preprocess
 
     out = []

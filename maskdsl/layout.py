@@ -201,8 +201,8 @@ def document_causal_classes(rows, offset: int, prompts, n_q: int, n_k: int, bloc
     under = c1[None, :] <= r0[:, None] + offset  # every entry
     out = np.empty((len(rows), mq, mk), dtype=np.int8)
     for b, lengths in enumerate(rows):
-        ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
-        docs = len(lengths)
+        lens = np.asarray(lengths, dtype=np.int64)
+        ends, docs = np.cumsum(lens), len(lens)
         dq0, dq1, dk0, dk1 = (np.searchsorted(ends, x, side="right").astype(np.int32) for x in (r0, r1, c0, c1))
         shared = ((dq0[:, None] <= dk1[None, :]) & (dk0[None, :] <= dq1[:, None])
                   & (dq0 < docs)[:, None] & (dk0 < docs)[None, :])
@@ -210,7 +210,7 @@ def document_causal_classes(rows, offset: int, prompts, n_q: int, n_k: int, bloc
         if prompts is None:
             seen, every = below, under
         else:  # pe(d); 0 past the last document
-            prompt_end = np.append(ends - np.asarray(lengths, dtype=np.int64) + np.asarray(prompts[b], np.int64), 0)
+            prompt_end = np.append(ends - lens + np.asarray(prompts[b], dtype=np.int64), 0)
             seen = below | (c0 < prompt_end[dk0])[None, :]
             every = under | (c1 < prompt_end[dk0])[None, :]
         nonempty = shared & seen
