@@ -116,6 +116,8 @@ def _forward_impl(q, k, v, plan: str, scale: float, backend: str):
     if _other_device(q):  # Triton launches on the current device: make it q's
         with torch.cuda.device(q.device):
             return _forward_impl(q, k, v, plan, scale, backend)
+    if _plans._IN_FLIGHT and q.is_cuda:  # a plan's copies may still be on their way, on another stream
+        _plans.await_copies(q.device)
     from kernels import launch
 
     if p.interleaved:  # a dilated mask: its residue classes r::d, one after another, on strided views
@@ -206,6 +208,8 @@ def _backward_impl(do, q, k, v, o, lse, plan: str, scale: float, backend: str):
     if _other_device(q):
         with torch.cuda.device(q.device):
             return _backward_impl(do, q, k, v, o, lse, plan, scale, backend)
+    if _plans._IN_FLIGHT and q.is_cuda:
+        _plans.await_copies(q.device)
     from kernels import launch
 
     if p.interleaved:

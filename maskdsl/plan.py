@@ -338,8 +338,44 @@ COPY_NON_BLOCKING = True
 
 
 def _to(t: torch.Tensor, device) -> torch.Tensor:
-    """``t`` on ``device``, copied without a synchronisation (``COPY_NON_BLOCKING``)."""
-    return t.to(device, non_blocking=COPY_NON_BLOCKING)
+    """``t`` on ``device``, copied without a synchronisation (``COPY_NON_BLOCKING``); a copy to a
+    CUDA device is noted in ``_IN_FLIGHT`` until it is known to have landed."""
+    out = t.to(device, non_blocking=COPY_NON_BLOCKING)
+    if COPY_NON_BLOCKING and out.is_cuda and out is not t and not torch.cuda.is_current_stream_capturing():
+        stream = torch.cuda.current_stream(out.device)
+        event = torch.cuda.Event()
+        event.record(stream)
+        with _FLIGHT_LOCK:  # one event per stream: a later one covers the copies before it
+            _IN_FLIGHT[:] = [(s, e) for s, e in _IN_FLIGHT if s != stream] + [(stream, event)]
+    return out
+
+
+# The plans' asynchronous copies that may not have landed yet: (stream, event recorded after them).
+# A kernel launched on another stream could otherwise read a plan's lists before they are there (a
+# plan prepared on a side stream, ahead of the step that uses it): ``await_copies`` makes the
+# current stream wait for them first, so that using a plan anywhere is safe without a wait_stream.
+_IN_FLIGHT: list = []
+_FLIGHT_LOCK = threading.Lock()
+
+
+def await_copies(device: torch.device) -> None:
+    """Make the current stream of ``device`` wait for the plans' copies still in flight on other
+    streams of it (those on this stream come before its next kernels anyway), and forget the copies
+    that have landed. Called before the kernels launch, only while ``_IN_FLIGHT`` is not empty.
+    Not while a CUDA graph is being captured (CUDA forbids waiting there on an event recorded
+    outside the capture; ``torch.cuda.graph`` synchronises the device before it captures)."""
+    if torch.cuda.is_current_stream_capturing():
+        return
+    current = torch.cuda.current_stream(device)
+    with _FLIGHT_LOCK:
+        pending = []
+        for stream, event in _IN_FLIGHT:
+            if event.query():
+                continue
+            pending.append((stream, event))
+            if stream != current and stream.device == current.device:
+                current.wait_event(event)
+        _IN_FLIGHT[:] = pending
 
 
 def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
@@ -419,8 +455,8 @@ def prepare(mask: Mask, n_q: int, n_k: int, *, device=None, reorder="auto") -> P
     its version counter); a plan whose tensor changed after ``prepare`` is refused by
     ``md.attention`` with an error. The layouts for bf16/fp16 at head dims 64 and 128 are built now;
     others when first used. On CUDA its copies to the device are asynchronous, on the current stream
-    (``md.prepare`` never waits for the GPU): a plan used on another stream needs that stream to wait
-    for this one first (``torch.cuda.Stream.wait_stream``), as a tensor made here would.
+    (``md.prepare`` never waits for the GPU); ``md.attention`` called on another stream while they
+    are still in flight makes that stream wait for them (a plan may be prepared on a side stream).
 
     Example:
         >>> import maskdsl as md

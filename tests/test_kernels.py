@@ -712,6 +712,70 @@ def test_prepare_does_not_wait_for_the_gpu():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_plan_prepared_on_a_side_stream_is_awaited():
+    """A plan prepared on a side stream, its copies queued there behind about a second of work:
+    md.attention on the default stream waits for them (``maskdsl.plan.await_copies``) instead of
+    running at once on lists that are not there yet; once they have landed nothing is left to wait for."""
+    import maskdsl.plan as plan_module
+
+    mask = md.Document([[250, 250, 480], [40, 900]]) & md.Causal()  # masks of this test only: plans are cached
+    md.prepare(mask, 1000, 1000, device="cuda")  # generate and compile its structure's code first
+    q, k, v, do = make_inputs(2, 4, 2, 1000, 1000, 64, BF16, "cuda")
+    md.attention(q, k, v, mask)
+    fresh = md.Document([[260, 240, 470], [41, 899]]) & md.Causal()
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        torch.cuda._sleep(int(2e9))  # ~1 s of spinning at the H200's clocks
+        plan = md.prepare(fresh, 1000, 1000, device="cuda")
+    assert not side.query() and plan_module._IN_FLIGHT, "the copies should still be queued on the side stream"
+    out = md.attention(q, k, v, plan)
+    torch.cuda.current_stream().synchronize()
+    assert side.query(), "md.attention ran before the plan's copies on the side stream had landed"
+    torch.cuda.synchronize()
+    assert torch.equal(out, md.attention(q, k, v, plan))
+    assert not plan_module._IN_FLIGHT, "copies that have landed are still waited for"
+    run_and_check(fresh, q, k, v, do, target=plan, context="plan prepared on a side stream")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_attention_captured_in_a_cuda_graph():
+    """md.attention (forward and backward) captured in a CUDA graph with a plan whose copies may still
+    be in flight: the capture neither waits on an outside event nor copies, and replays give the
+    eager results (bitwise: same kernels, same lists)."""
+    import maskdsl.plan as plan_module
+
+    q, k, v, do = make_inputs(2, 4, 2, 1000, 1000, 64, BF16, "cuda")
+    md.attention(q, k, v, md.Window(100) | md.Global([3]))  # compile the structure's kernels first
+    plan = md.prepare(md.Window(90) | md.Global([5, 700]), 1000, 1000, device="cuda")
+    assert plan_module._IN_FLIGHT
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        out = md.attention(q, k, v, plan)
+        out.backward(do)
+        return out, q.grad, k.grad, v.grad
+
+    side = torch.cuda.Stream()  # warm-up off the default stream, as torch.cuda.graph advises
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        eager = [t.clone() for t in step()]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    q.data.normal_()
+    graph.replay()
+    torch.cuda.synchronize()
+    again = [t.clone() for t in step()]
+    for name, got, want in zip(("out", "dq", "dk", "dv"), captured, again):
+        assert torch.equal(got, want), f"{name} of the replayed graph differs from the eager call"
+    assert not torch.equal(captured[0], eager[0]), "the replay did not compute anew"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("d, stored", [(64, None), (128, True), (128, False)])
 def test_new_mask_data_compiles_nothing(d, stored, seed, monkeypatch):
     """Packed fine-tuning makes a new mask every step: once the kernels have run for one mask, masks
