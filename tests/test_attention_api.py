@@ -218,3 +218,49 @@ def test_empty_rows_give_zero_output_and_zero_gradients():
     assert (q.grad[:, :, [0, 4]] == 0).all()
     for name, t in (("out", out), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad)):
         assert torch.isfinite(t).all(), name
+
+
+class _FakeStream:
+    def __init__(self, name, device="cuda:0"):
+        self.name, self.device, self.waited = name, torch.device(device), []
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+    def __eq__(self, other):
+        return isinstance(other, _FakeStream) and (self.name, self.device) == (other.name, other.device)
+
+    def __hash__(self):
+        return hash((self.name, self.device))
+
+
+class _FakeEvent:
+    def __init__(self, done):
+        self.done = done
+
+    def query(self):
+        return self.done
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_await_copies_waits_for_other_streams_and_forgets_landed_copies(monkeypatch, capturing):
+    """``maskdsl.plan.await_copies`` (the logic; the GPU tests run it on real streams): the current
+    stream waits for copies still in flight on other streams of its device, not for its own (they are
+    ordered before its kernels anyway) nor for those that have landed, which it forgets; while a CUDA
+    graph is captured it does nothing at all."""
+    import maskdsl.plan as plan_module
+
+    current, side, other_gpu = _FakeStream("main"), _FakeStream("side"), _FakeStream("side", "cuda:1")
+    landed, pending_side, pending_own, pending_other_gpu = (_FakeEvent(True), _FakeEvent(False),
+                                                            _FakeEvent(False), _FakeEvent(False))
+    flights = [(_FakeStream("old"), landed), (side, pending_side), (current, pending_own),
+               (other_gpu, pending_other_gpu)]
+    monkeypatch.setattr(plan_module, "_IN_FLIGHT", list(flights))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current)
+    plan_module.await_copies(torch.device("cuda:0"))
+    if capturing:
+        assert current.waited == [] and plan_module._IN_FLIGHT == flights
+    else:
+        assert current.waited == [pending_side]
+        assert plan_module._IN_FLIGHT == flights[1:]
