@@ -1,6 +1,7 @@
 """BlockLayout: the block structure of a mask, as the paper defines it and as kernels consume it."""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -220,17 +221,25 @@ def document_causal_classes(rows, offset: int, prompts, n_q: int, n_k: int, bloc
     return torch.from_numpy(out)
 
 
+# A tree's block counts come from its (query, ancestor) pairs where those number at most this share
+# of the Euler tour method's work (Mk x (nodes + Nq) counts): shallow trees, such as speculative
+# decoding's candidate trees (MEDUSA 8x3, 9840 nodes of depth 8: 74k pairs against 6M counts).
+TREE_PATH_MAX_SHARE = 0.25
+
+
 def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
     """Block classes (int8 ``[B, Mq, Mk]``, ``maskdsl.analysis`` codes) of ``Tree(parents)``
     (one parents row, or one per batch element) at sizes (n_q, n_k), without its dense mask.
 
     Query i sees key j when j is i or an ancestor of i: ``tin[j] <= tin[i] < tout[j]`` in the
     Euler tour. A block's count of allowed entries is exactly 0 (empty), every entry (full) or in
-    between (partial). The counts: per key block, how many of its keys' intervals hold each tour
-    time (a difference array, then a cumulative sum over the times), read at each query's time and
-    summed per query block; work ~ Mk x (nodes + Nq), memory in chunks of key blocks. A tree whose
-    positions are its pre-order (after DFS reordering) takes closed forms instead
-    (``_preorder_counts``)."""
+    between (partial). The counts, by the first of these that applies: a shallow tree counts its
+    (query, ancestor) pairs per block (``_path_counts``, work ~ the pairs, at most
+    ``TREE_PATH_MAX_SHARE`` of the last method's); a tree whose positions are its pre-order (after
+    DFS reordering) takes closed forms (``_preorder_counts``); else, per key block, how many of its
+    keys' intervals hold each tour time (a difference array, then a cumulative sum over the times),
+    read at each query's time and summed per query block; work ~ Mk x (nodes + Nq), memory in
+    chunks of key blocks."""
     rows = parents if parents and isinstance(parents[0], (tuple, list)) else (parents,)
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     out = torch.empty((len(rows), mq, mk), dtype=torch.int8)
@@ -238,6 +247,11 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
     cols_per_block = (n_k - torch.arange(mk) * block_k).clamp(max=block_k)
     valid = rows_per_block[:, None] * cols_per_block[None, :]
     for b, row in enumerate(rows):
+        budget = TREE_PATH_MAX_SHARE * mk * (len(row) + 1 + n_q)
+        counts = _path_counts(_parents_array(tuple(row)), n_q, n_k, block_q, block_k, budget)
+        if counts is not None:
+            out[b] = _classes_of_counts(counts, valid)
+            continue
         tin, tout = (t.to(torch.int64) for t in _euler(tuple(row)))
         m = max(n_q, n_k)
         if torch.equal(tin[:m], torch.arange(m)):
@@ -258,6 +272,52 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
             at = torch.nn.functional.pad(held[:, tin[:n_q]], (0, mq * block_q - n_q))  # at each query's time
             counts[k0:k1] = at.view(k1 - k0, mq, block_q).sum(-1, dtype=torch.int64)
         out[b] = _classes_of_counts(counts.T, valid)
+    return out
+
+
+def preorder_tree_classes(tout: torch.Tensor, n: int, block: tuple[int, int]) -> torch.Tensor:
+    """Block classes (int8 ``[Mq, Mk]``) at sizes (n, n) of the tree whose positions are its DFS
+    pre-order and whose subtree of position x ends at ``tout[x]`` (exclusive): a tree reordered
+    by ``maskdsl.reorder``, classified from the original's Euler tour without building it."""
+    bq, bk = block
+    mq, mk = -(-n // bq), -(-n // bk)
+    rows = (n - torch.arange(mq) * bq).clamp(max=bq)
+    cols = (n - torch.arange(mk) * bk).clamp(max=bk)
+    counts = _preorder_counts(tout[:n].to(torch.int64), n, n, bq, bk)
+    return _classes_of_counts(counts, rows[:, None] * cols[None, :])
+
+
+def _path_counts(parents: np.ndarray, n_q: int, n_k: int, block_q: int, block_k: int,
+                 budget: float) -> torch.Tensor | None:
+    """Allowed entries (int64 ``[Mq, Mk]``) of each block of ``Tree(parents)``, from its pairs of a
+    query i < n_q and a key j < n_k that is i or an ancestor of i: every query climbs to its root
+    one level per step (all queries at once) and each pair adds one to its block. None as soon as
+    the pairs exceed ``budget`` (a deep tree: a chain has Nq^2 / 2)."""
+    mq, mk = -(-n_q // block_q), -(-n_k // block_k)
+    node = np.arange(n_q, dtype=np.int64)
+    base = node // block_q * mk  # the query block's first flat index
+    found, pairs = [], 0
+    while node.size:
+        pairs += node.size
+        if pairs > budget:
+            return None
+        if n_k < n_q:  # positions past n_k are no keys; their ancestors (smaller positions) may be
+            inside = node < n_k
+            found.append(base[inside] + node[inside] // block_k)
+        else:
+            found.append(base + node // block_k)
+        up = parents[node]
+        alive = up >= 0
+        node, base = up[alive], base[alive]
+    counts = np.bincount(np.concatenate(found), minlength=mq * mk) if found else np.zeros(mq * mk, np.int64)
+    return torch.from_numpy(counts.astype(np.int64, copy=False)).view(mq, mk)
+
+
+@functools.lru_cache(maxsize=32)
+def _parents_array(parents: tuple) -> np.ndarray:
+    """``parents`` as a read-only int64 array (cached: a plan classifies one tree several times)."""
+    out = np.array(parents, dtype=np.int64)
+    out.flags.writeable = False
     return out
 
 

@@ -30,7 +30,7 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 
-from .layout import block_classes
+from .layout import block_classes, preorder_tree_classes
 from .masks import And, Causal, Dilated, Full, Mask, TensorMask, Tree, Window, _euler
 
 __all__ = ["MODES", "applies", "check", "permutation", "permuted", "worth_it", "choose", "interleaving"]
@@ -121,12 +121,17 @@ def choose(mask: Mask, n_q: int, n_k: int, mode) -> tuple[torch.Tensor, Mask] | 
         if allowed > AUTO_MAX_DENSITY * n_q * n_k:
             return None
     perm = permutation(mask, n_q)
-    new = permuted(mask, perm)
+    # a Tree's reordered form is classified from its Euler tour, and built only where it pays
+    new = None if isinstance(mask, Tree) else permuted(mask, perm)
     if mode == "auto":
-        before, after = (int(block_classes(m, n_q, n_k, (128, 128)).count_nonzero()) for m in (mask, new))
-        if not worth_it(before, after, -(-n_q // 128)):
+        before = int(block_classes(mask, n_q, n_k, (128, 128)).count_nonzero())
+        if new is None:
+            after = preorder_tree_classes(_euler(mask.parents[:n_q])[1][perm], n_q, (128, 128))
+        else:
+            after = block_classes(new, n_q, n_k, (128, 128))
+        if not worth_it(before, int(after.count_nonzero()), -(-n_q // 128)):
             return None
-    return perm, new
+    return perm, permuted(mask, perm) if new is None else new
 
 
 # "auto" splits a dilated mask into its residue classes when each class has at least this many

@@ -2,12 +2,15 @@
 the paper's run arrays, and the compact lists in both directions."""
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import maskdsl as md
+import maskdsl.layout as layout_module
 from maskdsl.layout import build_layout
 
 from .strategies import BLOCKS, SIZES, mask_tree, sized_mask
@@ -198,34 +201,47 @@ def random_tree(draw, n: int):
     return parents
 
 
-@given(st.data(), BLOCKS, BLOCKS)
-@settings(max_examples=120)
-def test_tree_layouts_from_the_euler_tour_are_exact(data, bq, bk):
-    """A Tree by itself is classified by counting over its Euler tour (maskdsl.layout.tree_classes):
-    exact against the dense mask, for one tree or one per batch element, and Nq != Nk."""
+# the share of the Euler tour's work up to which a tree is classified from its (query, ancestor)
+# pairs: 0 never (the Euler tour or the pre-order closed form), inf always, or the library's own
+PATH_SHARES = st.sampled_from([0.0, float("inf"), layout_module.TREE_PATH_MAX_SHARE])
+
+
+@given(st.data(), BLOCKS, BLOCKS, PATH_SHARES)
+@settings(max_examples=150)
+def test_tree_layouts_from_the_euler_tour_are_exact(data, bq, bk, share):
+    """A Tree by itself is classified by counting its (query, ancestor) pairs or over its Euler tour
+    (maskdsl.layout.tree_classes): exact against the dense mask, for one tree or one per batch
+    element, and Nq != Nk, by either method."""
     n = data.draw(st.integers(1, 300))
     n_q, n_k = data.draw(st.integers(1, n)), data.draw(st.integers(1, n))
     if data.draw(st.booleans()):
         mask = md.Tree(data.draw(random_tree(n)))
     else:
         mask = md.Tree([data.draw(random_tree(n)) for _ in range(data.draw(st.integers(1, 3)))])
-    check_layout(mask, n_q, n_k, bq, bk)
+    with mock.patch.object(layout_module, "TREE_PATH_MAX_SHARE", share):
+        check_layout(mask, n_q, n_k, bq, bk)
 
 
-@given(st.data(), BLOCKS, BLOCKS)
-@settings(max_examples=120)
-def test_tree_layouts_in_preorder_are_exact(data, bq, bk):
+@given(st.data(), BLOCKS, BLOCKS, PATH_SHARES)
+@settings(max_examples=150)
+def test_tree_layouts_in_preorder_are_exact(data, bq, bk, share):
     """A tree whose positions are its DFS pre-order (what reordering a Tree produces) takes the
-    closed-form counts of ``layout._preorder_counts``: exact against the dense mask too."""
+    closed-form counts of ``layout._preorder_counts`` (where it does not count its pairs): exact
+    against the dense mask too; and the reordered tree's classes that ``reorder.choose`` takes from
+    the original's Euler tour (``layout.preorder_tree_classes``) are the reordered tree's."""
     from maskdsl.masks import _euler
     from maskdsl.reorder import permutation, permuted
 
     n = data.draw(st.integers(1, 300))
     n_q, n_k = data.draw(st.integers(1, n)), data.draw(st.integers(1, n))
     tree = md.Tree(data.draw(random_tree(n)))
-    mask = permuted(tree, permutation(tree, n))
+    perm = permutation(tree, n)
+    mask = permuted(tree, perm)
     assert torch.equal(_euler(tuple(mask.parents))[0], torch.arange(n, dtype=torch.int32))  # the fast path's case
-    check_layout(mask, n_q, n_k, bq, bk)
+    with mock.patch.object(layout_module, "TREE_PATH_MAX_SHARE", share):
+        check_layout(mask, n_q, n_k, bq, bk)
+    from_tour = layout_module.preorder_tree_classes(_euler(tree.parents)[1][perm], n, (bq, bk))
+    assert torch.equal(from_tour, layout_module.block_classes(mask, n, n, (bq, bk))[0])
 
 
 
