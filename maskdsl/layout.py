@@ -234,8 +234,8 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
     Query i sees key j when j is i or an ancestor of i: ``tin[j] <= tin[i] < tout[j]`` in the
     Euler tour. A block's count of allowed entries is exactly 0 (empty), every entry (full) or in
     between (partial). The counts, by the first of these that applies: a shallow tree counts its
-    (query, ancestor) pairs per block (``_path_counts``, work ~ the pairs, at most
-    ``TREE_PATH_MAX_SHARE`` of the last method's); a tree whose positions are its pre-order (after
+    (query, ancestor) pairs per block (``_path_counts``, work ~ the pairs, where they are at most
+    ``TREE_PATH_MAX_SHARE`` of the last method's work); a tree whose positions are its pre-order (after
     DFS reordering) takes closed forms (``_preorder_counts``); else, per key block, how many of its
     keys' intervals hold each tour time (a difference array, then a cumulative sum over the times),
     read at each query's time and summed per query block; work ~ Mk x (nodes + Nq), memory in
@@ -247,12 +247,12 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
     cols_per_block = (n_k - torch.arange(mk) * block_k).clamp(max=block_k)
     valid = rows_per_block[:, None] * cols_per_block[None, :]
     for b, row in enumerate(rows):
-        budget = TREE_PATH_MAX_SHARE * mk * (len(row) + 1 + n_q)
-        counts = _path_counts(_parents_array(tuple(row)), n_q, n_k, block_q, block_k, budget)
-        if counts is not None:
-            out[b] = _classes_of_counts(counts, valid)
-            continue
         tin, tout = (t.to(torch.int64) for t in _euler(tuple(row)))
+        # node j is i or an ancestor of i for the size(j) = tout[j] - tin[j] nodes of its subtree, so
+        # the queries' pairs number at most that sum over j < n_q (ancestors precede their descendants)
+        if int((tout[:n_q] - tin[:n_q]).sum()) <= TREE_PATH_MAX_SHARE * mk * (len(row) + 1 + n_q):
+            out[b] = _classes_of_counts(_path_counts(_parents_array(tuple(row)), n_q, n_k, block_q, block_k), valid)
+            continue
         m = max(n_q, n_k)
         if torch.equal(tin[:m], torch.arange(m)):
             out[b] = _classes_of_counts(_preorder_counts(tout[:n_k], n_q, n_k, block_q, block_k), valid)
@@ -287,20 +287,16 @@ def preorder_tree_classes(tout: torch.Tensor, n: int, block: tuple[int, int]) ->
     return _classes_of_counts(counts, rows[:, None] * cols[None, :])
 
 
-def _path_counts(parents: np.ndarray, n_q: int, n_k: int, block_q: int, block_k: int,
-                 budget: float) -> torch.Tensor | None:
+def _path_counts(parents: np.ndarray, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
     """Allowed entries (int64 ``[Mq, Mk]``) of each block of ``Tree(parents)``, from its pairs of a
     query i < n_q and a key j < n_k that is i or an ancestor of i: every query climbs to its root
-    one level per step (all queries at once) and each pair adds one to its block. None as soon as
-    the pairs exceed ``budget`` (a deep tree: a chain has Nq^2 / 2)."""
+    one level per step (all queries at once) and each pair adds one to its block. Work ~ the pairs
+    (the sum of the queries' depths: a chain has Nq^2 / 2)."""
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     node = np.arange(n_q, dtype=np.int64)
     base = node // block_q * mk  # the query block's first flat index
-    found, pairs = [], 0
+    found = []
     while node.size:
-        pairs += node.size
-        if pairs > budget:
-            return None
         if n_k < n_q:  # positions past n_k are no keys; their ancestors (smaller positions) may be
             inside = node < n_k
             found.append(base[inside] + node[inside] // block_k)
