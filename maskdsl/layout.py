@@ -243,9 +243,7 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
     rows = parents if parents and isinstance(parents[0], (tuple, list)) else (parents,)
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     out = torch.empty((len(rows), mq, mk), dtype=torch.int8)
-    rows_per_block = (n_q - torch.arange(mq) * block_q).clamp(max=block_q)  # in-range rows of each query block
-    cols_per_block = (n_k - torch.arange(mk) * block_k).clamp(max=block_k)
-    valid = rows_per_block[:, None] * cols_per_block[None, :]
+    valid = _entries(n_q, n_k, block_q, block_k)
     for b, row in enumerate(rows):
         tin, tout = (t.to(torch.int64) for t in _euler(tuple(row)))
         # node j is i or an ancestor of i for the size(j) = tout[j] - tin[j] nodes of its subtree, so
@@ -280,11 +278,7 @@ def preorder_tree_classes(tout: torch.Tensor, n: int, block: tuple[int, int]) ->
     pre-order and whose subtree of position x ends at ``tout[x]`` (exclusive): a tree reordered
     by ``maskdsl.reorder``, classified from the original's Euler tour without building it."""
     bq, bk = block
-    mq, mk = -(-n // bq), -(-n // bk)
-    rows = (n - torch.arange(mq) * bq).clamp(max=bq)
-    cols = (n - torch.arange(mk) * bk).clamp(max=bk)
-    counts = _preorder_counts(tout[:n].to(torch.int64), n, n, bq, bk)
-    return _classes_of_counts(counts, rows[:, None] * cols[None, :])
+    return _classes_of_counts(_preorder_counts(tout[:n].to(torch.int64), n, n, bq, bk), _entries(n, n, bq, bk))
 
 
 def _path_counts(parents: np.ndarray, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
@@ -315,6 +309,13 @@ def _parents_array(parents: tuple) -> np.ndarray:
     out = np.array(parents, dtype=np.int64)
     out.flags.writeable = False
     return out
+
+
+def _entries(n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
+    """In-range entries (int64 ``[Mq, Mk]``) of each block: fewer on the ragged edges."""
+    rows = (n_q - torch.arange(-(-n_q // block_q)) * block_q).clamp(max=block_q)
+    cols = (n_k - torch.arange(-(-n_k // block_k)) * block_k).clamp(max=block_k)
+    return rows[:, None] * cols[None, :]
 
 
 def _classes_of_counts(counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
