@@ -60,9 +60,10 @@ _DATA_INTS = ("NUM_HEAVY", "META_STRIDE")
 
 
 @triton.jit
-def _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH):
-    """(batch*head index, row) of this program: the heavy rows of every head first, then the rest."""
-    pid = tl.program_id(0)
+def _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, SPLITS=1):
+    """(batch*head index, row) of this program: the heavy rows of every head first, then the rest.
+    ``SPLITS`` consecutive programs share a row (the forward split along the keys)."""
+    pid = tl.program_id(0) // SPLITS
     split = NUM_HEAVY * NUM_BH
     heavy = pid < split
     n_light = tl.maximum(NUM_ROWS - NUM_HEAVY, 1)
@@ -74,9 +75,9 @@ def _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH):
 
 
 @triton.jit
-def _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H):
+def _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H, SPLITS=1):
     """This program's (batch*head, batch, head, query block, list row, mask-data pair)."""
-    i_bh, i_m = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
+    i_bh, i_m = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, SPLITS)
     i_b = i_bh // H
     i_h = i_bh % H
     pair = i_b * PAIR_B + i_h * PAIR_H
@@ -157,13 +158,22 @@ def attn_fwd_kernel(
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
-    H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale,
+    H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, SPLITS, stride_os, stride_ls,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
+    """O and LSE of one query block. With ``SPLIT`` (flash-decoding: too few rows to fill the GPU)
+    ``SPLITS`` consecutive programs share a row, each walking an equal share of its key blocks
+    (full ones, then partial ones) and writing its share's normalised output (float32) and
+    log-sum-exp at ``O + s * stride_os`` and ``LSE + s * stride_ls``; ``attn_fwd_combine_kernel``
+    merges them."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-    i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
+    if SPLIT:
+        i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H, SPLITS)
+    else:
+        i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
     meta = META + pair.to(tl.int64) * META_STRIDE
 
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -181,13 +191,25 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
+    p0 = tl.load(PART_PTR + row)
+    p1 = tl.load(PART_PTR + row + 1)
+    O_BASE = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+    LSE_BASE = LSE + i_bh.to(tl.int64) * N_Q
+    if SPLIT:  # this program's share of the row's entries (its full blocks, then its partial ones)
+        s = tl.program_id(0) % SPLITS
+        n_full = hi - lo
+        total = n_full + p1 - p0
+        a = s * total // SPLITS
+        b = (s + 1) * total // SPLITS
+        p0, p1 = p0 + tl.maximum(a - n_full, 0), p0 + tl.maximum(b - n_full, 0)
+        lo, hi = lo + tl.minimum(a, n_full), lo + tl.minimum(b, n_full)
+        O_BASE += s.to(tl.int64) * stride_os
+        LSE_BASE += s.to(tl.int64) * stride_ls
     for f in range(lo, hi):
         i_n = _full_block(FULL_IDX, f, contiguous)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                                    stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
                                    BLOCK_N, HEAD_D, PREC, WIDE)
-    p0 = tl.load(PART_PTR + row)
-    p1 = tl.load(PART_PTR + row + 1)
     for p in range(p0, p1):
         i_n = tl.load(PART_IDX + p)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
@@ -197,9 +219,49 @@ def attn_fwd_kernel(
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    O_BASE = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     p_o = O_BASE + _rows(offs_m, WIDE)[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
+    tl.store(LSE_BASE + offs_m, lse, mask=m_row)
+
+
+@triton.jit
+def attn_fwd_combine_kernel(
+    O_PART, LSE_PART, O, LSE, stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
+    stride_ob, stride_oh, stride_om, stride_od, H, N_Q, SPLITS,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """out = sum_s w_s O_s / sum_s w_s, w_s = exp(lse_s - max), lse = log sum_s exp(lse_s): the
+    shares of ``attn_fwd_kernel``'s split rows merged, in float32; shares with no allowed key
+    (lse -inf) weigh nothing, rows with none at all give 0 and -inf."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_row = offs_m < N_Q
+    m_od = m_row[:, None] & (offs_d[None, :] < HEAD_D)
+    P_BASE = O_PART + i_b.to(tl.int64) * stride_pb + i_h.to(tl.int64) * stride_ph
+    L_BASE = LSE_PART + i_bh.to(tl.int64) * N_Q
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s in range(SPLITS):
+        lse_s = tl.load(L_BASE + s * stride_ls.to(tl.int64) + offs_m, mask=m_row, other=float("-inf"))
+        o_s = tl.load(P_BASE + s * stride_ps.to(tl.int64) + offs_m[:, None].to(tl.int64) * stride_pm + offs_d[None, :], mask=m_od,
+                      other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        w = tl.exp(lse_s - m_use)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        m_i = m_new
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
+    p_o = (O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+           + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
+    tl.store(p_o, out.to(O.dtype.element_ty), mask=m_od)
     tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_row)
 
 

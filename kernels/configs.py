@@ -135,11 +135,34 @@ def stored_ds_row_tiles(dkdv: TileConfig) -> int:
         raise ValueError(f"query blocks per program of the stored-dS dQ pass must be a power of two, got {rows}")
     return rows
 
+# The forward split along the keys (flash-decoding): where a forward has fewer programs (query
+# blocks x batch x heads) than SPLIT_KV_PROGRAMS per multiprocessor, as with a few query rows
+# against a long cache (decoding, tree verification), each row is shared by up to SPLIT_KV_MAX
+# programs, each walking at least SPLIT_KV_MIN_BLOCKS of the longest row's key blocks; a second
+# kernel merges their float32 partial outputs. See ``kv_splits``.
+SPLIT_KV_PROGRAMS = 2
+SPLIT_KV_MIN_BLOCKS = 8
+SPLIT_KV_MAX = 64
+
+
+def kv_splits(programs: int, max_work: int, multiprocessors: int) -> int:
+    """How many programs share each row of a forward of ``programs`` rows whose longest walks
+    ``max_work`` key blocks, on a GPU of ``multiprocessors`` (0: the interpreter, never split);
+    1: no split. ``OVERRIDE["splits"]`` forces a count."""
+    if "splits" in OVERRIDE:
+        return int(OVERRIDE["splits"])
+    if programs >= SPLIT_KV_PROGRAMS * multiprocessors:
+        return 1
+    want = -(-SPLIT_KV_PROGRAMS * multiprocessors // max(programs, 1))
+    return max(1, min(want, max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
+
+
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # pass name -> TileConfig used instead of the table (tests: small tiles under the interpreter);
 # "fused" -> the one-launch backward's stages (None: two launches) instead of FUSED_BWD;
-# "stored_ds" -> True / False instead of STORED_DS (the memory limit still applies)
+# "stored_ds" -> True / False instead of STORED_DS (the memory limit still applies);
+# "splits" -> the forward's programs per row instead of ``kv_splits``'s choice
 OVERRIDE: dict = {}
 
 

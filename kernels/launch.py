@@ -27,7 +27,7 @@ except ImportError:
     _knobs = _HookChain = None
 
 from .attention import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_ds_kernel, attn_bwd_dq_kernel,
-                        attn_bwd_kernel, attn_fwd_kernel)
+                        attn_bwd_kernel, attn_fwd_combine_kernel, attn_fwd_kernel)
 from . import configs
 from .configs import TileConfig, fused_maxnreg, padded_head_dim
 
@@ -53,6 +53,7 @@ class Lists:
     block_rows: int  # the tile along the rows (query block for fwd/dQ, key block for dK/dV)
     block_cols: int
     heavy_share: float = 0.0  # the share of the non-empty blocks that lie in the num_heavy rows
+    max_work: int = 0  # the most blocks (full and partial) of any row
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""
@@ -478,18 +479,48 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     o = new_output(q.shape, q) if out is None else out
     lse = new_output((B, H, n_q), q, torch.float32)
     even = n_k % cfg.BLOCK_N == 0
-    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), o.stride()
+    programs = B * H * lists.num_rows
+    splits = configs.kv_splits(programs, lists.max_work, multiprocessors(q.device))
+    # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
+    # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel
+    o_part = new_output((splits, B, H, n_q, D), q, torch.float32) if splits > 1 else o
+    lse_part = new_output((splits, B * H, n_q), q, torch.float32) if splits > 1 else lse
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), o_part.stride()[-4:]
     _launch(
-        attn_fwd_kernel, (B * H * lists.num_rows,),
-        (q, k, v, o, lse, meta, *lists.args(), *qs, *ks, *vs, *os_,
+        attn_fwd_kernel, (programs * splits,),
+        (q, k, v, o_part, lse_part, meta, *lists.args(), *qs, *ks, *vs, *os_,
          H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
-         scale * math.log2(math.e)), q.device,
+         scale * math.log2(math.e), splits, o_part.stride(0) if splits > 1 else 0,
+         lse_part.stride(0) if splits > 1 else 0), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
         EVEN_N=even, PREC=_precision(q.dtype),
         WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
-        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg,
+        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=splits > 1,
     )
+    if splits > 1:
+        block = COMBINE_ROWS
+        _launch(
+            attn_fwd_combine_kernel, (B * H, triton.cdiv(n_q, block)),
+            (o_part, lse_part, o, lse, *o_part.stride()[:4], lse_part.stride(0), *o.stride(), H, n_q, splits),
+            q.device, HEAD_D=D, BLOCK_D=padded_head_dim(D), BLOCK_M=block, num_warps=4, num_stages=1,
+        )
     return o, lse
+
+
+# query rows per program of attn_fwd_combine_kernel
+COMBINE_ROWS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def multiprocessors(device: torch.device) -> int:
+    """The multiprocessors of a CUDA device (0 for any other: the interpreter never splits rows)."""
+    if device.type != "cuda":
+        return 0
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, pair_b: int, pair_h: int, pred,

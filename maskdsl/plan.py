@@ -308,7 +308,8 @@ def _lists(arrays, rows: int, rb: int, cb: int, device) -> Lists:
     total = per_row.sum()
 
     return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
-                 rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0)
+                 rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
+                 int(work.max()) if work.size else 0)
 
 
 def _int32_on(device, *arrays) -> list:

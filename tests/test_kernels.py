@@ -106,8 +106,11 @@ TILES = {
 }
 
 
-def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None) -> None:
+def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None,
+               splits: int | None = None) -> None:
     monkeypatch.setattr(launch, "POISON", True)
+    if splits is not None:
+        monkeypatch.setitem(configs.OVERRIDE, "splits", splits)
     if tiles is not None:
         for name, cfg in TILES[tiles].items():
             monkeypatch.setitem(configs.OVERRIDE, name, cfg)
@@ -146,6 +149,9 @@ class Case:
     # the backward with stored dS (attn_bwd_dq_ds_kernel) forced on (True, whatever the memory
     # limit) or off (False); None: as configs.STORED_DS and the limit decide
     stored_ds: bool | None = None
+    # the forward's programs per row (split along the keys, partials merged by
+    # attn_fwd_combine_kernel) forced; None: as configs.kv_splits decides (never on the CPU)
+    splits: int | None = None
 
     @property
     def id(self) -> str:
@@ -159,6 +165,8 @@ class Case:
             parts.append("one-launch" if self.fused else "two-launch")
         if self.stored_ds is not None:
             parts.append("stored-dS" if self.stored_ds else "recomputed-dS")
+        if self.splits is not None:
+            parts.append(f"split{self.splits}")
         return "-".join(parts)
 
 
@@ -301,7 +309,7 @@ def run_and_check(mask, q, k, v, do, *, target=None, context=""):
 
 
 def _check_case(case: Case, seed: int, monkeypatch) -> None:
-    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds)
+    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds, case.splits)
     launched = []
     real_launch = launch._launch
 
@@ -321,6 +329,8 @@ def _check_case(case: Case, seed: int, monkeypatch) -> None:
     if case.stored_ds is not None:
         stored = kernel_module.attn_bwd_dq_ds_kernel in launched
         assert stored == case.stored_ds and (kernel_module.attn_bwd_dq_kernel in launched) != stored, launched
+    if case.splits is not None:  # the forward's rows were shared (and merged) or not, as forced
+        assert (kernel_module.attn_fwd_combine_kernel in launched) == (case.splits > 1), launched
 
 
 # ---------------------------------------------------------------------------
@@ -402,6 +412,15 @@ def _cpu_cases():
         Case("~full", F32, stored_ds=True),  # no tile at all
         Case("doc&causal", F32, d=24, layout="bnhd", stored_ds=True),
         Case("dilated", F32, tiles="t32", stored_ds=True),  # interleaved
+        # the forward split along the keys (flash-decoding), shares merged by a second kernel; the
+        # backward reads the merged out and lse. More shares than a row has blocks: some walk none
+        Case("causal-offset", F16, n_q=19, splits=3),  # queries against a longer cache
+        Case("doc&(causal|prefix)", F32, n_q=33, n_k=47, h_q=4, h_kv=2, splits=2),  # GQA, partial blocks
+        Case("empty-rows", F32, n_q=40, n_k=57, tiles="t32", splits=5),  # rows with no key: 0, -inf
+        Case("tree", F16, n_q=65, n_k=65, splits=7),
+        Case("dilated", F32, tiles="t32", splits=2),  # interleaved: strided views of out
+        Case("window", F32, layout="bnhd", splits=4),  # non-contiguous inputs
+        Case("full", F32, n_q=1, n_k=37, d=24, splits=3),  # one decoding step, padded head dim
     ]
     return cases
 
