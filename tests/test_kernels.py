@@ -465,6 +465,11 @@ def _gpu_cases():
         Case("empty-rows", BF16, n_q=257, n_k=100, d=128, stored_ds=True, **base),
         Case("document-batch", F16, n_q=1000, n_k=1000, d=64, stored_ds=True, **base),
         Case("window", BF16, n_q=2048, n_k=2048, d=128, stored_ds=False, **base),
+        # the forward split along the keys: few rows against a long cache take it by themselves
+        # (configs.kv_splits: 8 programs on an H100's 132 multiprocessors), forced here both ways
+        Case("tree", BF16, n_q=64, n_k=4096, d=128, splits=16, **base),
+        Case("causal-offset", F16, n_q=64, n_k=4096, d=64, splits=1, **base),
+        Case("window|global", BF16, n_q=300, n_k=3000, d=128, splits=5, **base),
     ]
     return cases
 
@@ -989,6 +994,40 @@ def test_stored_ds_row_tiles_one(monkeypatch, seed):
     mask = md.Window(7) | md.Global([3, 40])
     q, k, v, do = make_inputs(1, 4, 2, 45, 53, 16, torch.float32, "cpu")
     run_and_check(mask, q, k, v, do, context="ds_rows 1")
+
+
+def test_kv_splits_policy(monkeypatch):
+    sms = 132
+    # enough programs for every multiprocessor: no split, however long the rows
+    assert configs.kv_splits(configs.SPLIT_KV_PROGRAMS * sms, 10_000, sms) == 1
+    # 32 rows (decoding with B = 1, H = 32) of 2050 key blocks: shared until the GPU has its programs
+    assert configs.kv_splits(32, 2050, sms) == -(-configs.SPLIT_KV_PROGRAMS * sms // 32)
+    # short rows: each share walks at least SPLIT_KV_MIN_BLOCKS blocks; fewer: no split
+    assert configs.kv_splits(8, 3 * configs.SPLIT_KV_MIN_BLOCKS + 1, sms) == 3
+    assert configs.kv_splits(8, configs.SPLIT_KV_MIN_BLOCKS * 2 - 1, sms) == 1
+    assert configs.kv_splits(1, 10**6, sms) == configs.SPLIT_KV_MAX
+    assert configs.kv_splits(4, 10**6, 0) == 1  # the interpreter (no multiprocessors) never splits
+    monkeypatch.setitem(configs.OVERRIDE, "splits", 3)
+    assert configs.kv_splits(10**6, 1, sms) == 3
+    # the lists know their longest row: Prefix(40) at 16 x 16 tiles: 3 blocks per row (2 full, 1 partial)
+    lists = md.prepare(md.Prefix(40), 20, 61).lists(16, 16, "q")
+    assert lists.max_work == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
+    # 64 query rows against 8192 keys, B = 1, H = 4: 4 programs unsplit; the table's policy shares
+    # them (no override here) and the result matches the reference, output and gradients
+    monkeypatch.setattr(launch, "POISON", True)
+    launched = []
+    real_launch = launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real_launch(kernel, *a, **kw)))
+    monkeypatch.setattr(launch, "REPLAY", False)
+    mask = md.Prefix(8192 - 64) | md.Causal(8192 - 64)
+    q, k, v, do = make_inputs(1, 4, 2, 64, 8192, 128, torch.bfloat16, "cuda")
+    run_and_check(mask, q, k, v, do, context="decoding, policy's split")
+    assert kernel_module.attn_fwd_combine_kernel in launched, launched
 
 
 def test_global_tokens_make_heavy_rows():
