@@ -135,26 +135,37 @@ def stored_ds_row_tiles(dkdv: TileConfig) -> int:
         raise ValueError(f"query blocks per program of the stored-dS dQ pass must be a power of two, got {rows}")
     return rows
 
-# The forward split along the keys (flash-decoding): where a forward has fewer programs (query
-# blocks x batch x heads) than SPLIT_KV_PROGRAMS per multiprocessor, as with a few query rows
-# against a long cache (decoding, tree verification), each row is shared by up to SPLIT_KV_MAX
-# programs, each walking at least SPLIT_KV_MIN_BLOCKS of the longest row's key blocks; a second
-# kernel merges their float32 partial outputs. See ``kv_splits``.
+# The forward split along the keys (flash-decoding): where a forward has too few programs (query
+# blocks x batch x heads) to fill the GPU, as with a few query rows against a long cache (decoding,
+# tree verification), each row is shared by several programs, each walking an equal share of its
+# key blocks, and a second kernel merges their float32 partial outputs. Whether a forward splits
+# follows the shapes only (new mask data never switches kernels): fewer programs than
+# SPLIT_KV_PROGRAMS per multiprocessor (of 4-warp tiles; 8-warp tiles: half as many) and rows of
+# at least 2 x SPLIT_KV_MIN_BLOCKS key blocks. How many share a row follows the mask's longest row
+# too: enough programs for that target, each walking at least SPLIT_KV_MIN_BLOCKS blocks, at most
+# SPLIT_KV_MAX. See ``kv_splits``.
 SPLIT_KV_PROGRAMS = 2
 SPLIT_KV_MIN_BLOCKS = 8
 SPLIT_KV_MAX = 64
 
 
-def kv_splits(programs: int, max_work: int, multiprocessors: int) -> int:
-    """How many programs share each row of a forward of ``programs`` rows whose longest walks
-    ``max_work`` key blocks, on a GPU of ``multiprocessors`` (0: the interpreter, never split);
-    1: no split. ``OVERRIDE["splits"]`` forces a count."""
+def kv_split_target(multiprocessors: int, num_warps: int) -> int:
+    """The programs a forward of ``num_warps``-warp tiles should have on this many multiprocessors."""
+    return max(1, SPLIT_KV_PROGRAMS * 4 // num_warps) * multiprocessors
+
+
+def kv_splits(programs: int, key_blocks: int, max_work: int, target: int) -> int | None:
+    """How many programs share each row of a forward of ``programs`` rows of ``key_blocks`` key
+    blocks (the layout's width), whose longest row walks ``max_work`` of them, for ``target``
+    programs (``kv_split_target``; 0: the interpreter, never split). None: no split (the kernel
+    without the split path, decided by the shapes alone); a count (1 where the rows are too short
+    to share) takes the split path. ``OVERRIDE["splits"]`` forces a count (1: no split)."""
     if "splits" in OVERRIDE:
-        return int(OVERRIDE["splits"])
-    if programs >= SPLIT_KV_PROGRAMS * multiprocessors:
-        return 1
-    want = -(-SPLIT_KV_PROGRAMS * multiprocessors // max(programs, 1))
-    return max(1, min(want, max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
+        forced = int(OVERRIDE["splits"])
+        return forced if forced > 1 else None
+    if programs >= target or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS:
+        return None
+    return max(1, min(-(-target // max(programs, 1)), max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
 
 
 HEAD_DIMS = (16, 32, 64, 128, 256)

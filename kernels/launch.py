@@ -480,24 +480,26 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     lse = new_output((B, H, n_q), q, torch.float32)
     even = n_k % cfg.BLOCK_N == 0
     programs = B * H * lists.num_rows
-    splits = configs.kv_splits(programs, lists.max_work, multiprocessors(q.device))
+    splits = configs.kv_splits(programs, -(-n_k // cfg.BLOCK_N), lists.max_work,
+                               configs.kv_split_target(multiprocessors(q.device), cfg.num_warps))
     # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
     # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel
-    o_part = new_output((splits, B, H, n_q, D), q, torch.float32) if splits > 1 else o
-    lse_part = new_output((splits, B * H, n_q), q, torch.float32) if splits > 1 else lse
+    split = splits is not None
+    o_part = new_output((splits, B, H, n_q, D), q, torch.float32) if split else o
+    lse_part = new_output((splits, B * H, n_q), q, torch.float32) if split else lse
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), o_part.stride()[-4:]
     _launch(
-        attn_fwd_kernel, (programs * splits,),
+        attn_fwd_kernel, (programs * (splits or 1),),
         (q, k, v, o_part, lse_part, meta, *lists.args(), *qs, *ks, *vs, *os_,
          H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
-         scale * math.log2(math.e), splits, o_part.stride(0) if splits > 1 else 0,
-         lse_part.stride(0) if splits > 1 else 0), q.device,
+         scale * math.log2(math.e), splits or 1, o_part.stride(0) if split else 0,
+         lse_part.stride(0) if split else 0), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
         EVEN_N=even, PREC=_precision(q.dtype),
         WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
-        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=splits > 1,
+        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=split,
     )
-    if splits > 1:
+    if split:
         block = COMBINE_ROWS
         _launch(
             attn_fwd_combine_kernel, (B * H, triton.cdiv(n_q, block)),

@@ -997,18 +997,27 @@ def test_stored_ds_row_tiles_one(monkeypatch, seed):
 
 
 def test_kv_splits_policy(monkeypatch):
-    sms = 132
-    # enough programs for every multiprocessor: no split, however long the rows
-    assert configs.kv_splits(configs.SPLIT_KV_PROGRAMS * sms, 10_000, sms) == 1
+    target = configs.kv_split_target(132, 4)
+    assert target == configs.SPLIT_KV_PROGRAMS * 132 and configs.kv_split_target(132, 8) == target // 2
+    assert configs.kv_split_target(0, 4) == 0  # the interpreter: never split
+    wide = 4 * configs.SPLIT_KV_MIN_BLOCKS
+    # enough programs for the GPU: no split, however long the rows
+    assert configs.kv_splits(target, 10_000, 10_000, target) is None
     # 32 rows (decoding with B = 1, H = 32) of 2050 key blocks: shared until the GPU has its programs
-    assert configs.kv_splits(32, 2050, sms) == -(-configs.SPLIT_KV_PROGRAMS * sms // 32)
-    # short rows: each share walks at least SPLIT_KV_MIN_BLOCKS blocks; fewer: no split
-    assert configs.kv_splits(8, 3 * configs.SPLIT_KV_MIN_BLOCKS + 1, sms) == 3
-    assert configs.kv_splits(8, configs.SPLIT_KV_MIN_BLOCKS * 2 - 1, sms) == 1
-    assert configs.kv_splits(1, 10**6, sms) == configs.SPLIT_KV_MAX
-    assert configs.kv_splits(4, 10**6, 0) == 1  # the interpreter (no multiprocessors) never splits
+    assert configs.kv_splits(32, 2050, 2050, target) == -(-target // 32)
+    # the shares walk at least SPLIT_KV_MIN_BLOCKS blocks of the longest row; rows too short for two
+    # shares still take the split path (the mask's data never decides it) with one share
+    assert configs.kv_splits(8, wide, 3 * configs.SPLIT_KV_MIN_BLOCKS + 1, target) == 3
+    assert configs.kv_splits(8, wide, configs.SPLIT_KV_MIN_BLOCKS * 2 - 1, target) == 1
+    assert configs.kv_splits(8, wide, 0, target) == 1
+    # ... but a layout too narrow for two shares never splits
+    assert configs.kv_splits(8, 2 * configs.SPLIT_KV_MIN_BLOCKS - 1, 10, target) is None
+    assert configs.kv_splits(1, 10**6, 10**6, target) == configs.SPLIT_KV_MAX
+    assert configs.kv_splits(4, 10**6, 10**6, 0) is None
     monkeypatch.setitem(configs.OVERRIDE, "splits", 3)
-    assert configs.kv_splits(10**6, 1, sms) == 3
+    assert configs.kv_splits(10**6, 1, 1, target) == 3
+    monkeypatch.setitem(configs.OVERRIDE, "splits", 1)
+    assert configs.kv_splits(1, 10**6, 10**6, target) is None
     # the lists know their longest row: Prefix(40) at 16 x 16 tiles: 3 blocks per row (2 full, 1 partial)
     lists = md.prepare(md.Prefix(40), 20, 61).lists(16, 16, "q")
     assert lists.max_work == 3
