@@ -139,33 +139,55 @@ def stored_ds_row_tiles(dkdv: TileConfig) -> int:
 # blocks x batch x heads) to fill the GPU, as with a few query rows against a long cache (decoding,
 # tree verification), each row is shared by several programs, each walking an equal share of its
 # key blocks, and a second kernel merges their float32 partial outputs. Whether a forward splits
-# follows the shapes only (new mask data never switches kernels): fewer programs than
-# SPLIT_KV_PROGRAMS per multiprocessor (of 4-warp tiles; 8-warp tiles: half as many) and rows of
-# at least 2 x SPLIT_KV_MIN_BLOCKS key blocks. How many share a row follows the mask's longest row
-# too: enough programs for that target, each walking at least SPLIT_KV_MIN_BLOCKS blocks, at most
-# SPLIT_KV_MAX. See ``kv_splits``.
-SPLIT_KV_PROGRAMS = 2
+# follows the shapes only (new mask data never switches kernels): at most SPLIT_KV_PROGRAMS / 2
+# programs per multiprocessor (4-warp tiles; 8-warp ones count twice) and rows of at least 2 x
+# SPLIT_KV_MIN_BLOCKS key blocks. How many share a row: as many as keep the programs within
+# SPLIT_KV_PROGRAMS per multiprocessor (one wave: a second, part-filled wave made 8-warp tiles 50%
+# slower), each walking at least SPLIT_KV_MIN_BLOCKS blocks of the mask's longest row, at most
+# SPLIT_KV_MAX. See ``kv_splits``. Tree verification on an H200 (session 18, T = 64 nodes against
+# 64K keys, B = 1, 32 heads, D = 128): 2.02 ms unsplit, 0.34-0.38 ms with 8-16 shares.
+SPLIT_KV_PROGRAMS = 4
 SPLIT_KV_MIN_BLOCKS = 8
 SPLIT_KV_MAX = 64
+# A split forward takes these tiles instead of the table's (where given): (element sizes, head
+# dims, config). 128-row tiles of 8 warps (the dense D = 128 entry) waste half their rows on 64
+# queries and give half the programs: 64 x 64 x 4 x 2 made tree verification 1.5-2.2x faster
+# (H200, session 18: B = 1 / 4, 64 nodes against 64K keys, 0.34 / 0.85 ms against 0.50 / 1.89).
+SPLIT_FWD = [
+    ((2,), (128,), TileConfig(64, 64, 4, 2)),
+]
 
 
 def kv_split_target(multiprocessors: int, num_warps: int) -> int:
-    """The programs a forward of ``num_warps``-warp tiles should have on this many multiprocessors."""
+    """The most programs a split forward of ``num_warps``-warp tiles should have on this many
+    multiprocessors (0: the interpreter)."""
     return max(1, SPLIT_KV_PROGRAMS * 4 // num_warps) * multiprocessors
 
 
 def kv_splits(programs: int, key_blocks: int, max_work: int, target: int) -> int | None:
     """How many programs share each row of a forward of ``programs`` rows of ``key_blocks`` key
-    blocks (the layout's width), whose longest row walks ``max_work`` of them, for ``target``
-    programs (``kv_split_target``; 0: the interpreter, never split). None: no split (the kernel
-    without the split path, decided by the shapes alone); a count (1 where the rows are too short
-    to share) takes the split path. ``OVERRIDE["splits"]`` forces a count (1: no split)."""
+    blocks (the layout's width), whose longest row walks ``max_work`` of them, for at most
+    ``target`` programs (``kv_split_target``; 0: the interpreter, never split). None: no split (the
+    kernel without the split path, decided by the shapes alone); a count (1 where the rows are too
+    short to share) takes the split path. ``OVERRIDE["splits"]`` forces a count (1: no split)."""
     if "splits" in OVERRIDE:
         forced = int(OVERRIDE["splits"])
         return forced if forced > 1 else None
-    if programs >= target or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS:
+    if 2 * programs > target or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS:
         return None
-    return max(1, min(-(-target // max(programs, 1)), max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
+    return max(1, min(target // max(programs, 1), max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
+
+
+def split_forward_tiles(element_size: int, head_dim: int) -> TileConfig | None:
+    """The tiles of a split forward for these inputs (``SPLIT_FWD``), or None: the table's.
+    ``OVERRIDE["fwd"]`` (tests, A/B runs) keeps its tiles."""
+    if "fwd" in OVERRIDE:
+        return None
+    padded = padded_head_dim(head_dim)
+    for sizes, dims, cfg in SPLIT_FWD:
+        if element_size in sizes and padded in dims:
+            return cfg
+    return None
 
 
 HEAD_DIMS = (16, 32, 64, 128, 256)

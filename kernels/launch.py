@@ -480,8 +480,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     lse = new_output((B, H, n_q), q, torch.float32)
     even = n_k % cfg.BLOCK_N == 0
     programs = B * H * lists.num_rows
-    splits = configs.kv_splits(programs, -(-n_k // cfg.BLOCK_N), lists.max_work,
-                               configs.kv_split_target(multiprocessors(q.device), cfg.num_warps))
+    splits = forward_splits(q, k, lists, cfg)
     # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
     # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel
     split = splits is not None
@@ -511,6 +510,13 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
 
 # query rows per program of attn_fwd_combine_kernel
 COMBINE_ROWS = 16
+
+
+def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConfig) -> int | None:
+    """``configs.kv_splits`` for a forward of q against k over ``lists`` with tiles ``cfg``: how
+    many programs share each row, None for no split."""
+    return configs.kv_splits(q.shape[0] * q.shape[1] * lists.num_rows, -(-k.shape[2] // cfg.BLOCK_N), lists.max_work,
+                             configs.kv_split_target(multiprocessors(q.device), cfg.num_warps))
 
 
 @functools.lru_cache(maxsize=None)

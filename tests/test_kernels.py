@@ -1001,10 +1001,12 @@ def test_kv_splits_policy(monkeypatch):
     assert target == configs.SPLIT_KV_PROGRAMS * 132 and configs.kv_split_target(132, 8) == target // 2
     assert configs.kv_split_target(0, 4) == 0  # the interpreter: never split
     wide = 4 * configs.SPLIT_KV_MIN_BLOCKS
-    # enough programs for the GPU: no split, however long the rows
-    assert configs.kv_splits(target, 10_000, 10_000, target) is None
-    # 32 rows (decoding with B = 1, H = 32) of 2050 key blocks: shared until the GPU has its programs
-    assert configs.kv_splits(32, 2050, 2050, target) == -(-target // 32)
+    # more than half the target: no split, however long the rows
+    assert configs.kv_splits(target // 2 + 1, 10_000, 10_000, target) is None
+    assert configs.kv_splits(target // 2, 10_000, 10_000, target) == 2
+    # 32 rows (decoding with B = 1, H = 32) of 2050 key blocks: shared up to the target, not past it
+    assert configs.kv_splits(32, 2050, 2050, target) == target // 32
+    assert 32 * configs.kv_splits(32, 2050, 2050, target) <= target
     # the shares walk at least SPLIT_KV_MIN_BLOCKS blocks of the longest row; rows too short for two
     # shares still take the split path (the mask's data never decides it) with one share
     assert configs.kv_splits(8, wide, 3 * configs.SPLIT_KV_MIN_BLOCKS + 1, target) == 3
@@ -1021,6 +1023,11 @@ def test_kv_splits_policy(monkeypatch):
     # the lists know their longest row: Prefix(40) at 16 x 16 tiles: 3 blocks per row (2 full, 1 partial)
     lists = md.prepare(md.Prefix(40), 20, 61).lists(16, 16, "q")
     assert lists.max_work == 3
+    # split forwards at D = 128 take 4-warp 64-row tiles; the tests' tile override keeps its own
+    assert configs.split_forward_tiles(2, 128) == TileConfig(64, 64, 4, 2)
+    assert configs.split_forward_tiles(2, 64) is None and configs.split_forward_tiles(4, 128) is None
+    monkeypatch.setitem(configs.OVERRIDE, "fwd", TileConfig(16, 16, 4, 1))
+    assert configs.split_forward_tiles(2, 128) is None
 
 
 @pytest.mark.gpu
@@ -1035,8 +1042,11 @@ def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
     monkeypatch.setattr(launch, "REPLAY", False)
     mask = md.Prefix(8192 - 64) | md.Causal(8192 - 64)
     q, k, v, do = make_inputs(1, 4, 2, 64, 8192, 128, torch.bfloat16, "cuda")
+    calls = []
+    monkeypatch.setattr(launch, "forward", lambda *a, real=launch.forward, **kw: (calls.append(kw["cfg"]), real(*a, **kw))[1])
     run_and_check(mask, q, k, v, do, context="decoding, policy's split")
     assert kernel_module.attn_fwd_combine_kernel in launched, launched
+    assert calls == [configs.split_forward_tiles(2, 128)], calls  # 64-row tiles, not the dense table's 128
 
 
 def test_global_tokens_make_heavy_rows():
