@@ -140,8 +140,8 @@ def stored_ds_row_tiles(dkdv: TileConfig) -> int:
 # tree verification), each row is shared by several programs, each walking an equal share of its
 # key blocks, and a second kernel merges their float32 partial outputs. Whether a forward splits
 # follows the shapes only (new mask data never switches kernels): at most SPLIT_KV_PROGRAMS / 2
-# programs per multiprocessor (4-warp tiles; 8-warp ones count twice) and rows of at least 2 x
-# SPLIT_KV_MIN_BLOCKS key blocks. How many share a row: as many as keep the programs within
+# programs per multiprocessor (4-warp tiles; 8-warp ones count twice) and at most SPLIT_KV_BELOW,
+# and rows of at least 2 x SPLIT_KV_MIN_BLOCKS key blocks. How many share a row: as many as keep the programs within
 # SPLIT_KV_PROGRAMS per multiprocessor (one wave: a second, part-filled wave made 8-warp tiles 50%
 # slower), each walking at least SPLIT_KV_MIN_BLOCKS blocks of the mask's longest row, at most
 # SPLIT_KV_MAX. See ``kv_splits``. Tree verification on an H200 (session 18, T = 64 nodes against
@@ -158,22 +158,41 @@ SPLIT_FWD = [
 ]
 
 
+# ... and split at most this many programs per multiprocessor: (element sizes, head dims, programs).
+# D <= 64 at 128 programs (B = 4, 32 heads, 64 queries) on the H200's 132: 2-8 shares 1.16-1.8x
+# slower against 8K keys, no faster against 64K; at D = 128 2 shares (64-row tiles) 1.5-2.4x faster.
+SPLIT_KV_BELOW = [
+    ((2,), (128, 256), 2.0),
+]
+SPLIT_KV_BELOW_OTHERS = 0.5
+
+
+def kv_split_limit(element_size: int, head_dim: int, multiprocessors: int) -> int:
+    """The most programs a forward of these inputs may have and still split (``SPLIT_KV_BELOW``)."""
+    padded = padded_head_dim(head_dim)
+    for sizes, dims, per in SPLIT_KV_BELOW:
+        if element_size in sizes and padded in dims:
+            return int(per * multiprocessors)
+    return int(SPLIT_KV_BELOW_OTHERS * multiprocessors)
+
+
 def kv_split_target(multiprocessors: int, num_warps: int) -> int:
     """The most programs a split forward of ``num_warps``-warp tiles should have on this many
     multiprocessors (0: the interpreter)."""
     return max(1, SPLIT_KV_PROGRAMS * 4 // num_warps) * multiprocessors
 
 
-def kv_splits(programs: int, key_blocks: int, max_work: int, target: int) -> int | None:
+def kv_splits(programs: int, key_blocks: int, max_work: int, target: int, limit: int | None = None) -> int | None:
     """How many programs share each row of a forward of ``programs`` rows of ``key_blocks`` key
     blocks (the layout's width), whose longest row walks ``max_work`` of them, for at most
-    ``target`` programs (``kv_split_target``; 0: the interpreter, never split). None: no split (the
+    ``target`` programs (``kv_split_target``; 0: the interpreter, never split), splitting only at
+    ``limit`` programs or fewer (``kv_split_limit``; None: half the target). None: no split (the
     kernel without the split path, decided by the shapes alone); a count (1 where the rows are too
     short to share) takes the split path. ``OVERRIDE["splits"]`` forces a count (1: no split)."""
     if "splits" in OVERRIDE:
         forced = int(OVERRIDE["splits"])
         return forced if forced > 1 else None
-    if 2 * programs > target or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS:
+    if programs > min(target // 2, target if limit is None else limit) or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS:
         return None
     return max(1, min(target // max(programs, 1), max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
 

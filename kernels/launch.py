@@ -515,8 +515,10 @@ COMBINE_ROWS = 16
 def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConfig) -> int | None:
     """``configs.kv_splits`` for a forward of q against k over ``lists`` with tiles ``cfg``: how
     many programs share each row, None for no split."""
+    sms = multiprocessors(q.device)
     return configs.kv_splits(q.shape[0] * q.shape[1] * lists.num_rows, -(-k.shape[2] // cfg.BLOCK_N), lists.max_work,
-                             configs.kv_split_target(multiprocessors(q.device), cfg.num_warps))
+                             configs.kv_split_target(sms, cfg.num_warps),
+                             configs.kv_split_limit(q.element_size(), q.shape[3], sms))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1016,6 +1016,11 @@ def test_kv_splits_policy(monkeypatch):
     assert configs.kv_splits(8, 2 * configs.SPLIT_KV_MIN_BLOCKS - 1, 10, target) is None
     assert configs.kv_splits(1, 10**6, 10**6, target) == configs.SPLIT_KV_MAX
     assert configs.kv_splits(4, 10**6, 10**6, 0) is None
+    # the limit: D = 128 splits up to 2 programs per multiprocessor, D <= 64 and float32 up to half of one
+    assert configs.kv_split_limit(2, 128, 132) == 264 and configs.kv_split_limit(2, 64, 132) == 66
+    assert configs.kv_split_limit(4, 128, 132) == 66
+    assert configs.kv_splits(66, wide, wide, target, limit=66) == wide // configs.SPLIT_KV_MIN_BLOCKS
+    assert configs.kv_splits(67, wide, wide, target, limit=66) is None
     monkeypatch.setitem(configs.OVERRIDE, "splits", 3)
     assert configs.kv_splits(10**6, 1, 1, target) == 3
     monkeypatch.setitem(configs.OVERRIDE, "splits", 1)
