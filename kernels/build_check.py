@@ -24,6 +24,7 @@ import sys
 SHARED_LIMIT = 227 * 1024
 
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
+         "O_PART": "*fp32", "LSE_PART": "*fp32",
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
          "sm_scale": "fp32", "DS": "*bf16"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
@@ -80,6 +81,8 @@ def cases():
                         consts["WIDE"] = False
                     if "STORE_DS" in kernel.arg_names:
                         consts["STORE_DS"] = False
+                    if "SPLIT" in kernel.arg_names:
+                        consts["SPLIT"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
                     # (aligned lse/delta copies); a ragged edge's N may be anything
                     out.append((f"{pass_name} d={d} {kind} {cfg}{' even' if flag else ''}", kernel, consts,
@@ -89,8 +92,20 @@ def cases():
         cfg = configs.tile_config(pass_name, 2, 64, "sparse")
         consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=64, BLOCK_D=64, PREC="tf32",
                       EVEN_N=False, WIDE=True)
+        if "SPLIT" in kernel.arg_names:
+            consts["SPLIT"] = False
         out.append((f"{pass_name} d=64 sparse {cfg} int64 offsets", kernel, consts, cfg.num_warps, cfg.stages(False),
                     (), cfg.maxnreg))
+    # the forward split along the keys (``configs.kv_splits``), with the tiles it takes, and its merge
+    for d in (64, 128):
+        cfg = configs.split_forward_tiles(2, d) or configs.tile_config("fwd", 2, d, "dense")
+        for flag in (False, True):
+            consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
+                          EVEN_N=flag, WIDE=False, SPLIT=True)
+            out.append((f"fwd split d={d} {cfg}{' even' if flag else ''}", K.attn_fwd_kernel, consts, cfg.num_warps,
+                        cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
+        out.append((f"fwd combine d={d}", K.attn_fwd_combine_kernel,
+                    dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.COMBINE_ROWS), 4, 1, (), None))
     # the backward with stored dS where the table uses it: the dK/dV pass that stores dS^T and the dQ pass
     for d in (64, 128):
         for kind in ("dense", "sparse"):
