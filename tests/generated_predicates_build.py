@@ -35,10 +35,13 @@ def main() -> int:
             mask = md.TensorMask(torch.rand(100, 100) < 0.3)
         pred = md.prepare(mask, 100, 100, reorder=None).predicate.fn
         try:
-            for kernel, even in ((K.attn_fwd_kernel, "EVEN_N"), (K.attn_bwd_dq_kernel, "EVEN_N"),
-                                 (K.attn_bwd_dkdv_kernel, "EVEN_M")):
+            # the forward twice: whole rows, and rows split along the keys (decoding, tree verification)
+            for kernel, even, split in ((K.attn_fwd_kernel, "EVEN_N", False), (K.attn_fwd_kernel, "EVEN_N", True),
+                                        (K.attn_bwd_dq_kernel, "EVEN_N", None), (K.attn_bwd_dkdv_kernel, "EVEN_M", None)):
                 consts = dict(PRED=pred, BLOCK_M=64, BLOCK_N=64, HEAD_D=64, BLOCK_D=64, PREC="tf32")
                 consts[even] = False
+                if split is not None:
+                    consts["SPLIT"] = split
                 if "WIDE" in kernel.arg_names:  # the kernels with an int64-offset variant
                     consts["WIDE"] = False
                 if "STORE_DS" in kernel.arg_names:  # dK/dV storing dS^T (its other body is the one launch's)

@@ -196,6 +196,8 @@ def test_ab_attention_variants():
 @pytest.mark.parametrize("script, argv, message", [
     ("ab_attention", ["--sustained", "-1"], "--sustained: expected seconds >= 0, got -1.0"),
     ("kernel_energy", ["--seconds", "1"], "--seconds: expected 2 or more, got 1.0"),
+    ("verify_attention", ["--variants", "1,0"], "--variants: expected S[@MxNxWxS[xR]] such as 8@64x64x4x2, got '0'"),
+    ("verify_attention", ["--variants", "4@64x64"], "got '4@64x64' (expected BLOCK_MxBLOCK_NxWARPSxSTAGES"),
 ])
 def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -207,7 +209,8 @@ def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 @pytest.mark.parametrize("script, argv", [("ab_attention", ["--variants", "base,unfused"]),
                                           ("kernel_energy", ["--workload", "lf_window"]),
-                                          ("host_phases", ["--workloads", "alpaca_seq"])])
+                                          ("host_phases", ["--workloads", "alpaca_seq"]),
+                                          ("verify_attention", ["--d", "64", "--variants", "1,4"])])
 def test_benchmark_scripts_need_a_gpu(capsys, script, argv):
     assert _load_script(script).main(argv) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
