@@ -39,6 +39,11 @@ tensor-core instruction waiting for the previous one; session 7 found the
 forward and dQ kernels compiled that way (kernels/build_check.py now fails on
 C7515).
 
+Few rows (decoding, tree verification: tens of queries against a long cache) leave most of the
+GPU idle, so there the forward splits each row along the keys (``SPLIT``, flash-decoding): a row's
+entries are shared by ``SPLITS`` programs writing float32 partials, which
+``attn_fwd_combine_kernel`` merges (``configs.kv_splits`` decides from the shapes).
+
 Softmax runs in base 2 (``qk_scale = scale * log2(e)``); the log-sum-exp is
 stored in natural units, ``-inf`` for a row with no allowed key (output 0).
 """
