@@ -145,7 +145,7 @@ def stored_ds_row_tiles(dkdv: TileConfig) -> int:
 # SPLIT_KV_PROGRAMS per multiprocessor (one wave: a second, part-filled wave made 8-warp tiles 50%
 # slower), each walking at least SPLIT_KV_MIN_BLOCKS blocks of the mask's longest row, at most
 # SPLIT_KV_MAX. See ``kv_splits``. Tree verification on an H200 (session 18, T = 64 nodes against
-# 64K keys, B = 1, 32 heads, D = 128): 2.02 ms unsplit, 0.34-0.38 ms with 8-16 shares.
+# 64K keys, B = 1, 32 heads, D = 128): 2.02 ms unsplit, 0.28 ms split (8 shares of 64 x 64 tiles).
 SPLIT_KV_PROGRAMS = 4
 SPLIT_KV_MIN_BLOCKS = 8
 SPLIT_KV_MAX = 64
