@@ -177,6 +177,7 @@ def attn_fwd_kernel(
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     if SPLIT:
         i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H, SPLITS)
+        share = tl.program_id(0) % SPLITS  # this program's share of its row
     else:
         i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
     meta = META + pair.to(tl.int64) * META_STRIDE
@@ -199,11 +200,10 @@ def attn_fwd_kernel(
     if SPLIT:  # this program's share of the row's entries (its full blocks, then its partial ones)
         p0 = tl.load(PART_PTR + row)
         p1 = tl.load(PART_PTR + row + 1)
-        s = tl.program_id(0) % SPLITS
         n_full = hi - lo
         total = n_full + p1 - p0
-        a = s * total // SPLITS
-        b = (s + 1) * total // SPLITS
+        a = share * total // SPLITS
+        b = (share + 1) * total // SPLITS
         p0, p1 = p0 + tl.maximum(a - n_full, 0), p0 + tl.maximum(b - n_full, 0)
         lo, hi = lo + tl.minimum(a, n_full), lo + tl.minimum(b, n_full)
     for f in range(lo, hi):
@@ -226,8 +226,8 @@ def attn_fwd_kernel(
     O_BASE = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
     LSE_BASE = LSE + i_bh.to(tl.int64) * N_Q
     if SPLIT:
-        O_BASE += (tl.program_id(0) % SPLITS).to(tl.int64) * stride_os
-        LSE_BASE += (tl.program_id(0) % SPLITS).to(tl.int64) * stride_ls
+        O_BASE += share.to(tl.int64) * stride_os
+        LSE_BASE += share.to(tl.int64) * stride_ls
     p_o = O_BASE + _rows(offs_m, WIDE)[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
     tl.store(LSE_BASE + offs_m, lse, mask=m_row)

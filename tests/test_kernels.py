@@ -126,6 +126,19 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
 
 
+def _record_launches(monkeypatch) -> list:
+    """The kernels launched from now on (``launch._launch``'s first argument), in order."""
+    launched = []
+    real_launch = launch._launch
+
+    def recording(kernel, *args, **kwargs):
+        launched.append(kernel)
+        return real_launch(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    return launched
+
+
 # ---------------------------------------------------------------------------
 # mask families, sized to the case (random data from the test's generator)
 # ---------------------------------------------------------------------------
@@ -310,14 +323,7 @@ def run_and_check(mask, q, k, v, do, *, target=None, context=""):
 
 def _check_case(case: Case, seed: int, monkeypatch) -> None:
     _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds, case.splits)
-    launched = []
-    real_launch = launch._launch
-
-    def recording(kernel, *args, **kwargs):
-        launched.append(kernel)
-        return real_launch(kernel, *args, **kwargs)
-
-    monkeypatch.setattr(launch, "_launch", recording)
+    launched = _record_launches(monkeypatch)
     g = torch.Generator().manual_seed(seed)
     mask = FAMILIES[case.family](case, g)
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device,
@@ -673,16 +679,13 @@ def test_replayed_passes(family, d, n, backward, seed, monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
     mask = FAMILIES[family](Case(family, BF16, n, n, d, device="cuda"), torch.Generator().manual_seed(seed))
     plan = md.prepare(mask, n, n, device="cuda")
-    launched = []
-    real_launch = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **kw: launched.append(kernel.__name__) or
-                        real_launch(kernel, *a, **kw))
+    launched = _record_launches(monkeypatch)
     for call in range(3):
         launched.clear()
         q, k, v, do = make_inputs(2, 4, 2, n, n, d, BF16, "cuda")
         got = run_and_check(mask, q, k, v, do, target=plan, context=f"call {call}, seed {seed}")
         if call == 0:
-            assert _BACKWARD_KERNEL[backward] in launched, launched
+            assert _BACKWARD_KERNEL[backward] in [kernel.__name__ for kernel in launched], launched
             owners = list(plan.interleaved[1].values()) if plan.interleaved else [plan]
             for owner in owners:
                 recorded = sorted(key[0][0] for key, recipe in owner.recipes.items() if recipe is not None)
@@ -969,9 +972,7 @@ def test_stored_ds_table_and_memory_limit(monkeypatch, seed):
     assert window.heavy_share(32, 64) == 0.0 and window.stored_ds(2, 128)
     _use_tiles(monkeypatch, "t16")
     monkeypatch.setitem(configs.OVERRIDE, "stored_ds", True)
-    launched = []
-    real_launch = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real_launch(kernel, *a, **kw)))
+    launched = _record_launches(monkeypatch)
     mask = md.Window(10)
     q, k, v, do = make_inputs(1, 2, 1, 50, 50, 16, torch.float16, "cpu")
     # the buffer: t_max dS^T tiles of the dK/dV tile per (batch, query head), in q's element size
@@ -1041,9 +1042,7 @@ def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
     # 64 query rows against 8192 keys, B = 1, H = 4: 4 programs unsplit; the table's policy shares
     # them (no override here) and the result matches the reference, output and gradients
     monkeypatch.setattr(launch, "POISON", True)
-    launched = []
-    real_launch = launch._launch
-    monkeypatch.setattr(launch, "_launch", lambda kernel, *a, **kw: (launched.append(kernel), real_launch(kernel, *a, **kw)))
+    launched = _record_launches(monkeypatch)
     monkeypatch.setattr(launch, "REPLAY", False)
     mask = md.Prefix(8192 - 64) | md.Causal(8192 - 64)
     q, k, v, do = make_inputs(1, 4, 2, 64, 8192, 128, torch.bfloat16, "cuda")
