@@ -1029,6 +1029,11 @@ def test_kv_splits_policy(monkeypatch):
     # the lists know their longest row: Prefix(40) at 16 x 16 tiles: 3 blocks per row (2 full, 1 partial)
     lists = md.prepare(md.Prefix(40), 20, 61).lists(16, 16, "q")
     assert lists.max_work == 3
+    # CPU tensors (the interpreter) have no multiprocessors: the launcher never splits them
+    monkeypatch.delitem(configs.OVERRIDE, "splits")
+    assert launch.multiprocessors(torch.device("cpu")) == 0
+    q, k = torch.zeros(1, 1, 20, 16), torch.zeros(1, 1, 61, 16)
+    assert launch.forward_splits(q, k, lists, TileConfig(16, 16, 4, 1)) is None
     # split forwards at D = 128 take 4-warp 64-row tiles; the tests' tile override keeps its own
     assert configs.split_forward_tiles(2, 128) == TileConfig(64, 64, 4, 2)
     assert configs.split_forward_tiles(2, 64) is None and configs.split_forward_tiles(4, 128) is None
