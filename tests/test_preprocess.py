@@ -370,3 +370,63 @@ def test_pack_tiles_on_cuda_equals_the_cpu():
     got = preprocess.pack_tiles(t.cuda())
     want = preprocess.pack_tiles(t)
     assert all(g.is_cuda and torch.equal(g.cpu(), w) for g, w in zip(got, want))
+
+
+def _composites(g: torch.Generator, n_q: int, n_k: int):
+    """Composite masks holding a tensor: a prefix beside a tree-like tensor (tree verification),
+    per-head data under a causal mask, a window around per-batch data."""
+    t = random_mask(g, (2, 3, n_q, n_k), "random")
+    cut = int(torch.randint(0, n_k + 1, (1,), generator=g))
+    return [md.Prefix(cut) | md.TensorMask(t[0, 0]), md.Causal() & md.TensorMask(t),
+            md.Window(int(torch.randint(0, 40, (1,), generator=g))) | md.TensorMask(t[:, :1]),
+            ~md.TensorMask(t[1, 2]) & md.Document([n_q // 3, n_q - n_q // 3])]
+
+
+@pytest.mark.parametrize("shape", [(70, 200), (33, 64), (128, 97)])
+def test_dense_classes_of_composites_equal_brute_force(seed, shape):
+    """The classes of a composite mask from its dense form (``layout.dense_classes``, what a plan
+    whose data lives on a GPU takes) equal a brute-force blocking of the dense mask, and the
+    symbolic analysis' classes: a block called empty has no allowed entry, full no masked one."""
+    from maskdsl.layout import block_classes, dense_classes
+
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_k = shape
+    for mask in _composites(g, n_q, n_k):
+        dense = mask.to_dense(n_q, n_k)
+        dense4 = dense if dense.dim() == 4 else dense[None, None]
+        for block in ((32, 32), (16, 64), (64, 32)):
+            got = dense_classes(mask, n_q, n_k, block, "cpu")
+            want = brute_classes(dense4, *block)
+            assert torch.equal(got, want), (mask, block)
+            assert torch.equal(block_classes(mask, n_q, n_k, block), want), (mask, block)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_plan_of_a_composite_on_the_gpu_classifies_its_dense_form(seed, monkeypatch):
+    """On CUDA a plan of ``Prefix | TensorMask`` (tree verification) classifies the dense form on
+    the GPU (no copy of the tensor to the CPU, no symbolic analysis) and its classes equal a
+    brute-force blocking; above ``DENSE_CLASSES_MAX`` the symbolic analysis runs, with the same
+    classes."""
+    import maskdsl.analysis as analysis_module
+    import maskdsl.layout as layout_module
+    from maskdsl.plan import Plan
+
+    g = torch.Generator().manual_seed(seed)
+    n_q, n_k = 84, 1000
+    part = random_mask(g, (n_q, n_k), "random")
+    part[:, :600] = False
+    mask = md.Prefix(600) | md.TensorMask(part.cuda())
+    want = brute_classes(mask.to_dense(n_q, n_k)[None, None].cpu(), 32, 32)
+    calls = []
+    real = analysis_module.analyse
+    monkeypatch.setattr(analysis_module, "analyse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plan = Plan(mask, n_q, n_k, torch.device("cuda"), "auto")
+    block, full = plan._matrices(32, 32)
+    assert not calls, "the symbolic analysis ran although the data lives on the GPU"
+    assert torch.equal(block, want != A.EMPTY) and torch.equal(full, want == A.FULL)
+    monkeypatch.setattr(layout_module, "DENSE_CLASSES_MAX", n_q * n_k - 1)
+    plan = Plan(mask, n_q, n_k, torch.device("cuda"), "auto")
+    block, full = plan._matrices(32, 32)
+    assert calls, "above DENSE_CLASSES_MAX the symbolic analysis classifies"
+    assert torch.equal(block, want != A.EMPTY) and torch.equal(full, want == A.FULL)
