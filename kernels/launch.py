@@ -515,8 +515,19 @@ COMBINE_ROWS = 16
 def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConfig) -> int | None:
     """``configs.kv_splits`` for a forward of q against k over ``lists`` with tiles ``cfg``: how
     many programs share each row, None for no split."""
+    return _kv_splits(q, k, lists.num_rows, lists.max_work, cfg)
+
+
+def splits_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig) -> bool:
+    """Whether a forward of q against k with tiles ``cfg``, ``num_rows`` query blocks per head,
+    splits its rows along the keys: ``forward_splits`` is not None. The shapes decide it, so no
+    lists are needed (a split forward takes its own tiles, ``configs.split_forward_tiles``)."""
+    return _kv_splits(q, k, num_rows, 0, cfg) is not None
+
+
+def _kv_splits(q: torch.Tensor, k: torch.Tensor, num_rows: int, max_work: int, cfg: TileConfig) -> int | None:
     sms = multiprocessors(q.device)
-    return configs.kv_splits(q.shape[0] * q.shape[1] * lists.num_rows, -(-k.shape[2] // cfg.BLOCK_N), lists.max_work,
+    return configs.kv_splits(q.shape[0] * q.shape[1] * num_rows, -(-k.shape[2] // cfg.BLOCK_N), max_work,
                              configs.kv_split_target(sms, cfg.num_warps),
                              configs.kv_split_limit(q.element_size(), q.shape[3], sms))
 

@@ -181,11 +181,12 @@ def _kernel_forward(p, q, k, v, scale, out=None):
     from kernels import configs, launch
 
     cfg = p.tiles("fwd", q.element_size(), q.shape[3])
+    # too few rows for the GPU: shared along the keys, with the split's own tiles (decided by the
+    # shapes, before any lists are built: a new mask per step, as tree verification has, builds one set)
+    split_cfg = configs.split_forward_tiles(q.element_size(), q.shape[3])
+    if split_cfg is not None and split_cfg != cfg and launch.splits_rows(q, k, -(-p.n_q // cfg.BLOCK_M), cfg):
+        cfg = split_cfg
     lists = p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q")
-    if launch.forward_splits(q, k, lists, cfg) is not None:  # too few rows for the GPU: shared along the keys
-        split_cfg = configs.split_forward_tiles(q.element_size(), q.shape[3])
-        if split_cfg is not None and split_cfg != cfg:
-            cfg, lists = split_cfg, p.lists(split_cfg.BLOCK_M, split_cfg.BLOCK_N, "q")
     return launch.forward(q, k, v, lists=lists, meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn,
                           scale=scale, cfg=cfg, out=out)
 

@@ -58,18 +58,22 @@ EMPTY_TILE, FULL_TILE = -1, -2
 def pack_tiles(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernels' form of a bool mask ``t`` [n, m]: its partial 16 x 32 tiles, bit-packed.
 
-    Returns ``(index, tiles)``: ``index`` int32 ``[ceil(n / 16), ceil(m / 32)]`` holds, per tile
-    of 16 rows x 32 columns, -1 (no allowed entry), -2 (every in-range entry allowed) or the
+    Returns ``(index, tiles)``, on the CPU: ``index`` int32 ``[ceil(n / 16), ceil(m / 32)]`` holds,
+    per tile of 16 rows x 32 columns, -1 (no allowed entry), -2 (every in-range entry allowed) or the
     tile's number in ``tiles``, int32 ``[partial tiles, 16]``: the tile's 16 rows as words (bit
     b of a word is column 32 c + b), contiguous. Only partial tiles take memory beyond the index
     (1/512 of the mask's entries). Rows past ``n`` count as neither allowed nor masked (the
-    predicate clamps its row index and never reads them); columns past ``m`` are never full."""
+    predicate clamps its row index and never reads them); columns past ``m`` are never full.
+    The rows are packed where ``t`` lives (on CUDA by the preprocessing kernel, one read of the
+    mask) and the words, an eighth of the mask's bytes, cut into tiles on the CPU, where the
+    plan's data is gathered anyway (``codegen.pack_meta``): a dozen small GPU operations and two
+    synchronisations were ~1.1 ms of a tree verification's first call (H200 host, session 19)."""
     n, m = t.shape
     w = -(-m // 32)
     r16 = -(-n // TILE_ROWS)
-    words = torch.zeros((r16 * TILE_ROWS, w), dtype=torch.int32, device=t.device)
-    words[:n] = pack_bits(t)
-    valid = torch.full((w,), -1, dtype=torch.int32, device=t.device)  # in-range columns' bits
+    words = torch.zeros((r16 * TILE_ROWS, w), dtype=torch.int32)
+    words[:n] = pack_bits(t).cpu()
+    valid = torch.full((w,), -1, dtype=torch.int32)  # in-range columns' bits
     if m % 32:
         valid[-1] = (1 << (m % 32)) - 1
     grid = words.view(r16, TILE_ROWS, w).transpose(1, 2)  # [r16, w, 16], a view of words
@@ -80,7 +84,7 @@ def pack_tiles(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     empty = (grid == 0).all(-1)
     partial = ~(full | empty)
     index = torch.where(full, FULL_TILE, EMPTY_TILE).to(torch.int32)
-    index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32, device=t.device)
+    index[partial] = torch.arange(int(partial.sum()), dtype=torch.int32)
     return index, grid[partial].contiguous()
 
 

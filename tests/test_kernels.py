@@ -1041,6 +1041,41 @@ def test_kv_splits_policy(monkeypatch):
     assert configs.split_forward_tiles(2, 128) is None
 
 
+def test_split_decision_needs_no_lists(monkeypatch):
+    """``launch.splits_rows`` (the shapes alone, before any lists exist) agrees with
+    ``forward_splits`` over the plan's lists, on a machine of 132 multiprocessors, for decoding,
+    tree verification and long-query shapes; and a forward that splits builds only the lists of
+    its own tiles (``SPLIT_FWD``), not those of the table's as well."""
+    import importlib
+
+    attention_module = importlib.import_module("maskdsl.attention")  # the module (md.attention is its function)
+    monkeypatch.setattr(launch, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 132)
+    cfgs = [TileConfig(64, 32, 4, 2), TileConfig(128, 128, 8, 2), TileConfig(64, 64, 4, 2)]
+    for b, h, hkv, n_q, n_k, d in [(1, 32, 8, 1, 65536, 128), (1, 32, 8, 64, 8192 + 64, 128), (4, 32, 8, 84, 65536 + 84, 128),
+                                   (4, 32, 32, 84, 8192 + 84, 64), (2, 8, 8, 4096, 4096, 128), (1, 2, 1, 16, 300, 32)]:
+        q, k = torch.zeros(b, h, n_q, d, dtype=torch.bfloat16), torch.zeros(b, hkv, n_k, d, dtype=torch.bfloat16)
+        plan = md.prepare(md.Prefix(n_k - n_q) | md.Causal(n_k - n_q), n_q, n_k)
+        for cfg in cfgs:
+            lists = plan.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q")
+            assert launch.splits_rows(q, k, lists.num_rows, cfg) == (launch.forward_splits(q, k, lists, cfg) is not None)
+    # a split forward (forced) lists only its own tiles
+    built = []
+    q, k = torch.zeros(1, 4, 8, 128, dtype=torch.bfloat16), torch.zeros(1, 4, 4096, 128, dtype=torch.bfloat16)
+    plan = md.prepare(md.Prefix(4000) | md.Causal(4088), 8, 4096)
+    real = plan.lists
+    monkeypatch.setattr(plan, "lists", lambda *a: built.append(a[:2]) or real(*a))
+    monkeypatch.setattr(launch, "forward", lambda *a, **kw: kw["cfg"])
+    monkeypatch.setitem(configs.OVERRIDE, "splits", 4)
+    assert attention_module._kernel_forward(plan, q, k, k, 1.0) == configs.split_forward_tiles(2, 128)
+    assert built == [(64, 64)]
+    monkeypatch.setitem(configs.OVERRIDE, "splits", 1)  # no split: the table's tiles, their lists only
+    built.clear()
+    table = plan.tiles("fwd", 2, 128)
+    assert attention_module._kernel_forward(plan, q, k, k, 1.0) == table
+    assert built == [(table.BLOCK_M, table.BLOCK_N)]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
