@@ -24,10 +24,12 @@ t = len(parents)
 tree = md.Tree(parents)
 
 # node i sees cached token j < P, and tree node u when u is i or an ancestor of i
+# (built on the device: a decoder makes one per step, and building it on the CPU would copy all
+# T x (P + T) entries to the GPU instead of the tree's T x T)
 ancestors = tree.to_dense(t, t)
-tree_part = torch.zeros(t, cached + t, dtype=torch.bool)
-tree_part[:, cached:] = ancestors
-mask = md.Prefix(cached) | md.TensorMask(tree_part.to(device))
+tree_part = torch.zeros(t, cached + t, dtype=torch.bool, device=device)
+tree_part[:, cached:] = ancestors.to(device)
+mask = md.Prefix(cached) | md.TensorMask(tree_part)
 print(f"tree: {heads} levels x {candidates} candidates = {t} nodes, against {cached} cached tokens")
 print(f"mask {md.Prefix(cached)!r} | TensorMask([{t}, {cached + t}]); "
       f"{int(ancestors.sum()) / t:.1f} allowed tree keys per node on average")
