@@ -447,7 +447,7 @@ def pool_classes(classes: torch.Tensor, n_q: int, n_k: int, grain, block) -> tor
     # codes EMPTY 0 < PARTIAL 1 < FULL 3: a tile is empty where its largest code is, full where its
     # smallest is; min(largest, 1) + 2 * (smallest == FULL) is that code (no torch.where: 4x faster
     # on the CPU). The largest and smallest codes of a group come from elementwise maxima / minima of
-    # its strided slices, one dim at a time: a reduction over an innermost dim of 2 or 4 took 2-3.5x
+    # its strided slices, one dim at a time: a reduction over an innermost dim of 2 or 4 took 1.3-3.8x
     # as long on the CPU (session 19), where a plan's classes are pooled
     high = _group_reduce(_padded(classes, pad, A.EMPTY).view(p, cq, rq, ck, rk), torch.maximum)
     low = _group_reduce(_padded(classes, pad, A.FULL).view(p, cq, rq, ck, rk), torch.minimum)
