@@ -9,7 +9,7 @@ import torch
 
 from . import analysis as A
 from .masks import And, Causal, Document, Or, Prefix, TensorMask, Tree, _euler, _per_batch
-from .preprocess import LIST_FIELDS, cached_classes, csr_ptr, layout_arrays, tensor_blocks
+from .preprocess import LIST_FIELDS, block_entries, cached_classes, csr_ptr, layout_arrays, tensor_blocks
 
 
 @dataclass(frozen=True, eq=False)
@@ -243,7 +243,7 @@ def tree_classes(parents, n_q: int, n_k: int, block_q: int, block_k: int) -> tor
     rows = parents if parents and isinstance(parents[0], (tuple, list)) else (parents,)
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
     out = torch.empty((len(rows), mq, mk), dtype=torch.int8)
-    valid = _entries(n_q, n_k, block_q, block_k)
+    valid = block_entries(n_q, n_k, block_q, block_k)
     for b, row in enumerate(rows):
         tin, tout = (t.to(torch.int64) for t in _euler(tuple(row)))
         # node j is i or an ancestor of i for the size(j) = tout[j] - tin[j] nodes of its subtree, so
@@ -278,7 +278,7 @@ def preorder_tree_classes(tout: torch.Tensor, n: int, block: tuple[int, int]) ->
     pre-order and whose subtree of position x ends at ``tout[x]`` (exclusive): a tree reordered
     by ``maskdsl.reorder``, classified from the original's Euler tour without building it."""
     bq, bk = block
-    return _classes_of_counts(_preorder_counts(tout[:n].to(torch.int64), n, n, bq, bk), _entries(n, n, bq, bk))
+    return _classes_of_counts(_preorder_counts(tout[:n].to(torch.int64), n, n, bq, bk), block_entries(n, n, bq, bk))
 
 
 def _path_counts(parents: np.ndarray, n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
@@ -309,13 +309,6 @@ def _parents_array(parents: tuple) -> np.ndarray:
     out = np.array(parents, dtype=np.int64)
     out.flags.writeable = False
     return out
-
-
-def _entries(n_q: int, n_k: int, block_q: int, block_k: int) -> torch.Tensor:
-    """In-range entries (int64 ``[Mq, Mk]``) of each block: fewer on the ragged edges."""
-    rows = (n_q - torch.arange(-(-n_q // block_q)) * block_q).clamp(max=block_q)
-    cols = (n_k - torch.arange(-(-n_k // block_k)) * block_k).clamp(max=block_k)
-    return rows[:, None] * cols[None, :]
 
 
 def _classes_of_counts(counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -368,7 +361,7 @@ def _cpu_bound(mask, bound):
     """``bound``, or the mask bound again with its data on the CPU, where the analysis runs: a
     TensorMask (or other data) living on the GPU inside a composite mask is read there, not
     compared against CPU positions."""
-    if any(t.device.type != "cpu" for t in bound.tables.values()):
+    if _data_device(bound) is not None:
         return mask.bind(bound.n_q, bound.n_k, device="cpu")
     return bound
 
@@ -416,8 +409,7 @@ def block_classes(mask, n_q: int, n_k: int, block=(128, 128), bound=None) -> tor
         return document_causal_classes(*documents, n_q, n_k, bq, bk)
     bound = mask.bind(n_q, n_k) if bound is None else bound
     device = _data_device(bound)
-    pairs = int(np.prod(bound.batch_shape)) if bound.batch_shape else 1
-    if device is not None and pairs * n_q * n_k <= DENSE_CLASSES_MAX:
+    if device is not None and len(bound.pairs()) * n_q * n_k <= DENSE_CLASSES_MAX:
         return dense_classes(mask, n_q, n_k, (bq, bk), device)
     bound = _cpu_bound(mask, bound)
     grid = A.Grid(n_q, n_k, bq, bk)

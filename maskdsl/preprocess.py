@@ -88,6 +88,13 @@ def pack_tiles(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, grid[partial].contiguous()
 
 
+def block_entries(n_q: int, n_k: int, block_q: int, block_k: int, device=None) -> torch.Tensor:
+    """In-range entries (int64 ``[Mq, Mk]``) of each block: fewer on the ragged edges."""
+    rows = (n_q - torch.arange(-(-n_q // block_q), device=device) * block_q).clamp(max=block_q)
+    cols = (n_k - torch.arange(-(-n_k // block_k), device=device) * block_k).clamp(max=block_k)
+    return rows[:, None] * cols[None, :]
+
+
 def _classes_torch(t: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     B, H, n_q, n_k = t.shape
     mq, mk = -(-n_q // block_q), -(-n_k // block_k)
@@ -97,9 +104,7 @@ def _classes_torch(t: torch.Tensor, block_q: int, block_k: int) -> torch.Tensor:
     bits = (t if t.dtype == torch.bool else t != 0).view(torch.uint8)  # a bool is one byte, 0 or 1: no copy
     allowed = torch.nn.functional.pad(bits, pad).view(B * H, mq * block_q, mk, block_k)
     count = allowed.sum(-1, dtype=torch.int32).view(B * H, mq, block_q, mk).sum(2, dtype=torch.int32)
-    rows = (torch.clamp(n_q - torch.arange(mq, device=t.device) * block_q, max=block_q))
-    cols = (torch.clamp(n_k - torch.arange(mk, device=t.device) * block_k, max=block_k))
-    valid = (rows[:, None] * cols[None, :]).to(torch.int32)
+    valid = block_entries(n_q, n_k, block_q, block_k, t.device).to(torch.int32)
     cls = torch.full(count.shape, A.PARTIAL, dtype=torch.int8, device=t.device)
     cls[count == 0] = A.EMPTY
     cls[count == valid] = A.FULL
