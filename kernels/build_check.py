@@ -25,7 +25,7 @@ SHARED_LIMIT = 227 * 1024
 
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
          "O_PART": "*fp32", "LSE_PART": "*fp32",
-         "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
+         "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
          "sm_scale": "fp32", "DS": "*bf16"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
               "WORDS", "DS_PTR", "TILE_PTR", "TILE_KB", "TILE_ID"}

@@ -559,7 +559,8 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
     assert dkdv_lists.block_rows == dkdv_cfg.BLOCK_N and dkdv_lists.block_cols == dkdv_cfg.BLOCK_M
     block_d = padded_head_dim(D)
-    delta = new_output((B, H, n_q), q, torch.float32)  # rowsum(dO * O): from the dQ pass, or a pre-pass
+    # rowsum(dO * O) and the base-2 log-sum-exp the dK/dV pass subtracts: from the dQ pass, or a pre-pass
+    delta, lse2 = new_output((B, H, n_q), q, torch.float32), new_output((B, H, n_q), q, torch.float32)
     lse = lse.contiguous()
     if out is None:
         dq, dk, dv = new_output(q.shape, q), new_output(k.shape, k), new_output(v.shape, v)
@@ -575,8 +576,8 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     if ds_tiles is not None:
         # never an empty buffer to a kernel: one tile at least
         ds = new_output((max(ds_numel(B, H, ds_tiles.t_max, dkdv_cfg), dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M),), q)
-        _delta(o, do, delta, block_d)
-        _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common,
+        _delta(o, do, lse, delta, lse2, block_d)
+        _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common,
               ds=ds, ds_tiles=ds_tiles)
         _launch(
             attn_bwd_dq_ds_kernel, (B * H * ds_tiles.num_rows,),
@@ -591,10 +592,10 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         return dq, dk, dv
     if (fused_stages is not None and dq_lists.num_heavy == 0 and dkdv_lists.num_heavy == 0
             and dq_cfg.num_warps == dkdv_cfg.num_warps):
-        _delta(o, do, delta, block_d)
+        _delta(o, do, lse, delta, lse2, block_d)
         _launch(
             attn_bwd_kernel, (B * h_kv * (dkdv_lists.num_rows + (H // h_kv) * dq_lists.num_rows),),
-            (q, k, v, o, do, dq, dk, dv, lse, delta, meta, *dq_lists.tensors(), *dkdv_lists.tensors(),
+            (q, k, v, o, do, dq, dk, dv, lse, delta, lse2, meta, *dq_lists.tensors(), *dkdv_lists.tensors(),
              *qs, *ks, *vs, *os_, *dos, *dqs, *dk.stride(), *dv.stride(), H, h_kv, n_q, n_k, dq_lists.num_rows, dkdv_lists.num_rows, H // h_kv, pair_b, pair_h,
              meta.stride(0), scale * math.log2(math.e), scale), q.device,
             DQ_BLOCK_M=dq_cfg.BLOCK_M, DQ_BLOCK_N=dq_cfg.BLOCK_N, KV_BLOCK_M=dkdv_cfg.BLOCK_M,
@@ -605,21 +606,22 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         return dq, dk, dv
     _launch(
         attn_bwd_dq_kernel, (B * H * dq_lists.num_rows,),
-        (q, k, v, o, do, dq, lse, delta, meta, *dq_lists.args(),
+        (q, k, v, o, do, dq, lse, delta, lse2, meta, *dq_lists.args(),
          *qs, *ks, *vs, *os_, *dos, *dqs, H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale), q.device,
         BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=wide(),
         num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), maxnreg=dq_cfg.maxnreg, **common,
     )
-    _dkdv(q, k, v, do, dk, dv, lse, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common)
+    _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common)
     return dq, dk, dv
 
 
-def _delta(o, do, delta, block_d: int) -> None:
-    """The delta pre-pass: delta = rowsum(dO * O) in float32, for the backward kernels that cannot
-    take it from a dQ pass run before them."""
+def _delta(o, do, lse, delta, lse2, block_d: int) -> None:
+    """The delta pre-pass: delta = rowsum(dO * O) and lse2 (the base-2 log-sum-exp) in float32, for
+    the backward kernels that cannot take them from a dQ pass run before them."""
     B, H, n_q, D = o.shape
-    _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)), (o, do, delta, *o.stride(), *do.stride(), H, n_q),
+    _launch(attn_bwd_delta_kernel, (B * H, triton.cdiv(n_q, 64)),
+            (o, do, lse, delta, lse2, *o.stride(), *do.stride(), H, n_q),
             o.device, HEAD_D=D, BLOCK_D=block_d, BLOCK_M=64, num_warps=4, num_stages=1)
 
 
@@ -628,15 +630,15 @@ STORED_DS_WARPS = 4
 STORED_DS_STAGES = 3
 
 
-def _dkdv(q, k, v, do, dk, dv, lse, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,
+def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,
           common: dict, ds=None, ds_tiles: DsTiles | None = None):
-    """Launch the dK/dV pass (delta already written); with ``ds``, it stores every tile's dS^T there."""
+    """Launch the dK/dV pass (delta and lse2 already written); with ``ds``, it stores every tile's dS^T there."""
     B, H, n_q, _ = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     ds_args = (ds, ds_tiles.k_first, ds_tiles.t_max) if ds is not None else (None, None, 0)
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * lists.num_rows,),
-        (q, k, v, do, dk, dv, lse, delta, meta, *lists.args(),
+        (q, k, v, do, dk, dv, lse2, delta, meta, *lists.args(),
          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale, *ds_args), q.device,
