@@ -94,8 +94,9 @@ def _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H, SPLITS=1):
 def _rows(offs, WIDE: tl.constexpr):
     """Row positions for in-head offsets (``row * stride``): int32 unless a tensor's in-head
     extent reaches 2**31 elements (``WIDE``, decided on the host). int32 offsets made the forward
-    9-11% and dQ 7% faster than int64 at N = 8192 (H100, session 7); the dK/dV kernel, at its
-    register limit, spilled with them and stays int64."""
+    9-11% and dQ 7% faster than int64 at N = 8192 (H100, session 7). The dK/dV and stored-dS dQ
+    passes take only their tiles' offsets from their first row this way (the row itself an int64
+    scalar)."""
     if WIDE:
         offs = offs.to(tl.int64)
     return offs
@@ -464,7 +465,7 @@ def _dkdv_program(
     H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
-    DS=None, DS_PTR=None, T_MAX=0, STORE_DS: tl.constexpr = False,
+    WIDE: tl.constexpr, DS=None, DS_PTR=None, T_MAX=0, STORE_DS: tl.constexpr = False,
 ):
     """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group. With
     ``STORE_DS``, each tile's dS^T goes to ``DS`` too: per query head ``T_MAX`` tiles of
@@ -485,9 +486,10 @@ def _dkdv_program(
     # a query tile's element offsets from its first row, the same for every tile
     # a query tile's element offsets from its first row, the same for every tile: per tile one
     # scalar product instead of a 64-bit product per element (27 fewer instructions per tile of
-    # the D = 128 loop, sm_90 SASS; the pass 2% faster on the window, H200, session 20)
-    rel_q = tl.arange(0, BLOCK_M)[:, None].to(tl.int64) * stride_qm + offs_d[None, :] * stride_qd
-    rel_do = tl.arange(0, BLOCK_M)[:, None].to(tl.int64) * stride_dom + offs_d[None, :] * stride_dod
+    # the D = 128 loop, sm_90 SASS; the pass 2% faster on the window, H200, session 20); int32
+    # unless ``WIDE`` (int64 offsets held across the loop spilled twice the bytes)
+    rel_q = _rows(tl.arange(0, BLOCK_M), WIDE)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    rel_do = _rows(tl.arange(0, BLOCK_M), WIDE)[:, None] * stride_dom + offs_d[None, :] * stride_dod
 
     for g in range(GROUP):
         i_h = i_hk * GROUP + g
@@ -543,6 +545,7 @@ def attn_bwd_dkdv_kernel(
     H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, DS, DS_PTR, T_MAX,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
+    WIDE: tl.constexpr,
 ):
     i_bhk, i_n = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     _dkdv_program(
@@ -552,7 +555,7 @@ def attn_bwd_dkdv_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
-        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, DS, DS_PTR, T_MAX, STORE_DS,
+        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, T_MAX, STORE_DS,
     )
 
 
@@ -563,7 +566,7 @@ def attn_bwd_dq_ds_kernel(
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, T_MAX, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
 ):
     """dQ of ``ROW_TILES`` consecutive query blocks (of ``BLOCK_M``) from the dS^T tiles the dK/dV
     pass stored (``STORE_DS``): dQ^T = sum over key blocks of K^T dS^T, one product per key block
@@ -587,7 +590,7 @@ def attn_bwd_dq_ds_kernel(
     e1 = tl.load(TILE_PTR + row + 1)
     # a K^T tile's element offsets from its first key (as in _dkdv_program: one scalar product per
     # tile; 40 fewer instructions per iteration, sm_90 SASS; the pass 3% faster, H200, session 20)
-    rel_kt = offs_t[None, :].to(tl.int64) * stride_kn + offs_d[:, None] * stride_kd
+    rel_kt = _rows(offs_t, WIDE)[None, :] * stride_kn + offs_d[:, None] * stride_kd
     for e in range(e0, e1):
         kb = tl.load(TILE_KB + e)
         offs_n = kb * BLOCK_N + offs_t
@@ -666,7 +669,7 @@ def attn_bwd_kernel(
             stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
             stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
             H, HKV, N_Q, N_K, K_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
-            PRED, KV_BLOCK_M, KV_BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC,
+            PRED, KV_BLOCK_M, KV_BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE,
         )
     else:
         r = r - K_ROWS

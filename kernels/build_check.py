@@ -114,12 +114,12 @@ def cases():
             cfg = configs.tile_config("dkdv", 2, d, kind)
             for flag in (False, True):
                 consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                              EVEN_M=flag, STORE_DS=True)
+                              EVEN_M=flag, STORE_DS=True, WIDE=False)
                 out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
                             consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
                 rows = configs.stored_ds_row_tiles(cfg)
                 consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, ROW_TILES=rows, HEAD_D=d, BLOCK_D=d,
-                              EVEN_N=flag, PREC="tf32")
+                              EVEN_N=flag, PREC="tf32", WIDE=False)
                 out.append((f"dq from stored dS d={d} {kind} {rows} x {cfg.BLOCK_M}x{cfg.BLOCK_N}"
                             f"{' even' if flag else ''}", K.attn_bwd_dq_ds_kernel, consts, launch.STORED_DS_WARPS,
                             launch.STORED_DS_STAGES,

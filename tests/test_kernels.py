@@ -550,19 +550,33 @@ def test_plan_used_twice(seed, monkeypatch):
         run_and_check(mask, q, k, v, do, target=plan, context=f"plan call {step}, seed {seed}")
 
 
+@pytest.mark.parametrize("backward", ["two-launch", "one-launch", "stored-dS"])
 @pytest.mark.parametrize("layout", ["bhnd", "bnhd"])
-def test_int64_offsets_path(layout, seed, monkeypatch):
-    """The forward and dQ kernels compute in-head offsets in int32 unless a tensor could overflow
-    them (``launch.OFFSET_LIMIT``); with the limit at 0 every launch takes the int64 variant."""
+def test_int64_offsets_path(layout, backward, seed, monkeypatch):
+    """The kernels compute in-head offsets in int32 (the dK/dV and stored-dS dQ passes: their
+    tiles' offsets from the tile's first row) unless a tensor could overflow them
+    (``launch.OFFSET_LIMIT``); with the limit at 0 every launch of each backward takes the int64
+    variant, and the results still match the reference."""
     device, tiles = _device_and_tiles()
-    _use_tiles(monkeypatch, tiles)
+    _use_tiles(monkeypatch, tiles, fused=backward == "one-launch", stored_ds=backward == "stored-dS")
     monkeypatch.setattr(launch, "OFFSET_LIMIT", 0)
     assert launch._wide(torch.empty(1, 1, 1, 1))
+    wide, real_launch = [], launch._launch
+
+    def recording(kernel, *args, **kwargs):
+        if "WIDE" in kernel.arg_names:
+            wide.append((kernel.__name__, kwargs["WIDE"]))
+        return real_launch(kernel, *args, **kwargs)
+    monkeypatch.setattr(launch, "_launch", recording)
     lens = [13, 20, 7]
     mask = md.Document(lens) & md.Causal()
     dtype = F16 if HAS_CUDA else F32
     q, k, v, do = make_inputs(1, 2, 1, 40, 40, 32, dtype, device, layout)
-    run_and_check(mask, q, k, v, do, context=f"WIDE, {layout}, seed {seed}")
+    run_and_check(mask, q, k, v, do, context=f"WIDE, {layout}, {backward}, seed {seed}")
+    launched = {name for name, _ in wide}
+    assert {"attn_fwd_kernel", _BACKWARD_KERNEL[backward]} <= launched and all(w for _, w in wide), wide
+    if backward != "one-launch":
+        assert "attn_bwd_dkdv_kernel" in launched, wide
 
 
 def test_int32_offsets_are_used_below_the_limit():
