@@ -483,7 +483,6 @@ def _dkdv_program(
                   + offs_n[:, None].to(tl.int64) * stride_vn + offs_d[None, :] * stride_vd, mask=m_kd, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    # a query tile's element offsets from its first row, the same for every tile
     # a query tile's element offsets from its first row, the same for every tile: per tile one
     # scalar product instead of a 64-bit product per element (27 fewer instructions per tile of
     # the D = 128 loop, sm_90 SASS; the pass 2% faster on the window, H200, session 20); int32
@@ -656,7 +655,7 @@ def attn_bwd_kernel(
 ):
     """The whole backward in one grid: per (batch, kv head), its K_ROWS dK/dV programs, then the
     GROUP x Q_ROWS dQ programs of its query heads, so that both kinds run side by side on the GPU.
-    delta comes from ``attn_bwd_delta_kernel``."""
+    delta and lse2 come from ``attn_bwd_delta_kernel``."""
     pid = tl.program_id(0)
     per = K_ROWS + GROUP * Q_ROWS
     i_bhk = pid // per
