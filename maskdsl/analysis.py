@@ -144,12 +144,21 @@ def _tile_columns(nrows, ncols, col_vals: torch.Tensor, domain: Runs | None = No
 
 
 def _combine(a: Runs, b: Runs, table: torch.Tensor) -> Runs:
-    ka, kb = a.key, b.key
-    keys = torch.unique(torch.cat([ka, kb]))  # sorted
-    va = a.val[torch.searchsorted(ka, keys, right=True) - 1].long()
-    vb = b.val[torch.searchsorted(kb, keys, right=True) - 1].long()
+    """Runs of ``table[a, b]`` elementwise: cut at the union of both run starts.
+
+    In numpy, as ``_canon``: the two key arrays are each sorted, so a stable sort of their
+    concatenation is a merge, and numpy's per-call overhead is lower (LongFormer global's three
+    combinations at N = 16384: 3.7 -> 1.7 ms on the development machine's CPU)."""
     w = a.ncols + 1
-    return _canon(a.nrows, a.ncols, keys // w, keys % w, table[va, vb])
+    ka, kb = a.key.numpy(), b.key.numpy()
+    keys = np.concatenate([ka, kb])
+    keys.sort(kind="stable")
+    if keys.size > 1:
+        keys = keys[np.concatenate([[True], keys[1:] != keys[:-1]])]
+    va = a.val.numpy()[np.searchsorted(ka, keys, side="right") - 1].astype(np.int64)
+    vb = b.val.numpy()[np.searchsorted(kb, keys, side="right") - 1].astype(np.int64)
+    return _canon(a.nrows, a.ncols, torch.from_numpy(keys // w), torch.from_numpy(keys % w),
+                  torch.from_numpy(table.numpy()[va, vb]))
 
 
 def blocks_of(runs: Runs, which: torch.Tensor):
