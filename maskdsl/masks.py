@@ -486,10 +486,12 @@ class Global(Mask):
 
 
 def _doc_ids(lengths: tuple, n: int, sentinel: int) -> torch.Tensor:
-    """Document id of each of n positions (packed in order); ``sentinel`` past the end."""
-    ln = torch.tensor(lengths, dtype=torch.long)
-    ids = torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), ln)[:n]
-    return torch.cat([ids, torch.full((n - ids.numel(),), sentinel, dtype=torch.int32)])
+    """Document id of each of n positions (packed in order); ``sentinel`` past the end. In numpy:
+    0.1 -> 0.02 ms for ALPACA's ~160 documents at N = 16384 (a plan takes two per sequence)."""
+    ids = np.full(n, sentinel, dtype=np.int32)
+    packed = np.repeat(np.arange(len(lengths), dtype=np.int32), np.asarray(lengths, dtype=np.int64))[:n]
+    ids[:packed.size] = packed
+    return torch.from_numpy(ids)
 
 
 def _check_lengths(owner: str, name: str, data: tuple):
