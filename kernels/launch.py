@@ -585,7 +585,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
              *k.stride(), *dq.stride(), H, n_q, n_k, ds_tiles.num_rows, B * H, H // h_kv, pair_b, pair_h,
              ds_tiles.t_max, scale), q.device,
             BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, ROW_TILES=ds_tiles.row_tiles, HEAD_D=D,
-            BLOCK_D=block_d, EVEN_N=n_k % dkdv_cfg.BLOCK_N == 0, PREC=common["PREC"], WIDE=_wide_of((n_k, D, ks)),
+            BLOCK_D=block_d, EVEN_N=n_k % dkdv_cfg.BLOCK_N == 0, PREC=common["PREC"], WIDE=_wide(k),
             num_warps=configs.OVERRIDE.get("ds_warps", STORED_DS_WARPS),
             num_stages=configs.OVERRIDE.get("ds_stages", STORED_DS_STAGES),
         )
@@ -643,6 +643,6 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale, *ds_args), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide_of((n_q, q.shape[3], q.stride()), (n_q, do.shape[3], do.stride())),
+        WIDE=_wide(q, do),
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )
