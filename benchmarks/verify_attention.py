@@ -27,6 +27,7 @@ of any output from SDPA's with the mask.
 from __future__ import annotations
 
 import argparse
+import importlib
 import random
 import sys
 
@@ -64,6 +65,8 @@ def main(argv=None) -> int:
     from kernels import configs, launch
     from maskdsl.data import medusa_tree
 
+    attention_module = importlib.import_module("maskdsl.attention")  # (md.attention is the function)
+
     torch._dynamo.config.cache_size_limit = 1024
     flex = torch.compile(flex_attention, dynamic=False)
     torch.manual_seed(0)
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
                 plan = md.prepare(mask, t, p + t, device=dev)
                 bm = create_block_mask(lambda bb, h, qi, kv: (kv < p) | part[qi, kv], None, None, t, p + t, device=dev)
                 kx, vx = (x.repeat_interleave(hq // hkv, 1) for x in (k, v))
-                cfg = plan.tiles("fwd", 2, d)
+                cfg = attention_module._forward_tiles(plan, q, k)  # the tiles md.attention takes here
                 chosen = launch.forward_splits(q, k, plan.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), cfg)
                 with torch.no_grad():
                     want = torch.nn.functional.scaled_dot_product_attention(q, kx, vx, attn_mask=full)

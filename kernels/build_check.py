@@ -23,6 +23,14 @@ import sys
 # the largest dynamic shared memory a block may use on an H100 / H200 (227 KiB)
 SHARED_LIMIT = 227 * 1024
 
+# Table tiles kept although ptxas serialises their wgmma (info C7515), because they measured faster
+# than every unserialised alternative: (pass, head dim, kind, tiles as configs.TileConfig's repr).
+# Reported, not failed. The D = 64 dense forward's 128 x 128 x 4 x 2 (255 registers, ~100 bytes
+# spilled): 6-13% faster than 64 x 64 x 4 x 3 and 8-14% faster than 128 x 64 x 4 x 2 (no spill, not
+# serialised) on Full and Causal at N = 16384 (H200, session 21, docs/benchmarks/attention_h200_session21.md).
+SERIALISED_OK = {("fwd", 64, "dense", "TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, ragged_stages=None, "
+                  "maxnreg=None)")}
+
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
          "O_PART": "*fp32", "LSE_PART": "*fp32",
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
@@ -98,7 +106,8 @@ def cases():
                     (), cfg.maxnreg))
     # the forward split along the keys (``configs.kv_splits``), with the tiles it takes, and its merge
     for d in (64, 128):
-        cfg = configs.split_forward_tiles(2, d) or configs.tile_config("fwd", 2, d, "dense")
+        few = configs.few_rows_forward(2, d, "dense")
+        cfg = few[0] if few is not None else configs.tile_config("fwd", 2, d, "dense")
         for flag in (False, True):
             consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
                           EVEN_N=flag, WIDE=False, SPLIT=True)
@@ -221,7 +230,10 @@ def main(argv=None) -> int:
             if args.registers:
                 note += "; " + (report or "no ptxas report")
             if serialised:
-                ok, note = False, note + "; ptxas serialises its wgmma instructions (C7515)"
+                accepted = name.removesuffix(" even") in {f"{p} d={d} {k} {c}" for p, d, k, c in SERIALISED_OK}
+                ok = ok and accepted
+                note += "; ptxas serialises its wgmma instructions (C7515)" + (
+                    ", measured faster than the alternatives (SERIALISED_OK)" if accepted else "")
         except Exception as e:  # noqa: BLE001 - report every kernel, then fail
             ok, note = False, f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         failures += not ok

@@ -47,7 +47,13 @@ class TileConfig:
 # predicate's registers from spilling), "any" both. See ``Plan.kind``. Tuned on an H100
 # with benchmarks/tune_attention.py --sweep (full / alpaca_seq / lf_global / lf_dilated, N = 8192).
 CONFIGS = [
-    ("fwd", (2,), (16, 32, 64), "dense", TileConfig(64, 64, 4, 3)),
+    # 128 x 128 x 4 x 2 (H200, session 21, forward, B = 4, H = 32), against 64 x 64 x 4 x 3: D = 64 Full
+    # 11-15% faster (N = 16384: 20.6-20.7 against 23.7-24.1 ms; 4096: 1.39-1.40 against 1.56-1.57), Causal
+    # 4-6% faster at N = 16384, 1-2% slower at 4096; D = 32 10% faster on both at N = 16384. 128 x 64 and
+    # 8 warps slower. ptxas serialises its wgmma at D = 64 (kernels/build_check.py, SERIALISED_OK).
+    # Few rows take FEW_ROWS_FWD's tiles.
+    ("fwd", (2,), (32, 64), "dense", TileConfig(128, 128, 4, 2)),
+    ("fwd", (2,), (16,), "dense", TileConfig(64, 64, 4, 3)),
     # sparse masks: their programs walk short rows, so the time of a program's own loads and stores
     # (Q, O, dQ; K, V, dK, dV) counts as much as its loop; more programs per multiprocessor overlap
     # them. 2 stages instead of 3 (less shared memory) and, where registers limit, ``maxnreg``
@@ -56,10 +62,11 @@ CONFIGS = [
     # maxnreg 128 (H200, session 11, D = 64, N = 16384): ALPACA's forward 4-7% faster (149-155 registers
     # uncapped, 28-36 bytes spilled capped); the window (127 registers) and MEDUSA 8x3 unchanged
     ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2, maxnreg=128)),
-    # 128 x 128 at 2 stages: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels
-    # compute offsets in int32 and ptxas no longer serialises their wgmma (session 7,
-    # data/tune_h100_session7.txt); 3 stages of 128 x 128 do not fit on the ragged edge
-    ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 2)),
+    # 128 x 128: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels compute offsets
+    # in int32 and ptxas no longer serialises their wgmma (session 7, data/tune_h100_session7.txt);
+    # 3 stages instead of 2: 2-3% faster on Full and Causal at N = 16384, 3% on Full at 4096 (H200,
+    # session 21); 3 stages do not fit in shared memory on the ragged edge
+    ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 3, ragged_stages=2)),
     # 64 x 32 spills 8 bytes against 64 x 64's 592: 6% faster on lf_window, 19% on alpaca_seq (H100, N = 16384);
     # 2 stages (48 KiB of shared memory): 3-4 programs per multiprocessor instead of 3, 10-22% faster;
     # maxnreg 128 (at most 32 bytes spilled; 154-165 registers uncapped): 4 programs per multiprocessor,
@@ -149,12 +156,19 @@ def stored_ds_row_tiles(dkdv: TileConfig) -> int:
 SPLIT_KV_PROGRAMS = 4
 SPLIT_KV_MIN_BLOCKS = 8
 SPLIT_KV_MAX = 64
-# A split forward takes these tiles instead of the table's (where given): (element sizes, head
-# dims, config). 128-row tiles of 8 warps (the dense D = 128 entry) waste half their rows on 64
-# queries and give half the programs: 64 x 64 x 4 x 2 made tree verification 1.5-2.2x faster
-# (H200, session 18: B = 1 / 4, 64 nodes against 64K keys, 0.34 / 0.85 ms against 0.50 / 1.89).
-SPLIT_FWD = [
-    ((2,), (128,), TileConfig(64, 64, 4, 2)),
+# A forward with few rows takes these tiles instead of the table's (where given): (element sizes, head
+# dims, kind, config, programs per multiprocessor). Programs None: where the forward splits along the
+# keys (``kv_splits`` with the table's tiles); a number: where the table's tiles would give fewer
+# programs than that per multiprocessor (whether the forward then splits is decided with these tiles).
+# D = 128: 128-row tiles of 8 warps (the dense entry) waste half their rows on 64 queries and give
+# half the programs: 64 x 64 x 4 x 2 made tree verification 1.5-2.2x faster (H200, session 18: B = 1 / 4,
+# 64 nodes against 64K keys, 0.34 / 0.85 ms against 0.50 / 1.89). D = 32 and 64, dense: the table's
+# 128 x 128 tiles (two programs per multiprocessor fit) were measured over many programs; with fewer
+# than two waves of them the 64 x 64 x 4 x 3 tiles they replaced (session 21), with which decoding and
+# tree verification were measured (session 18), stay.
+FEW_ROWS_FWD = [
+    ((2,), (128,), "any", TileConfig(64, 64, 4, 2), None),
+    ((2,), (32, 64), "dense", TileConfig(64, 64, 4, 3), 4),
 ]
 
 
@@ -197,15 +211,16 @@ def kv_splits(programs: int, key_blocks: int, max_work: int, target: int, limit:
     return max(1, min(target // max(programs, 1), max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
 
 
-def split_forward_tiles(element_size: int, head_dim: int) -> TileConfig | None:
-    """The tiles of a split forward for these inputs (``SPLIT_FWD``), or None: the table's.
-    ``OVERRIDE["fwd"]`` (tests, A/B runs) keeps its tiles."""
+def few_rows_forward(element_size: int, head_dim: int, kind: str = "sparse") -> tuple[TileConfig, float | None] | None:
+    """(tiles, programs per multiprocessor) of a forward with few rows for these inputs and this mask
+    ``kind`` (``FEW_ROWS_FWD``), or None: always the table's. ``OVERRIDE["fwd"]`` (tests, A/B runs)
+    keeps its tiles."""
     if "fwd" in OVERRIDE:
         return None
     padded = padded_head_dim(head_dim)
-    for sizes, dims, cfg in SPLIT_FWD:
-        if element_size in sizes and padded in dims:
-            return cfg
+    for sizes, dims, k, cfg, per in FEW_ROWS_FWD:
+        if element_size in sizes and padded in dims and k in (kind, "any"):
+            return cfg, per
     return None
 
 

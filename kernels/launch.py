@@ -521,8 +521,18 @@ def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConf
 def splits_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig) -> bool:
     """Whether a forward of q against k with tiles ``cfg``, ``num_rows`` query blocks per head,
     splits its rows along the keys: ``forward_splits`` is not None. The shapes decide it, so no
-    lists are needed (a split forward takes its own tiles, ``configs.split_forward_tiles``)."""
+    lists are needed."""
     return _kv_splits(q, k, num_rows, 0, cfg) is not None
+
+
+def few_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig, per_multiprocessor: float | None) -> bool:
+    """Whether a forward of q against k with the table's tiles ``cfg`` (``num_rows`` query blocks per
+    head) takes the few-rows tiles of ``configs.few_rows_forward``, whose entry gives
+    ``per_multiprocessor``: None, where it splits (``splits_rows``); else where it has fewer programs
+    than that per multiprocessor (never on the interpreter, which has none)."""
+    if per_multiprocessor is None:
+        return splits_rows(q, k, num_rows, cfg)
+    return q.shape[0] * q.shape[1] * num_rows < per_multiprocessor * multiprocessors(q.device)
 
 
 def _kv_splits(q: torch.Tensor, k: torch.Tensor, num_rows: int, max_work: int, cfg: TileConfig) -> int | None:

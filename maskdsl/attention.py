@@ -177,15 +177,24 @@ def _run_backward(p, do, q, k, v, o, lse, scale, out=None):
                          p.kernel_tensor_ids, lambda: _kernel_backward(p, do, q, k, v, o, lse, scale, out=out))
 
 
-def _kernel_forward(p, q, k, v, scale, out=None):
+def _forward_tiles(p, q, k):
+    """The forward's TileConfig for a plan and these inputs: the table's, or where the rows are few
+    (decoding, tree verification; rows shared along the keys where too few for the GPU) their own,
+    decided by the shapes before any lists are built (a new mask per step, as tree verification
+    has, builds one set)."""
     from kernels import configs, launch
 
     cfg = p.tiles("fwd", q.element_size(), q.shape[3])
-    # too few rows for the GPU: shared along the keys, with the split's own tiles (decided by the
-    # shapes, before any lists are built: a new mask per step, as tree verification has, builds one set)
-    split_cfg = configs.split_forward_tiles(q.element_size(), q.shape[3])
-    if split_cfg is not None and split_cfg != cfg and launch.splits_rows(q, k, -(-p.n_q // cfg.BLOCK_M), cfg):
-        cfg = split_cfg
+    few = configs.few_rows_forward(q.element_size(), q.shape[3], p.kind)
+    if few is not None and few[0] != cfg and launch.few_rows(q, k, -(-p.n_q // cfg.BLOCK_M), cfg, few[1]):
+        return few[0]
+    return cfg
+
+
+def _kernel_forward(p, q, k, v, scale, out=None):
+    from kernels import launch
+
+    cfg = _forward_tiles(p, q, k)
     lists = p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q")
     return launch.forward(q, k, v, lists=lists, meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn,
                           scale=scale, cfg=cfg, out=out)

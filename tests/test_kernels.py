@@ -1048,18 +1048,21 @@ def test_kv_splits_policy(monkeypatch):
     assert launch.multiprocessors(torch.device("cpu")) == 0
     q, k = torch.zeros(1, 1, 20, 16), torch.zeros(1, 1, 61, 16)
     assert launch.forward_splits(q, k, lists, TileConfig(16, 16, 4, 1)) is None
-    # split forwards at D = 128 take 4-warp 64-row tiles; the tests' tile override keeps its own
-    assert configs.split_forward_tiles(2, 128) == TileConfig(64, 64, 4, 2)
-    assert configs.split_forward_tiles(2, 64) is None and configs.split_forward_tiles(4, 128) is None
+    # split forwards at D = 128 take 4-warp 64-row tiles; dense masks at D = 32, 64 keep 64-row tiles
+    # below 4 programs per multiprocessor; the tests' tile override keeps its own
+    assert configs.few_rows_forward(2, 128, "dense") == configs.few_rows_forward(2, 128) == (TileConfig(64, 64, 4, 2), None)
+    assert configs.few_rows_forward(2, 64, "dense") == configs.few_rows_forward(2, 32, "dense") == (TileConfig(64, 64, 4, 3), 4)
+    assert configs.few_rows_forward(2, 64) is None and configs.few_rows_forward(4, 128) is None
+    assert configs.few_rows_forward(2, 16, "dense") is None
     monkeypatch.setitem(configs.OVERRIDE, "fwd", TileConfig(16, 16, 4, 1))
-    assert configs.split_forward_tiles(2, 128) is None
+    assert configs.few_rows_forward(2, 128) is None
 
 
 def test_split_decision_needs_no_lists(monkeypatch):
     """``launch.splits_rows`` (the shapes alone, before any lists exist) agrees with
     ``forward_splits`` over the plan's lists, on a machine of 132 multiprocessors, for decoding,
     tree verification and long-query shapes; and a forward that splits builds only the lists of
-    its own tiles (``SPLIT_FWD``), not those of the table's as well."""
+    its own tiles (``FEW_ROWS_FWD``), not those of the table's as well."""
     import importlib
 
     attention_module = importlib.import_module("maskdsl.attention")  # the module (md.attention is its function)
@@ -1081,13 +1084,25 @@ def test_split_decision_needs_no_lists(monkeypatch):
     monkeypatch.setattr(plan, "lists", lambda *a: built.append(a[:2]) or real(*a))
     monkeypatch.setattr(launch, "forward", lambda *a, **kw: kw["cfg"])
     monkeypatch.setitem(configs.OVERRIDE, "splits", 4)
-    assert attention_module._kernel_forward(plan, q, k, k, 1.0) == configs.split_forward_tiles(2, 128)
+    assert attention_module._kernel_forward(plan, q, k, k, 1.0) == configs.few_rows_forward(2, 128)[0]
     assert built == [(64, 64)]
     monkeypatch.setitem(configs.OVERRIDE, "splits", 1)  # no split: the table's tiles, their lists only
     built.clear()
     table = plan.tiles("fwd", 2, 128)
     assert attention_module._kernel_forward(plan, q, k, k, 1.0) == table
     assert built == [(table.BLOCK_M, table.BLOCK_N)]
+    # dense masks at D = 64: the table's 128 x 128 tiles over two waves of programs or more (4 per
+    # multiprocessor), else the 64-row tiles (with which launch.forward then decides any split)
+    monkeypatch.delitem(configs.OVERRIDE, "splits")
+    few, per = configs.few_rows_forward(2, 64, "dense")
+    for b, n_q, n_k, want_table in [(4, 4096, 4096, True), (1, 512, 512, False), (4, 64, 8192, False), (4, 1024, 1024, True), (2, 1024, 1024, False)]:
+        plan = md.prepare(md.Full(), n_q, n_k)
+        table = plan.tiles("fwd", 2, 64)
+        assert plan.kind == "dense" and table.BLOCK_M == 128 and few.BLOCK_M == 64
+        assert (b * 32 * -(-n_q // 128) >= per * 132) == want_table
+        q, k = torch.zeros(b, 32, n_q, 64, dtype=torch.bfloat16), torch.zeros(b, 32, n_k, 64, dtype=torch.bfloat16)
+        got = attention_module._kernel_forward(plan, q, k, k, 1.0)
+        assert got == (table if want_table else few), (b, n_q, n_k, got)
 
 
 @pytest.mark.gpu
@@ -1104,7 +1119,7 @@ def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
     monkeypatch.setattr(launch, "forward", lambda *a, real=launch.forward, **kw: (calls.append(kw["cfg"]), real(*a, **kw))[1])
     run_and_check(mask, q, k, v, do, context="decoding, policy's split")
     assert kernel_module.attn_fwd_combine_kernel in launched, launched
-    assert calls == [configs.split_forward_tiles(2, 128)], calls  # 64-row tiles, not the dense table's 128
+    assert calls == [configs.few_rows_forward(2, 128)[0]], calls  # 64-row tiles, not the dense table's 128
 
 
 def test_global_tokens_make_heavy_rows():
