@@ -10,9 +10,10 @@ md.TensorMask(...)``, as examples/tree_verification.py); 32 query heads, ``--hkv
 3 x 4 (84 nodes). Columns, ms (``triton.testing.do_bench``):
 
 - ``maskdsl``: md.attention as a user calls it (the table's tiles and split policy, replayed launches);
-- one column per ``--variants`` entry ``S[@MxNxWxS[xR]]``: the forward with S programs per row
-  forced (``configs.OVERRIDE["splits"]``; 1: unsplit, as before session 18) and optionally the
-  forward tiles (``OVERRIDE["fwd"]``); an override turns replay off, so these pay the launchers'
+- one column per ``--variants`` entry ``S[@MxNxWxS[xR]][/P]``: the forward with S programs per row
+  forced (``configs.OVERRIDE["splits"]``; 1: unsplit, as before session 18; ``a``: the policy's), optionally the
+  forward tiles (``OVERRIDE["fwd"]``) and the query heads per tile (``OVERRIDE["pack"]``, GQA
+  packing; 1: none, as before session 21); an override turns replay off, so these pay the launchers'
   host time (~0.1 ms: compare them with each other, not with ``maskdsl`` at small sizes);
 - ``flex``: compiled flex_attention with the block mask of the same mask_mod. Its decoding kernel
   (chosen by itself for short queries) failed to compile on these shapes with torch 2.11
@@ -21,8 +22,8 @@ md.TensorMask(...)``, as examples/tree_verification.py); 32 query heads, ``--hkv
 - ``sdpa_mask``: SDPA with the boolean mask (K/V repeated for GQA); ``sdpa_dense``: SDPA with no
   mask, a speed reference.
 
-The last columns: maskdsl / flex, the split count the policy chose, and the largest difference
-of any output from SDPA's with the mask.
+The last columns: maskdsl / flex, the split count and heads per tile the policy chose, and the
+largest difference of any output from SDPA's with the mask.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--d", type=int, default=128)
     ap.add_argument("--hkv", type=int, default=8, help="key/value heads (32 query heads)")
-    ap.add_argument("--variants", default="1", help="comma list of S[@MxNxWxS[xR]] (see above)")
-    ap.add_argument("--trees", default="64,84", help="64 (random) and/or 84 (MEDUSA 3 x 4)")
+    ap.add_argument("--variants", default="1", help="comma list of S[@MxNxWxS[xR]][/P] (see above)")
+    ap.add_argument("--trees", default="64,84", help="node counts: 84 is MEDUSA 3 x 4, any other a random tree")
     ap.add_argument("--batch", default="1,4")
     ap.add_argument("--cached", default="8192,65536")
     args = ap.parse_args(argv)
@@ -47,14 +48,17 @@ def main(argv=None) -> int:
 
     variants = args.variants.split(",")
     for text in variants:  # bad variants fail before any work
-        count, _, tiles = text.partition("@")
+        spec, slash, pack = text.partition("/")
+        count, _, tiles = spec.partition("@")
         try:
-            if not count.isdigit() or int(count) < 1:
-                raise ValueError(f"S must be a positive integer, got {count!r}")
+            if count != "a" and (not count.isdigit() or int(count) < 1):
+                raise ValueError(f"S must be a positive integer or a, got {count!r}")
             if tiles:
                 TileConfig.parse(tiles)
+            if slash and (not pack.isdigit() or int(pack) < 1):
+                raise ValueError(f"P must be a positive integer, got {pack!r}")
         except ValueError as e:
-            ap.error(f"--variants: expected S[@MxNxWxS[xR]] such as 8@64x64x4x2, got {text!r} ({e})")
+            ap.error(f"--variants: expected S[@MxNxWxS[xR]][/P] such as 8@64x64x4x2 or 2/1, got {text!r} ({e})")
     if not torch.cuda.is_available():
         print("verify_attention: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -91,8 +95,8 @@ def main(argv=None) -> int:
                 plan = md.prepare(mask, t, p + t, device=dev)
                 bm = create_block_mask(lambda bb, h, qi, kv: (kv < p) | part[qi, kv], None, None, t, p + t, device=dev)
                 kx, vx = (x.repeat_interleave(hq // hkv, 1) for x in (k, v))
-                cfg = attention_module._forward_tiles(plan, q, k)  # the tiles md.attention takes here
-                chosen = launch.forward_splits(q, k, plan.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q"), cfg)
+                cfg, pack = attention_module._forward_tiles(plan, q, k)  # the tiles md.attention takes here
+                chosen = launch.forward_splits(q, k, plan.lists(cfg.BLOCK_M // pack, cfg.BLOCK_N, "q"), cfg, pack)
                 with torch.no_grad():
                     want = torch.nn.functional.scaled_dot_product_attention(q, kx, vx, attn_mask=full)
 
@@ -109,12 +113,16 @@ def main(argv=None) -> int:
                                         kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
                     fns = [lambda: md.attention(q, k, v, plan)]
                     for text in variants:
-                        count, _, tiles = text.partition("@")
+                        spec, _, pack_forced = text.partition("/")
+                        count, _, tiles = spec.partition("@")
 
-                        def f(count=int(count), tiles=tiles):
-                            configs.OVERRIDE["splits"] = count
+                        def f(count=count, tiles=tiles, pack_forced=pack_forced):
+                            if count != "a":
+                                configs.OVERRIDE["splits"] = int(count)
                             if tiles:
                                 configs.OVERRIDE["fwd"] = TileConfig.parse(tiles)
+                            if pack_forced:
+                                configs.OVERRIDE["pack"] = int(pack_forced)
                             try:
                                 return md.attention(q, k, v, plan)
                             finally:
@@ -125,7 +133,8 @@ def main(argv=None) -> int:
                             lambda: torch.nn.functional.scaled_dot_product_attention(q, kx, vx)]
                     ts = [triton.testing.do_bench(f, warmup=25, rep=100) for f in fns]
                 print(f"{b} {hq}/{hkv} {t} {p} {d} | " + " ".join(f"{x:.4f}" for x in ts)
-                      + f" | {ts[0] / ts[1 + len(variants)]:.2f} | {chosen} ({kind}) | {err:.4f}", flush=True)
+                      + f" | {ts[0] / ts[1 + len(variants)]:.2f} | {chosen}, {pack} heads per tile ({kind}) | {err:.4f}",
+                      flush=True)
     return 0
 
 

@@ -168,14 +168,18 @@ def attn_fwd_kernel(
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, SPLITS, stride_os, stride_ls,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
-    SPLIT: tl.constexpr = False,
+    SPLIT: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
     """O and LSE of one query block. With ``SPLIT`` (flash-decoding: too few rows to fill the GPU)
     ``SPLITS`` consecutive programs share a row, each walking an equal share of its key blocks
     (full ones, then partial ones) and writing its share's normalised output (float32) and
     log-sum-exp at ``O + s * stride_os`` and ``LSE + s * stride_ls``; ``attn_fwd_combine_kernel``
-    merges them."""
-    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16)
+    merges them. With ``PACK`` > 1 (few query rows, GQA) a program's tile holds ``BLOCK_M // PACK``
+    query positions of ``PACK`` query heads of one key/value group (tile row r: position
+    ``r // PACK``, head ``r % PACK`` of the pack), so those heads read each K and V tile once; the
+    lists are then those of ``BLOCK_M // PACK``-row blocks, ``H`` counts packs per batch element
+    (query heads / PACK) and the mask data may not differ between heads."""
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16 and BLOCK_M % PACK == 0)
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     if SPLIT:
         i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H, SPLITS)
@@ -184,14 +188,21 @@ def attn_fwd_kernel(
         i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
     meta = META + pair.to(tl.int64) * META_STRIDE
 
-    offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    m_row = offs_m < N_Q
     m_d = offs_d < HEAD_D
-    Q_BASE = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
-    K_BASE = K + i_b.to(tl.int64) * stride_kb + (i_h // GROUP).to(tl.int64) * stride_kh
-    V_BASE = V + i_b.to(tl.int64) * stride_vb + (i_h // GROUP).to(tl.int64) * stride_vh
-    p_q = Q_BASE + _rows(offs_m, WIDE)[:, None] * stride_qm + offs_d[None, :] * stride_qd
+    i_kv = (i_h * PACK) // GROUP
+    K_BASE = K + i_b.to(tl.int64) * stride_kb + i_kv.to(tl.int64) * stride_kh
+    V_BASE = V + i_b.to(tl.int64) * stride_vb + i_kv.to(tl.int64) * stride_vh
+    if PACK == 1:
+        offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        p_q = (Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
+               + _rows(offs_m, WIDE)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    else:  # tile row r: position r // PACK of head r % PACK of the pack (int64: offsets span heads)
+        offs_m = i_m * (BLOCK_M // PACK) + tl.arange(0, BLOCK_M) // PACK
+        heads = (i_h * PACK + tl.arange(0, BLOCK_M) % PACK).to(tl.int64)
+        p_q = (Q + i_b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
+               + offs_m.to(tl.int64)[:, None] * stride_qm + offs_d[None, :] * stride_qd)
+    m_row = offs_m < N_Q
     b_q = tl.load(p_q, mask=m_row[:, None] & m_d[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -225,14 +236,22 @@ def attn_fwd_kernel(
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    O_BASE = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
-    LSE_BASE = LSE + i_bh.to(tl.int64) * N_Q
+    if PACK == 1:
+        O_BASE = O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
+        LSE_BASE = LSE + i_bh.to(tl.int64) * N_Q
+        rel_o = _rows(offs_m, WIDE) * stride_om
+        rel_l = offs_m
+    else:
+        O_BASE = O + i_b.to(tl.int64) * stride_ob
+        LSE_BASE = LSE + (i_b * H * PACK).to(tl.int64) * N_Q  # [B, H * PACK, N_Q]
+        rel_o = heads * stride_oh + offs_m.to(tl.int64) * stride_om
+        rel_l = heads * N_Q + offs_m
     if SPLIT:
         O_BASE += share.to(tl.int64) * stride_os
         LSE_BASE += share.to(tl.int64) * stride_ls
-    p_o = O_BASE + _rows(offs_m, WIDE)[:, None] * stride_om + offs_d[None, :] * stride_od
+    p_o = O_BASE + rel_o[:, None] + offs_d[None, :] * stride_od
     tl.store(p_o, b_o.to(O.dtype.element_ty), mask=m_row[:, None] & m_d[None, :])
-    tl.store(LSE_BASE + offs_m, lse, mask=m_row)
+    tl.store(LSE_BASE + rel_l, lse, mask=m_row)
 
 
 @triton.jit(do_not_specialize=("SPLITS",))

@@ -108,11 +108,12 @@ def cases():
     for d in (64, 128):
         few = configs.few_rows_forward(2, d, "dense")
         cfg = few[0] if few is not None else configs.tile_config("fwd", 2, d, "dense")
-        for flag in (False, True):
+        for flag, pack in ((False, 1), (True, 1), (True, 4)):  # and GQA packing (4 heads per tile)
             consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                          EVEN_N=flag, WIDE=False, SPLIT=True)
-            out.append((f"fwd split d={d} {cfg}{' even' if flag else ''}", K.attn_fwd_kernel, consts, cfg.num_warps,
-                        cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
+                          EVEN_N=flag, WIDE=False, SPLIT=True, PACK=pack)
+            out.append((f"fwd split d={d} {cfg}{' even' if flag else ''}{f' pack {pack}' if pack > 1 else ''}",
+                        K.attn_fwd_kernel, consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (),
+                        cfg.maxnreg))
         out.append((f"fwd combine d={d}", K.attn_fwd_combine_kernel,
                     dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.COMBINE_ROWS), 4, 1, (), None))
     # the backward with stored dS where the table uses it: the dK/dV pass that stores dS^T and the dQ pass
@@ -167,7 +168,9 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int, divi
 
     # what Triton's launcher specialises on a real call with contiguous [B, H, N, D] tensors: the
     # head-dim strides (1) become constants, pointers and the other strides are multiples of 16
-    constexprs = {**{name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")},
+    # (and constexpr arguments left out take their defaults, as in a launch)
+    defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    constexprs = {**defaults, **{name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")},
                   **constexprs}
     sig = _signature(kernel, constexprs)
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)

@@ -224,12 +224,39 @@ def few_rows_forward(element_size: int, head_dim: int, kind: str = "sparse") -> 
     return None
 
 
+# GQA packing in the forward: with few query rows (decoding, tree verification) a tile of BLOCK_M rows
+# mostly pads, once per query head, and every query head of a key/value group reads the same K and V
+# tiles. Packing P heads of a group into each tile (BLOCK_M // P positions x P heads) serves them with
+# one read of each K and V tile and fewer padded rows. Taken where it cuts the tiles per group to at
+# most PACK_MAX_SHARE of the unpacked count (so never where rows fill the tiles, as in training); P
+# the smallest power of two dividing the group that gives the fewest tiles. ``gqa_pack``.
+PACK_MAX_SHARE = 0.75
+
+
+def gqa_pack(group: int, n_q: int, block_m: int) -> int:
+    """How many query heads of a GQA group of ``group`` heads share each forward tile of ``block_m``
+    rows for ``n_q`` query rows (1: no packing; ``PACK_MAX_SHARE``). ``OVERRIDE["pack"]`` forces a
+    count (tests, A/B runs)."""
+    if "pack" in OVERRIDE:
+        return int(OVERRIDE["pack"])
+    unpacked = group * -(-n_q // block_m)
+    best, tiles = 1, unpacked
+    p = 2
+    while p <= block_m and group % p == 0:
+        got = (group // p) * -(-n_q // (block_m // p))
+        if got < tiles:
+            best, tiles = p, got
+        p *= 2
+    return best if tiles <= PACK_MAX_SHARE * unpacked else 1
+
+
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
 # pass name -> TileConfig used instead of the table (tests: small tiles under the interpreter);
 # "fused" -> the one-launch backward's stages (None: two launches) instead of FUSED_BWD;
 # "stored_ds" -> True / False instead of STORED_DS (the memory limit still applies);
-# "splits" -> the forward's programs per row instead of ``kv_splits``'s choice
+# "splits" -> the forward's programs per row instead of ``kv_splits``'s choice;
+# "pack" -> the query heads per forward tile instead of ``gqa_pack``'s choice
 OVERRIDE: dict = {}
 
 

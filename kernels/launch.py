@@ -469,18 +469,21 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scale: float, cfg: TileConfig,
-            out=None):
+            out=None, pack: int = 1):
     """(out [B, Hq, Nq, D] in q's dtype, lse [B, Hq, Nq] float32, natural log, -inf on empty rows).
-    ``out``: a tensor of q's shape and dtype (any strides) to write the output into."""
+    ``out``: a tensor of q's shape and dtype (any strides) to write the output into. ``pack``: query
+    heads of a GQA group per tile (``configs.gqa_pack``; the lists then have ``BLOCK_M // pack``-row
+    blocks, and the mask data may not differ between heads: ``pair_h`` 0)."""
     B, H, n_q, D = q.shape
     n_k = k.shape[2]
-    assert lists.block_rows == cfg.BLOCK_M and lists.block_cols == cfg.BLOCK_N, "layout does not match the tiles"
+    assert lists.block_rows * pack == cfg.BLOCK_M and lists.block_cols == cfg.BLOCK_N, "layout does not match the tiles"
+    assert pack == 1 or (pair_h == 0 and (H // k.shape[1]) % pack == 0), "packed heads must share a group and mask data"
     assert out is None or (out.shape == q.shape and out.dtype == q.dtype)
     o = new_output(q.shape, q) if out is None else out
     lse = new_output((B, H, n_q), q, torch.float32)
     even = n_k % cfg.BLOCK_N == 0
-    programs = B * H * lists.num_rows
-    splits = forward_splits(q, k, lists, cfg)
+    programs = B * (H // pack) * lists.num_rows
+    splits = forward_splits(q, k, lists, cfg, pack)
     # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
     # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel
     split = splits is not None
@@ -490,13 +493,13 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     _launch(
         attn_fwd_kernel, (programs * (splits or 1),),
         (q, k, v, o_part, lse_part, meta, *lists.args(), *qs, *ks, *vs, *os_,
-         H, n_q, n_k, lists.num_rows, B * H, H // k.shape[1], pair_b, pair_h, meta.stride(0),
+         H // pack, n_q, n_k, lists.num_rows, B * (H // pack), H // k.shape[1], pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), splits or 1, o_part.stride(0) if split else 0,
          lse_part.stride(0) if split else 0), q.device,
         PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
         EVEN_N=even, PREC=_precision(q.dtype),
         WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
-        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=split,
+        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=split, PACK=pack,
     )
     if split:
         block = COMBINE_ROWS
@@ -512,10 +515,10 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
 COMBINE_ROWS = 16
 
 
-def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConfig) -> int | None:
-    """``configs.kv_splits`` for a forward of q against k over ``lists`` with tiles ``cfg``: how
-    many programs share each row, None for no split."""
-    return _kv_splits(q, k, lists.num_rows, lists.max_work, cfg)
+def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConfig, pack: int = 1) -> int | None:
+    """``configs.kv_splits`` for a forward of q against k over ``lists`` with tiles ``cfg`` (``pack``
+    query heads per tile): how many programs share each row, None for no split."""
+    return _kv_splits(q, k, lists.num_rows, lists.max_work, cfg, pack)
 
 
 def splits_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig) -> bool:
@@ -535,9 +538,10 @@ def few_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig, p
     return q.shape[0] * q.shape[1] * num_rows < per_multiprocessor * multiprocessors(q.device)
 
 
-def _kv_splits(q: torch.Tensor, k: torch.Tensor, num_rows: int, max_work: int, cfg: TileConfig) -> int | None:
+def _kv_splits(q: torch.Tensor, k: torch.Tensor, num_rows: int, max_work: int, cfg: TileConfig,
+               pack: int = 1) -> int | None:
     sms = multiprocessors(q.device)
-    return configs.kv_splits(q.shape[0] * q.shape[1] * num_rows, -(-k.shape[2] // cfg.BLOCK_N), max_work,
+    return configs.kv_splits(q.shape[0] * (q.shape[1] // pack) * num_rows, -(-k.shape[2] // cfg.BLOCK_N), max_work,
                              configs.kv_split_target(sms, cfg.num_warps),
                              configs.kv_split_limit(q.element_size(), q.shape[3], sms))
 

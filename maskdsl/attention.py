@@ -178,26 +178,32 @@ def _run_backward(p, do, q, k, v, o, lse, scale, out=None):
 
 
 def _forward_tiles(p, q, k):
-    """The forward's TileConfig for a plan and these inputs: the table's, or where the rows are few
-    (decoding, tree verification; rows shared along the keys where too few for the GPU) their own,
-    decided by the shapes before any lists are built (a new mask per step, as tree verification
-    has, builds one set)."""
+    """(TileConfig, query heads per tile) of the forward for a plan and these inputs, decided by the
+    shapes before any lists are built (a new mask per step, as tree verification has, builds one
+    set). The tiles: the table's, or where the rows are few (decoding, tree verification; rows
+    shared along the keys where too few for the GPU) their own. The heads per tile: GQA packing
+    (``configs.gqa_pack``), where the mask data is the same for every head."""
     from kernels import configs, launch
 
     cfg = p.tiles("fwd", q.element_size(), q.shape[3])
     few = configs.few_rows_forward(q.element_size(), q.shape[3], p.kind)
     if few is not None and few[0] != cfg and launch.few_rows(q, k, -(-p.n_q // cfg.BLOCK_M), cfg, few[1]):
-        return few[0]
-    return cfg
+        cfg = few[0]
+    group = q.shape[1] // k.shape[1]
+    pack = configs.gqa_pack(group, p.n_q, cfg.BLOCK_M) if group > 1 and p.pair_h == 0 else 1
+    if pack != 1 and (pack < 1 or group % pack or cfg.BLOCK_M % pack):  # only a forced count can be
+        raise ValueError(f"configs.OVERRIDE['pack'] must divide the GQA group ({group} query heads per key/value "
+                         f"head) and the forward's {cfg.BLOCK_M}-row tiles, got {pack}")
+    return cfg, pack
 
 
 def _kernel_forward(p, q, k, v, scale, out=None):
     from kernels import launch
 
-    cfg = _forward_tiles(p, q, k)
-    lists = p.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q")
+    cfg, pack = _forward_tiles(p, q, k)
+    lists = p.lists(cfg.BLOCK_M // pack, cfg.BLOCK_N, "q")
     return launch.forward(q, k, v, lists=lists, meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn,
-                          scale=scale, cfg=cfg, out=out)
+                          scale=scale, cfg=cfg, out=out, pack=pack)
 
 
 def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):

@@ -274,8 +274,9 @@ class Plan:
 
     def warm(self, element_size: int, head_dim: int) -> "Plan":
         """Build the lists the kernels use for this element size and head dim now, not at the first call.
-        (A forward with few rows may take other tiles, ``kernels.configs.FEW_ROWS_FWD``: that depends
-        on the batch and heads, so their lists are built at its first call.)"""
+        (A forward with few rows may take other tiles, ``kernels.configs.FEW_ROWS_FWD``, or pack GQA
+        heads into its tiles, ``kernels.configs.gqa_pack``: that depends on the batch and heads, so
+        their lists are built at its first call.)"""
         if self.interleaved:
             for sub in self.interleaved[1].values():
                 sub.warm(element_size, head_dim)

@@ -196,7 +196,8 @@ def test_ab_attention_variants():
 @pytest.mark.parametrize("script, argv, message", [
     ("ab_attention", ["--sustained", "-1"], "--sustained: expected seconds >= 0, got -1.0"),
     ("kernel_energy", ["--seconds", "1"], "--seconds: expected 2 or more, got 1.0"),
-    ("verify_attention", ["--variants", "1,0"], "--variants: expected S[@MxNxWxS[xR]] such as 8@64x64x4x2, got '0'"),
+    ("verify_attention", ["--variants", "1,0"], "--variants: expected S[@MxNxWxS[xR]][/P] such as 8@64x64x4x2 or 2/1, got '0'"),
+    ("verify_attention", ["--variants", "a/0"], "got 'a/0' (P must be a positive integer, got '0')"),
     ("verify_attention", ["--variants", "4@64x64"], "got '4@64x64' (expected BLOCK_MxBLOCK_NxWARPSxSTAGES"),
 ])
 def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):

@@ -107,10 +107,12 @@ TILES = {
 
 
 def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None,
-               splits: int | None = None) -> None:
+               splits: int | None = None, pack: int | None = None) -> None:
     monkeypatch.setattr(launch, "POISON", True)
     if splits is not None:
         monkeypatch.setitem(configs.OVERRIDE, "splits", splits)
+    if pack is not None:
+        monkeypatch.setitem(configs.OVERRIDE, "pack", pack)
     if tiles is not None:
         for name, cfg in TILES[tiles].items():
             monkeypatch.setitem(configs.OVERRIDE, name, cfg)
@@ -126,13 +128,16 @@ def poisoned(monkeypatch):
     monkeypatch.setattr(launch, "POISON", True)
 
 
-def _record_launches(monkeypatch) -> list:
-    """The kernels launched from now on (``launch._launch``'s first argument), in order."""
+def _record_launches(monkeypatch, constants: list | None = None) -> list:
+    """The kernels launched from now on (``launch._launch``'s first argument), in order; with
+    ``constants``, each launch's keyword arguments (constexprs, warps, stages) appended to it too."""
     launched = []
     real_launch = launch._launch
 
     def recording(kernel, *args, **kwargs):
         launched.append(kernel)
+        if constants is not None:
+            constants.append(kwargs)
         return real_launch(kernel, *args, **kwargs)
 
     monkeypatch.setattr(launch, "_launch", recording)
@@ -165,6 +170,8 @@ class Case:
     # the forward's programs per row (split along the keys, partials merged by
     # attn_fwd_combine_kernel) forced; None: as configs.kv_splits decides (never on the CPU)
     splits: int | None = None
+    # the forward's query heads per tile (GQA packing) forced; None: as configs.gqa_pack decides
+    pack: int | None = None
 
     @property
     def id(self) -> str:
@@ -180,6 +187,8 @@ class Case:
             parts.append("stored-dS" if self.stored_ds else "recomputed-dS")
         if self.splits is not None:
             parts.append(f"split{self.splits}")
+        if self.pack is not None:
+            parts.append(f"pack{self.pack}")
         return "-".join(parts)
 
 
@@ -322,8 +331,9 @@ def run_and_check(mask, q, k, v, do, *, target=None, context=""):
 
 
 def _check_case(case: Case, seed: int, monkeypatch) -> None:
-    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds, case.splits)
-    launched = _record_launches(monkeypatch)
+    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds, case.splits, case.pack)
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
     g = torch.Generator().manual_seed(seed)
     mask = FAMILIES[case.family](case, g)
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device,
@@ -337,6 +347,9 @@ def _check_case(case: Case, seed: int, monkeypatch) -> None:
         assert stored == case.stored_ds and (kernel_module.attn_bwd_dq_kernel in launched) != stored, launched
     if case.splits is not None:  # the forward's rows were shared (and merged) or not, as forced
         assert (kernel_module.attn_fwd_combine_kernel in launched) == (case.splits > 1), launched
+    if case.pack is not None:  # every forward launch packed its heads as forced
+        packs = [kw["PACK"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_fwd_kernel]
+        assert packs and set(packs) == {case.pack}, packs
 
 
 # ---------------------------------------------------------------------------
@@ -427,6 +440,17 @@ def _cpu_cases():
         Case("dilated", F32, tiles="t32", splits=2),  # interleaved: strided views of out
         Case("window", F32, layout="bnhd", splits=4),  # non-contiguous inputs
         Case("full", F32, n_q=1, n_k=37, d=24, splits=3),  # one decoding step, padded head dim
+        # GQA packing: each forward tile holds BLOCK_M // P positions of P heads of a group (the
+        # backward is the usual one); 1 position per tile, with a split, rows with no key, padded and
+        # non-contiguous inputs, interleaved classes
+        Case("causal-offset", F16, n_q=3, h_q=4, h_kv=1, pack=4),
+        Case("causal-offset", F32, n_q=5, h_q=16, h_kv=1, pack=16),
+        Case("doc&(causal|prefix)", F32, n_q=33, n_k=47, h_q=4, h_kv=2, splits=2, pack=2),
+        Case("window|global", F32, n_q=20, n_k=61, h_q=8, h_kv=2, tiles="t32", pack=4),
+        Case("empty-rows", F16, n_q=40, n_k=57, h_q=4, h_kv=1, tiles="t32", pack=4, splits=3),
+        Case("full", F32, n_q=1, n_k=37, d=24, h_q=4, h_kv=1, layout="bnhd", pack=4),
+        Case("dilated", F32, h_q=4, h_kv=2, tiles="t32", pack=2),
+        Case("document-batch", F16, b=2, h_q=4, h_kv=2, n_q=41, n_k=41, pack=2),  # a pair per batch
     ]
     return cases
 
@@ -476,6 +500,11 @@ def _gpu_cases():
         Case("tree", BF16, n_q=64, n_k=4096, d=128, splits=16, **base),
         Case("causal-offset", F16, n_q=64, n_k=4096, d=64, splits=1, **base),
         Case("window|global", BF16, n_q=300, n_k=3000, d=128, splits=5, **base),
+        # GQA packing (the table's tiles): forced, with and without a split, and as gqa_pack decides
+        Case("causal-offset", BF16, n_q=84, n_k=4096, d=128, pack=2, **base),
+        Case("window|global", F16, n_q=5, n_k=3000, d=64, splits=4, pack=4, **dict(base, h_kv=1)),
+        Case("doc&(causal|prefix)", BF16, n_q=20, n_k=1000, d=128, splits=3, pack=2, **base),
+        Case("empty-rows", BF16, n_q=40, n_k=1000, d=64, pack=4, **dict(base, h_kv=1)),
     ]
     return cases
 
@@ -1056,6 +1085,33 @@ def test_kv_splits_policy(monkeypatch):
     assert configs.few_rows_forward(2, 16, "dense") is None
     monkeypatch.setitem(configs.OVERRIDE, "fwd", TileConfig(16, 16, 4, 1))
     assert configs.few_rows_forward(2, 128) is None
+
+
+def test_gqa_pack_policy(monkeypatch):
+    """``configs.gqa_pack``: the fewest tiles per group with the smallest power of two that gives them,
+    only where that is at most 3/4 of the unpacked tiles; ``_forward_tiles`` packs only heads that
+    share their mask data, and rejects a forced count that does not divide the group or the tile."""
+    import importlib
+
+    attention_module = importlib.import_module("maskdsl.attention")
+    assert configs.gqa_pack(4, 84, 64) == 2  # 8 tiles per group unpacked, 2 x 3 = 6 with 2 heads per tile (1 x 6 with 4)
+    assert configs.gqa_pack(4, 64, 64) == 1  # rows fill the tiles: nothing to gain
+    assert configs.gqa_pack(4, 1, 64) == 4 and configs.gqa_pack(32, 1, 64) == 32 and configs.gqa_pack(8, 1, 16) == 8
+    assert configs.gqa_pack(6, 1, 64) == 2 and configs.gqa_pack(7, 1, 64) == 1 and configs.gqa_pack(1, 1, 64) == 1
+    assert configs.gqa_pack(4, 4000, 64) == 1  # training: 250 of 252 tiles, not worth another layout
+    monkeypatch.setattr(launch, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 132)
+    q = torch.zeros(4, 32, 84, 128, dtype=torch.bfloat16)
+    k = torch.zeros(4, 8, 4096 + 84, 128, dtype=torch.bfloat16)
+    plan = md.prepare(md.Prefix(4096) | md.Causal(4096), 84, 4096 + 84)
+    assert attention_module._forward_tiles(plan, q, k) == (configs.few_rows_forward(2, 128)[0], 2)
+    assert attention_module._forward_tiles(plan, q, k[:, :1].expand(4, 32, -1, -1).contiguous())[1] == 1  # no GQA
+    heads = md.TensorMask(torch.rand(4, 32, 84, 4096 + 84) < 0.5)  # mask data per head: never packed
+    assert attention_module._forward_tiles(md.prepare(heads, 84, 4096 + 84), q, k)[1] == 1
+    monkeypatch.setitem(configs.OVERRIDE, "pack", 3)
+    assert configs.gqa_pack(4, 84, 64) == 3
+    with pytest.raises(ValueError, match="must divide the GQA group"):
+        attention_module._forward_tiles(plan, q, k)
 
 
 def test_split_decision_needs_no_lists(monkeypatch):
