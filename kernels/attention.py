@@ -43,7 +43,10 @@ C7515).
 Few rows (decoding, tree verification: tens of queries against a long cache) leave most of the
 GPU idle, so there the forward splits each row along the keys (``SPLIT``, flash-decoding): a row's
 entries are shared by ``SPLITS`` programs writing float32 partials, which
-``attn_fwd_combine_kernel`` merges (``configs.kv_splits`` decides from the shapes).
+``attn_fwd_combine_kernel`` merges (``configs.kv_splits`` decides from the shapes). With GQA such
+rows also pad most of each tile, once per query head, and every head of a key/value group reads
+the same K and V tiles: there the forward packs ``PACK`` heads of a group into each tile
+(``BLOCK_M // PACK`` positions each; ``configs.gqa_pack`` decides from the shapes).
 
 Softmax runs in base 2 (``qk_scale = scale * log2(e)``); the log-sum-exp is
 stored in natural units, ``-inf`` for a row with no allowed key (output 0).
