@@ -445,6 +445,7 @@ def _cpu_cases():
         # non-contiguous inputs, interleaved classes
         Case("causal-offset", F16, n_q=3, h_q=4, h_kv=1, pack=4),
         Case("causal-offset", F32, n_q=5, h_q=16, h_kv=1, pack=16),
+        Case("window", F16, n_q=7, n_k=50, h_q=12, h_kv=2, pack=2),  # groups of 6: 3 packs of 2 heads each
         Case("doc&(causal|prefix)", F32, n_q=33, n_k=47, h_q=4, h_kv=2, splits=2, pack=2),
         Case("window|global", F32, n_q=20, n_k=61, h_q=8, h_kv=2, tiles="t32", pack=4),
         Case("empty-rows", F16, n_q=40, n_k=57, h_q=4, h_kv=1, tiles="t32", pack=4, splits=3),
