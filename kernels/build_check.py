@@ -20,16 +20,16 @@ from __future__ import annotations
 import os
 import sys
 
+from .configs import TileConfig
+
 # the largest dynamic shared memory a block may use on an H100 / H200 (227 KiB)
 SHARED_LIMIT = 227 * 1024
 
 # Table tiles kept although ptxas serialises their wgmma (info C7515), because they measured faster
-# than every unserialised alternative: (pass, head dim, kind, tiles as configs.TileConfig's repr).
-# Reported, not failed. The D = 64 dense forward's 128 x 128 x 4 x 2 (255 registers, ~100 bytes
+# than every unserialised alternative: (pass, head dim, kind, TileConfig). Reported, not failed. The D = 64 dense forward's 128 x 128 x 4 x 2 (255 registers, ~100 bytes
 # spilled): 6-13% faster than 64 x 64 x 4 x 3 and 8-14% faster than 128 x 64 x 4 x 2 (no spill, not
 # serialised) on Full and Causal at N = 16384 (H200, session 21, docs/benchmarks/attention_h200_session21.md).
-SERIALISED_OK = {("fwd", 64, "dense", "TileConfig(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=2, ragged_stages=None, "
-                  "maxnreg=None)")}
+SERIALISED_OK = {("fwd", 64, "dense", TileConfig(128, 128, 4, 2))}
 
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
          "O_PART": "*fp32", "LSE_PART": "*fp32",

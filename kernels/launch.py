@@ -482,7 +482,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     o = new_output(q.shape, q) if out is None else out
     lse = new_output((B, H, n_q), q, torch.float32)
     even = n_k % cfg.BLOCK_N == 0
-    programs = B * (H // pack) * lists.num_rows
+    programs = _programs(q, lists.num_rows, pack)
     splits = forward_splits(q, k, lists, cfg, pack)
     # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
     # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel
@@ -535,13 +535,18 @@ def few_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig, p
     than that per multiprocessor (never on the interpreter, which has none)."""
     if per_multiprocessor is None:
         return splits_rows(q, k, num_rows, cfg)
-    return q.shape[0] * q.shape[1] * num_rows < per_multiprocessor * multiprocessors(q.device)
+    return _programs(q, num_rows) < per_multiprocessor * multiprocessors(q.device)
+
+
+def _programs(q: torch.Tensor, num_rows: int, pack: int = 1) -> int:
+    """Programs of an unsplit forward of q with ``num_rows`` query blocks per (packed) head."""
+    return q.shape[0] * (q.shape[1] // pack) * num_rows
 
 
 def _kv_splits(q: torch.Tensor, k: torch.Tensor, num_rows: int, max_work: int, cfg: TileConfig,
                pack: int = 1) -> int | None:
     sms = multiprocessors(q.device)
-    return configs.kv_splits(q.shape[0] * (q.shape[1] // pack) * num_rows, -(-k.shape[2] // cfg.BLOCK_N), max_work,
+    return configs.kv_splits(_programs(q, num_rows, pack), -(-k.shape[2] // cfg.BLOCK_N), max_work,
                              configs.kv_split_target(sms, cfg.num_warps),
                              configs.kv_split_limit(q.element_size(), q.shape[3], sms))
 
