@@ -261,41 +261,39 @@ def attn_fwd_kernel(
 def attn_fwd_combine_kernel(
     O_PART, LSE_PART, O, LSE, stride_ps, stride_pb, stride_ph, stride_pm, stride_ls,
     stride_ob, stride_oh, stride_om, stride_od, H, N_Q, SPLITS,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out = sum_s w_s O_s / sum_s w_s, w_s = exp(lse_s - max), lse = log sum_s exp(lse_s): the
-    shares of ``attn_fwd_kernel``'s split rows merged, in float32; shares with no allowed key
+    shares of ``attn_fwd_kernel``'s split rows merged, in float32, all ``SPLITS`` (<= BLOCK_S) of a
+    row's shares read at once (no chain of loads from share to share); shares with no allowed key
     (lse -inf) weigh nothing, rows with none at all give 0 and -inf."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H
     i_h = i_bh % H
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    m_row = offs_m < N_Q
-    m_od = m_row[:, None] & (offs_d[None, :] < HEAD_D)
+    m_ms = (offs_m[:, None] < N_Q) & (offs_s[None, :] < SPLITS)  # [M, S]
+    m_od = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)  # [M, D]
     P_BASE = O_PART + i_b.to(tl.int64) * stride_pb + i_h.to(tl.int64) * stride_ph
     L_BASE = LSE_PART + i_bh.to(tl.int64) * N_Q
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(SPLITS):
-        lse_s = tl.load(L_BASE + s * stride_ls.to(tl.int64) + offs_m, mask=m_row, other=float("-inf"))
-        o_s = tl.load(P_BASE + s * stride_ps.to(tl.int64) + offs_m[:, None].to(tl.int64) * stride_pm + offs_d[None, :], mask=m_od,
-                      other=0.0)
-        m_new = tl.maximum(m_i, lse_s)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        w = tl.exp(lse_s - m_use)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o_s
-        m_i = m_new
+    lse_s = tl.load(L_BASE + offs_s[None, :].to(tl.int64) * stride_ls + offs_m[:, None], mask=m_ms,
+                    other=float("-inf"))
+    o_s = tl.load(P_BASE + offs_s[None, :, None].to(tl.int64) * stride_ps
+                  + offs_m[:, None, None].to(tl.int64) * stride_pm + offs_d[None, None, :],
+                  mask=m_ms[:, :, None] & (offs_d[None, None, :] < HEAD_D), other=0.0)  # [M, S, D]
+    m_i = tl.max(lse_s, 1)
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    w = tl.exp(lse_s - m_use[:, None])  # [M, S]: 0 for shares with no allowed key
+    l_i = tl.sum(w, 1)
+    acc = tl.sum(w[:, :, None] * o_s, 1)  # [M, D]
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     p_o = (O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
            + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
     tl.store(p_o, out.to(O.dtype.element_ty), mask=m_od)
-    tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_row)
+    tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
 
 # ---------------------------------------------------------------------------

@@ -114,8 +114,16 @@ def cases():
             out.append((f"fwd split d={d} {cfg}{' even' if flag else ''}{f' pack {pack}' if pack > 1 else ''}",
                         K.attn_fwd_kernel, consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (),
                         cfg.maxnreg))
-        out.append((f"fwd combine d={d}", K.attn_fwd_combine_kernel,
-                    dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.COMBINE_ROWS), 4, 1, (), None))
+        small = configs.decode_forward(2, d)  # decoding's tiles, 4 heads per tile
+        if small is not None:
+            consts = dict(PRED=pred, BLOCK_M=small.BLOCK_M, BLOCK_N=small.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
+                          EVEN_N=False, WIDE=False, SPLIT=True, PACK=4)
+            out.append((f"fwd split d={d} {small} pack 4 (decoding)", K.attn_fwd_kernel, consts, small.num_warps,
+                        small.stages(False), (), small.maxnreg))
+        for shares in (16, configs.SPLIT_KV_MAX):
+            out.append((f"fwd combine d={d} {shares} shares", K.attn_fwd_combine_kernel,
+                        dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.combine_rows(shares, d), BLOCK_S=shares), 4, 1, (),
+                        None))
     # the backward with stored dS where the table uses it: the dK/dV pass that stores dS^T and the dQ pass
     for d in (64, 128):
         for kind in ("dense", "sparse"):

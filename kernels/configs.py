@@ -172,6 +172,18 @@ FEW_ROWS_FWD = [
 ]
 
 
+# Decoding: where the query rows of a key/value group (its heads packed into the tiles, ``gqa_pack``)
+# need no more tiles of these than of the forward's other tiles (one decoding step: 1 row of each of
+# 4 heads; a few draft tokens), the forward takes these: (element sizes, head dims, config). 16 rows
+# read the group's keys and values once, without the 64-row tiles' padding, in small programs (more
+# of them per multiprocessor, and more shares of each row). H200, session 22, CUDA graphs (GPU time
+# per step, 32 query / 8 key-value heads, one row against 8K keys, shares as the compiled kernel
+# fits): B = 4, D = 128 0.085 -> 0.050 ms (FlexAttention's decoding kernel 0.081), D = 64 0.109 ->
+# 0.035 (0.061); 2 warps, not 1: B = 1 0.019 against 0.029 (FlexAttention 0.026), B = 4 level.
+DECODE_FWD = [
+    ((2,), (64, 128), TileConfig(16, 64, 2, 3)),
+]
+
 # ... and split at most this many programs per multiprocessor: (element sizes, head dims, programs).
 # D <= 64 at 128 programs (B = 4, 32 heads, 64 queries) on the H200's 132: 2-8 shares 1.16-1.8x
 # slower against 8K keys, no faster against 64K; at D = 128 2 shares (64-row tiles) 1.5-2.4x faster.
@@ -211,6 +223,31 @@ def kv_splits(programs: int, key_blocks: int, max_work: int, target: int, limit:
     return max(1, min(target // max(programs, 1), max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
 
 
+def kv_splits_fitted(programs: int, key_blocks: int, max_work: int, slots: int) -> int | None:
+    """``kv_splits`` where the GPU's capacity for the split kernel is known: ``slots`` programs at
+    once (programs per multiprocessor, from the compiled kernel, x multiprocessors). At most half a
+    wave of programs: ``kv_splits`` with that target (one wave of shares). Up to one wave: the count
+    that minimises waves x (blocks per share + SPLIT_KV_MIN_BLOCKS), the time of the longest row
+    with a fixed cost per program (its lists, its partials, the merge), each share walking at least
+    SPLIT_KV_MIN_BLOCKS blocks, at most SPLIT_KV_MAX shares, the fewest on a tie (192 programs on
+    264 slots: 4 shares, 3 full waves, instead of 0.73 of one). Whether to split follows the shapes
+    (rows as long as the layout is wide), the count the longest row. More than one wave: no split."""
+    if "splits" in OVERRIDE or 2 * programs <= slots:
+        return kv_splits(programs, key_blocks, max_work, slots)
+    if programs > slots or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS or _fill_waves(programs, key_blocks, slots) == 1:
+        return None
+    return _fill_waves(programs, max(max_work, 1), slots)
+
+
+def _fill_waves(programs: int, work: int, slots: int) -> int:
+    """The shares of rows of ``work`` blocks that minimise waves x (blocks per share + SPLIT_KV_MIN_BLOCKS)."""
+    best, cost = 1, None
+    for count in range(1, max(1, min(SPLIT_KV_MAX, work // SPLIT_KV_MIN_BLOCKS)) + 1):
+        c = -(-programs * count // slots) * (-(-work // count) + SPLIT_KV_MIN_BLOCKS)
+        if cost is None or c < cost:
+            best, cost = count, c
+    return best
+
 def few_rows_forward(element_size: int, head_dim: int, kind: str = "sparse") -> tuple[TileConfig, float | None] | None:
     """(tiles, programs per multiprocessor) of a forward with few rows for these inputs and this mask
     ``kind`` (``FEW_ROWS_FWD``), or None: always the table's. ``OVERRIDE["fwd"]`` (tests, A/B runs)
@@ -223,6 +260,17 @@ def few_rows_forward(element_size: int, head_dim: int, kind: str = "sparse") -> 
             return cfg, per
     return None
 
+
+def decode_forward(element_size: int, head_dim: int) -> TileConfig | None:
+    """The decoding tiles of ``DECODE_FWD`` for these inputs, or None. ``OVERRIDE["fwd"]`` (tests,
+    A/B runs) keeps its tiles."""
+    if "fwd" in OVERRIDE:
+        return None
+    padded = padded_head_dim(head_dim)
+    for sizes, dims, cfg in DECODE_FWD:
+        if element_size in sizes and padded in dims:
+            return cfg
+    return None
 
 # GQA packing in the forward: with few query rows (decoding, tree verification) a tile of BLOCK_M rows
 # mostly pads, once per query head, and every query head of a key/value group reads the same K and V

@@ -483,42 +483,67 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     lse = new_output((B, H, n_q), q, torch.float32)
     even = n_k % cfg.BLOCK_N == 0
     programs = _programs(q, lists.num_rows, pack)
-    splits = forward_splits(q, k, lists, cfg, pack)
+    qs, ks, vs = q.stride(), k.stride(), v.stride()
+
+    def launch(grid, o_part, lse_part, splits, part_strides, probe=False):
+        # part_strides: the strides of o_part's last four dims, then the strides of the shares in
+        # o_part and lse_part (0, 0 unsplit); probe: compile only, for the programs that fit (_occupancy)
+        os_ = part_strides[:4]
+        return (_occupancy if probe else _launch)(
+            attn_fwd_kernel, grid,
+            (q, k, v, o_part, lse_part, meta, *lists.args(), *qs, *ks, *vs, *os_,
+             H // pack, n_q, n_k, lists.num_rows, B * (H // pack), H // k.shape[1], pair_b, pair_h, meta.stride(0),
+             scale * math.log2(math.e), splits or 1, *part_strides[4:]), q.device,
+            PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
+            EVEN_N=even, PREC=_precision(q.dtype),
+            WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
+            num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=splits is not None, PACK=pack,
+        )
+
+    per = None
+    if _may_split(q, k, programs, cfg):
+        # as many shares as the compiled split kernel fits on the GPU at once (its registers and
+        # shared memory decide how many programs a multiprocessor holds), not a nominal count
+        scratch = torch.empty(1, device=q.device, dtype=torch.float32)  # float32 partials' pointers, unused
+        per = launch((1,), scratch, scratch, 2, (H * n_q * D, n_q * D, D, 1, B * H * n_q * D, B * H * n_q), probe=True)
+    splits = forward_splits(q, k, lists, cfg, pack, per)
     # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
     # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel
     split = splits is not None
     o_part = new_output((splits, B, H, n_q, D), q, torch.float32) if split else o
     lse_part = new_output((splits, B * H, n_q), q, torch.float32) if split else lse
-    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), o_part.stride()[-4:]
-    _launch(
-        attn_fwd_kernel, (programs * (splits or 1),),
-        (q, k, v, o_part, lse_part, meta, *lists.args(), *qs, *ks, *vs, *os_,
-         H // pack, n_q, n_k, lists.num_rows, B * (H // pack), H // k.shape[1], pair_b, pair_h, meta.stride(0),
-         scale * math.log2(math.e), splits or 1, o_part.stride(0) if split else 0,
-         lse_part.stride(0) if split else 0), q.device,
-        PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
-        EVEN_N=even, PREC=_precision(q.dtype),
-        WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
-        num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=split, PACK=pack,
-    )
+    launch((programs * (splits or 1),), o_part, lse_part, splits,
+           o_part.stride()[-4:] + ((o_part.stride(0), lse_part.stride(0)) if split else (0, 0)))
     if split:
-        block = COMBINE_ROWS
+        # the merge's tile holds the most shares these shapes can give (new mask data, which may
+        # change the count, compiles nothing new)
+        shares = triton.next_power_of_2(max(splits, min(configs.SPLIT_KV_MAX, -(-n_k // cfg.BLOCK_N) // configs.SPLIT_KV_MIN_BLOCKS)))
+        block = combine_rows(shares, padded_head_dim(D))
         _launch(
             attn_fwd_combine_kernel, (B * H, triton.cdiv(n_q, block)),
             (o_part, lse_part, o, lse, *o_part.stride()[:4], lse_part.stride(0), *o.stride(), H, n_q, splits),
-            q.device, HEAD_D=D, BLOCK_D=padded_head_dim(D), BLOCK_M=block, num_warps=4, num_stages=1,
+            q.device, HEAD_D=D, BLOCK_D=padded_head_dim(D), BLOCK_M=block, BLOCK_S=shares, num_warps=4, num_stages=1,
         )
     return o, lse
 
 
-# query rows per program of attn_fwd_combine_kernel
-COMBINE_ROWS = 16
+# float32 partials attn_fwd_combine_kernel reads at once per program (rows x shares x head dim)
+COMBINE_ELEMENTS = 4096
 
 
-def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConfig, pack: int = 1) -> int | None:
+def combine_rows(shares: int, block_d: int) -> int:
+    """Query rows per program of attn_fwd_combine_kernel for ``shares`` (a power of two) shares of
+    ``block_d`` columns: a power of two, at most 16, within COMBINE_ELEMENTS where it can be."""
+    return max(1, min(16, COMBINE_ELEMENTS // (shares * block_d)))
+
+
+def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConfig, pack: int = 1,
+                   per_multiprocessor: int | None = None) -> int | None:
     """``configs.kv_splits`` for a forward of q against k over ``lists`` with tiles ``cfg`` (``pack``
-    query heads per tile): how many programs share each row, None for no split."""
-    return _kv_splits(q, k, lists.num_rows, lists.max_work, cfg, pack)
+    query heads per tile): how many programs share each row, None for no split.
+    ``per_multiprocessor``: how many programs of the split kernel a multiprocessor holds at once
+    (``_occupancy``), None: the nominal count of ``configs.kv_split_target``."""
+    return _kv_splits(q, k, lists.num_rows, lists.max_work, cfg, pack, per_multiprocessor)
 
 
 def splits_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig) -> bool:
@@ -544,11 +569,67 @@ def _programs(q: torch.Tensor, num_rows: int, pack: int = 1) -> int:
 
 
 def _kv_splits(q: torch.Tensor, k: torch.Tensor, num_rows: int, max_work: int, cfg: TileConfig,
-               pack: int = 1) -> int | None:
+               pack: int = 1, per_multiprocessor: int | None = None) -> int | None:
     sms = multiprocessors(q.device)
-    return configs.kv_splits(_programs(q, num_rows, pack), -(-k.shape[2] // cfg.BLOCK_N), max_work,
-                             configs.kv_split_target(sms, cfg.num_warps),
+    programs, key_blocks = _programs(q, num_rows, pack), -(-k.shape[2] // cfg.BLOCK_N)
+    if per_multiprocessor is not None and sms:  # the real capacity: waves of it say when a split pays
+        return configs.kv_splits_fitted(programs, key_blocks, max_work, per_multiprocessor * sms)
+    return configs.kv_splits(programs, key_blocks, max_work, configs.kv_split_target(sms, cfg.num_warps),
                              configs.kv_split_limit(q.element_size(), q.shape[3], sms))
+
+
+_OCCUPANCY: dict = {}
+
+
+def _occupancy(kernel, grid, args, device: torch.device, *, num_warps: int, num_stages: int,
+               maxnreg: int | None = None, **constexprs) -> int | None:
+    """How many programs of ``kernel``, compiled for these arguments as ``_launch`` would launch it,
+    one multiprocessor of ``device`` holds at once: the fewest its registers, its shared memory and
+    its warp slots allow (compiled here where needed, not launched; ``grid`` unused). None where
+    Triton does not say (the interpreter, another Triton's compiled kernels). Kept per kernel,
+    predicate, device and compile options."""
+    pred = constexprs.get("PRED")
+    key = (id(kernel), id(pred), device, num_warps, num_stages, maxnreg,
+           *(item for item in constexprs.items() if item[0] != "PRED"))
+    hit = _OCCUPANCY.get(key)
+    if hit is not None and hit[0] is pred:
+        return hit[1]
+    if maxnreg is not None:
+        constexprs["maxnreg"] = maxnreg
+    try:
+        compiled = kernel.warmup(*args, grid=(1,), num_warps=num_warps, num_stages=num_stages, **constexprs)
+        compiled._init_handles()
+        value = _fit(compiled.n_regs, compiled.metadata.shared, num_warps, torch.cuda.get_device_properties(device))
+    except OutOfResources:  # the launch drops stages until it fits (_launch): one program at a time
+        value = 1
+    except Exception:  # noqa: BLE001 - no compiled kernel to read (interpreter, other Triton): nominal counts
+        value = None
+    _OCCUPANCY[key] = (pred, value)
+    return value
+
+
+def _fit(regs: int, shared: int, num_warps: int, props) -> int:
+    """Programs of ``num_warps`` warps using ``regs`` registers per thread and ``shared`` bytes of
+    shared memory that one multiprocessor holds at once (at least 1); ``props``: the device's
+    properties (``torch.cuda.get_device_properties``)."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256  # registers are allocated to warps in units of 256
+    by_regs = getattr(props, "regs_per_multiprocessor", 65536) // (per_warp * num_warps)
+    by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps)
+    smem = getattr(props, "shared_memory_per_multiprocessor", 0)
+    by_shared = smem // (shared + _RESERVED_SHARED) if smem else by_warps
+    return max(1, min(by_regs, by_warps, by_shared, _MAX_BLOCKS_PER_MULTIPROCESSOR))
+
+
+_RESERVED_SHARED = 1024  # bytes of shared memory CUDA keeps per block (compute capability 8.0 and later)
+_MAX_BLOCKS_PER_MULTIPROCESSOR = 32
+
+
+def _may_split(q: torch.Tensor, k: torch.Tensor, programs: int, cfg: TileConfig) -> bool:
+    """Whether a forward of ``programs`` programs (unsplit) may split, so that the capacity of its
+    split kernel is worth reading (``_occupancy``): on a GPU, no forced count, at most the nominal
+    target of programs (``configs.kv_split_target``), rows long enough to share."""
+    return (q.is_cuda and "splits" not in configs.OVERRIDE and -(-k.shape[2] // cfg.BLOCK_N) >= 2 * configs.SPLIT_KV_MIN_BLOCKS
+            and programs <= configs.kv_split_target(multiprocessors(q.device), cfg.num_warps))
 
 
 @functools.lru_cache(maxsize=None)

@@ -181,16 +181,31 @@ def _forward_tiles(p, q, k):
     """(TileConfig, query heads per tile) of the forward for a plan and these inputs, decided by the
     shapes before any lists are built (a new mask per step, as tree verification has, builds one
     set). The tiles: the table's, or where the rows are few (decoding, tree verification; rows
-    shared along the keys where too few for the GPU) their own. The heads per tile: GQA packing
-    (``configs.gqa_pack``), where the mask data is the same for every head."""
+    shared along the keys where too few for the GPU) their own (``configs.FEW_ROWS_FWD``), or
+    where a key/value group's rows fit them in no more tiles, the decoding tiles
+    (``configs.DECODE_FWD``). The heads per tile: GQA packing (``configs.gqa_pack``), where the
+    mask data is the same for every head."""
     from kernels import configs, launch
 
-    cfg = p.tiles("fwd", q.element_size(), q.shape[3])
-    few = configs.few_rows_forward(q.element_size(), q.shape[3], p.kind)
+    es, d = q.element_size(), q.shape[3]
+    cfg = p.tiles("fwd", es, d)
+    few = configs.few_rows_forward(es, d, p.kind)
     if few is not None and few[0] != cfg and launch.few_rows(q, k, -(-p.n_q // cfg.BLOCK_M), cfg, few[1]):
         cfg = few[0]
     group = q.shape[1] // k.shape[1]
-    pack = configs.gqa_pack(group, p.n_q, cfg.BLOCK_M) if group > 1 and p.pair_h == 0 else 1
+
+    def packed(tiles):  # (query heads per tile, tiles per key/value group; None for a pack that does not fit)
+        heads = configs.gqa_pack(group, p.n_q, tiles.BLOCK_M) if group > 1 and p.pair_h == 0 else 1
+        if heads < 1 or group % heads or tiles.BLOCK_M % heads:
+            return heads, None
+        return heads, group // heads * -(-p.n_q // (tiles.BLOCK_M // heads))
+
+    pack, per_group = packed(cfg)
+    small = configs.decode_forward(es, d)
+    if small is not None and small != cfg and per_group is not None:
+        small_pack, small_per_group = packed(small)
+        if small_per_group is not None and small_per_group <= per_group:  # decoding: the rows fit as well
+            cfg, pack = small, small_pack
     if pack != 1 and (pack < 1 or group % pack or cfg.BLOCK_M % pack):  # only a forced count can be
         raise ValueError(f"configs.OVERRIDE['pack'] must divide the GQA group ({group} query heads per key/value "
                          f"head) and the forward's {cfg.BLOCK_M}-row tiles, got {pack}")

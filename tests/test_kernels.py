@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import random
+import types
 from dataclasses import dataclass, replace
 
 import pytest
@@ -1088,6 +1089,76 @@ def test_kv_splits_policy(monkeypatch):
     assert configs.few_rows_forward(2, 128) is None
 
 
+
+def test_kv_splits_fitted_policy(monkeypatch):
+    """``configs.kv_splits_fitted``: with the split kernel's real capacity (``slots`` programs at once),
+    at most half a wave takes ``kv_splits`` with that target (one wave of shares); up to one wave the
+    count that fills whole waves of long rows; past one wave no split. ``launch._fit``: programs per
+    multiprocessor from a compiled kernel's registers and shared memory."""
+    m = configs.SPLIT_KV_MIN_BLOCKS
+    # decoding, B = 4, 8 key/value heads (32 programs) against 8K keys (129 blocks of 64): 2 or 4 per SM
+    assert configs.kv_splits_fitted(32, 129, 129, 264) == 8 == configs.kv_splits(32, 129, 129, 264)
+    assert configs.kv_splits_fitted(32, 129, 129, 528) == 129 // m
+    # 192 programs on 264 slots (0.73 of a wave): 4 shares make 3 whole waves of a quarter of each row
+    assert configs.kv_splits_fitted(192, 1025, 1025, 264) == 4
+    assert configs.kv_splits_fitted(192, 129, 129, 264) == 4
+    for programs, work, slots in [(192, 1025, 264), (150, 400, 264), (200, 129, 264), (100, 33, 132)]:
+        got = configs.kv_splits_fitted(programs, work, work, slots)
+        cost = lambda s: -(-programs * s // slots) * (-(-work // s) + m)  # noqa: E731
+        assert got is None or cost(got) < cost(1), (programs, work, slots, got)
+        assert all(cost(s) >= cost(got or 1) for s in range(1, work // m + 1)), (programs, work, slots, got)
+    # one wave or more, or rows too short to share: no split
+    assert configs.kv_splits_fitted(265, 10**6, 10**6, 264) is None
+    assert configs.kv_splits_fitted(264, 10**6, 10**6, 264) is None  # one whole wave: nothing to fill
+    assert configs.kv_splits_fitted(200, 2 * m - 1, 2 * m - 1, 264) is None
+    # the shapes decide whether (new mask data never switches kernels), the longest row how many
+    assert configs.kv_splits_fitted(192, 1025, 3, 264) == 1 and configs.kv_splits_fitted(192, 1025, 1025, 264) == 4
+    assert configs.kv_splits_fitted(4, 10**6, 10**6, 0) is None
+    monkeypatch.setitem(configs.OVERRIDE, "splits", 3)
+    assert configs.kv_splits_fitted(10**6, 1, 1, 264) == 3
+    monkeypatch.delitem(configs.OVERRIDE, "splits")
+    # an H100 / H200: 64K registers, 228 KiB of shared memory, 2048 threads per multiprocessor
+    sm90 = types.SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                                 shared_memory_per_multiprocessor=233472)
+    assert launch._fit(255, 114688, 4, sm90) == 2  # 64 x 64 tiles at D = 128 on a ragged edge: shared memory
+    assert launch._fit(255, 86016, 1, sm90) == 2 and launch._fit(255, 51200, 1, sm90) == 4
+    assert launch._fit(168, 1024, 8, sm90) == 1  # registers: 168 x 256 threads, rounded per warp
+    assert launch._fit(32, 0, 1, sm90) == 32  # at most 32 blocks
+    assert launch._fit(16, 0, 4, sm90) == 16  # warp slots (64 warps)
+    assert launch._fit(100, 10**6, 4, sm90) == 1  # never below one
+    assert launch._fit(128, 1000, 4, types.SimpleNamespace()) == 4  # properties unknown: registers decide
+
+
+def test_decoding_tiles_policy(monkeypatch):
+    """``maskdsl.attention._forward_tiles`` takes ``configs.DECODE_FWD``'s tiles where a key/value
+    group's query rows (its heads packed) fit them in no more tiles than the other tiles need."""
+    import importlib
+
+    attention_module = importlib.import_module("maskdsl.attention")
+    monkeypatch.setattr(launch, "_multiprocessors", lambda index: 132)
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 132)
+    small = configs.decode_forward(2, 128)
+    assert small is not None and small.BLOCK_M == 16 and configs.decode_forward(2, 64) == small
+    assert configs.decode_forward(2, 32) is None and configs.decode_forward(4, 128) is None
+
+    def tiles(b, hq, hkv, n_q, n_k, d, mask=None):
+        q = torch.zeros(b, hq, n_q, d, dtype=torch.bfloat16)
+        k = torch.zeros(b, hkv, n_k, d, dtype=torch.bfloat16)
+        plan = md.prepare(mask if mask is not None else md.Prefix(n_k - n_q) | md.Causal(n_k - n_q), n_q, n_k)
+        return attention_module._forward_tiles(plan, q, k)
+
+    assert tiles(4, 32, 8, 1, 8193, 128) == (small, 4)  # one decoding step: 4 heads x 1 row in one tile
+    assert tiles(1, 32, 8, 4, 8196, 64) == (small, 4)  # 4 draft tokens of 4 heads: 16 rows
+    assert tiles(1, 32, 32, 1, 8193, 128) == (small, 1)  # no GQA: one row per tile either way
+    assert tiles(1, 48, 8, 1, 8193, 128) == (small, 2)  # groups of 6: 3 tiles of 2 heads either way
+    assert tiles(4, 32, 8, 16, 8208, 128)[0].BLOCK_M == 64  # 64 rows per group: the 64-row tiles
+    assert tiles(4, 32, 8, 1, 8193, 32)[0] != small  # no decoding tiles at D = 32
+    # mask data per head: no packing, and a row per head either way
+    per_head = md.TensorMask(torch.ones(1, 32, 1, 8193, dtype=torch.bool))
+    assert tiles(1, 32, 8, 1, 8193, 128, per_head) == (small, 1)
+    monkeypatch.setitem(configs.OVERRIDE, "fwd", TileConfig(16, 16, 4, 1))  # tests' tiles stay theirs
+    assert tiles(4, 32, 8, 1, 8193, 128)[0] == TileConfig(16, 16, 4, 1)
+
 def test_gqa_pack_policy(monkeypatch):
     """``configs.gqa_pack``: the fewest tiles per group with the smallest power of two that gives them,
     only where that is at most 3/4 of the unpacked tiles; ``_forward_tiles`` packs only heads that
@@ -1133,10 +1204,10 @@ def test_split_decision_needs_no_lists(monkeypatch):
         for cfg in cfgs:
             lists = plan.lists(cfg.BLOCK_M, cfg.BLOCK_N, "q")
             assert launch.splits_rows(q, k, lists.num_rows, cfg) == (launch.forward_splits(q, k, lists, cfg) is not None)
-    # a split forward (forced) lists only its own tiles
+    # a split forward (forced) lists only its own tiles (32 rows: more than the decoding tiles hold)
     built = []
-    q, k = torch.zeros(1, 4, 8, 128, dtype=torch.bfloat16), torch.zeros(1, 4, 4096, 128, dtype=torch.bfloat16)
-    plan = md.prepare(md.Prefix(4000) | md.Causal(4088), 8, 4096)
+    q, k = torch.zeros(1, 4, 32, 128, dtype=torch.bfloat16), torch.zeros(1, 4, 4096, 128, dtype=torch.bfloat16)
+    plan = md.prepare(md.Prefix(4000) | md.Causal(4064), 32, 4096)
     real = plan.lists
     monkeypatch.setattr(plan, "lists", lambda *a: built.append(a[:2]) or real(*a))
     monkeypatch.setattr(launch, "forward", lambda *a, **kw: kw["cfg"])
@@ -1178,6 +1249,36 @@ def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
     assert kernel_module.attn_fwd_combine_kernel in launched, launched
     assert calls == [configs.few_rows_forward(2, 128)[0]], calls  # 64-row tiles, not the dense table's 128
 
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("d", [64, 128])
+def test_decoding_step_by_the_policy(seed, monkeypatch, d):
+    # one decoding step (B = 2, 8 query / 2 key-value heads, 1 row against 4097 keys), no override:
+    # the decoding tiles with 4 heads per tile, split into as many shares as the compiled kernel fits
+    # on the GPU at once (one wave), merged; output and gradients match the reference
+    monkeypatch.setattr(launch, "POISON", True)
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    monkeypatch.setattr(launch, "REPLAY", False)
+    grids, real = [], launch._launch
+    monkeypatch.setattr(launch, "_launch", lambda kernel, grid, *a, **kw: (grids.append(grid), real(kernel, grid, *a, **kw))[1])
+    fitted, real_occupancy = [], launch._occupancy
+    monkeypatch.setattr(launch, "_occupancy", lambda *a, **kw: (fitted.append(real_occupancy(*a, **kw)), fitted[-1])[1])
+    n_k = 4097
+    mask = md.Prefix(n_k - 1) | md.Causal(n_k - 1)
+    q, k, v, do = make_inputs(2, 8, 2, 1, n_k, d, torch.bfloat16, "cuda")
+    run_and_check(mask, q, k, v, do, context=f"decoding step, D = {d}")
+    fwd = launched.index(kernel_module.attn_fwd_kernel)
+    small = configs.decode_forward(2, d)
+    assert constants[fwd]["BLOCK_M"] == small.BLOCK_M and constants[fwd]["num_warps"] == small.num_warps
+    assert constants[fwd]["PACK"] == 4 and constants[fwd]["SPLIT"], constants[fwd]
+    assert launched[fwd + 1] is kernel_module.attn_fwd_combine_kernel, launched
+    splits = grids[fwd][0] // 4  # 2 batches x 2 key/value groups of 4 heads per share
+    assert splits > 1 and grids[fwd][0] % 4 == 0, grids[fwd]
+    assert len(fitted) == 1 and fitted[0] >= 1, fitted  # programs per multiprocessor, from the compiled kernel
+    assert grids[fwd][0] <= fitted[0] * launch.multiprocessors(q.device), (grids[fwd], fitted)  # one wave
 
 def test_global_tokens_make_heavy_rows():
     plan = md.prepare(md.Window(8) | md.Global([5, 700, 1500]), 2048, 2048)
