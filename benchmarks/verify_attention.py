@@ -67,6 +67,7 @@ def main(argv=None) -> int:
 
     import maskdsl as md
     from kernels import configs, launch
+    from maskdsl import bench
     from maskdsl.data import medusa_tree
 
     attention_module = importlib.import_module("maskdsl.attention")  # (md.attention is the function)
@@ -96,7 +97,10 @@ def main(argv=None) -> int:
                 bm = create_block_mask(lambda bb, h, qi, kv: (kv < p) | part[qi, kv], None, None, t, p + t, device=dev)
                 kx, vx = (x.repeat_interleave(hq // hkv, 1) for x in (k, v))
                 cfg, pack = attention_module._forward_tiles(plan, q, k)  # the tiles md.attention takes here
-                chosen = launch.forward_splits(q, k, plan.lists(cfg.BLOCK_M // pack, cfg.BLOCK_N, "q"), cfg, pack)
+                with torch.no_grad():  # the split count md.attention takes: its forward's programs per row
+                    grids = dict(bench.launches_of(lambda: md.attention(q, k, v, plan)))
+                rows = launch._programs(q, plan.lists(cfg.BLOCK_M // pack, cfg.BLOCK_N, "q").num_rows, pack)
+                chosen = grids["attn_fwd_kernel"][0] // rows if "attn_fwd_combine_kernel" in grids else None
                 with torch.no_grad():
                     want = torch.nn.functional.scaled_dot_product_attention(q, kx, vx, attn_mask=full)
 

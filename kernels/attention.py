@@ -264,36 +264,43 @@ def attn_fwd_combine_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """out = sum_s w_s O_s / sum_s w_s, w_s = exp(lse_s - max), lse = log sum_s exp(lse_s): the
-    shares of ``attn_fwd_kernel``'s split rows merged, in float32, all ``SPLITS`` (<= BLOCK_S) of a
-    row's shares read at once (no chain of loads from share to share); shares with no allowed key
-    (lse -inf) weigh nothing, rows with none at all give 0 and -inf."""
+    shares of ``attn_fwd_kernel``'s split rows merged, in float32, ``BLOCK_S`` shares of a row read
+    at once (one step for most splits, not a chain of loads from share to share); shares with no
+    allowed key (lse -inf) weigh nothing, rows with none at all give 0 and -inf."""
     i_bh = tl.program_id(0)
     i_b = i_bh // H
     i_h = i_bh % H
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    m_ms = (offs_m[:, None] < N_Q) & (offs_s[None, :] < SPLITS)  # [M, S]
-    m_od = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)  # [M, D]
+    m_row = offs_m < N_Q
+    m_od = m_row[:, None] & (offs_d[None, :] < HEAD_D)
     P_BASE = O_PART + i_b.to(tl.int64) * stride_pb + i_h.to(tl.int64) * stride_ph
     L_BASE = LSE_PART + i_bh.to(tl.int64) * N_Q
-    lse_s = tl.load(L_BASE + offs_s[None, :].to(tl.int64) * stride_ls + offs_m[:, None], mask=m_ms,
-                    other=float("-inf"))
-    o_s = tl.load(P_BASE + offs_s[None, :, None].to(tl.int64) * stride_ps
-                  + offs_m[:, None, None].to(tl.int64) * stride_pm + offs_d[None, None, :],
-                  mask=m_ms[:, :, None] & (offs_d[None, None, :] < HEAD_D), other=0.0)  # [M, S, D]
-    m_i = tl.max(lse_s, 1)
-    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-    w = tl.exp(lse_s - m_use[:, None])  # [M, S]: 0 for shares with no allowed key
-    l_i = tl.sum(w, 1)
-    acc = tl.sum(w[:, :, None] * o_s, 1)  # [M, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        m_ms = m_row[:, None] & (s0 + offs_s[None, :] < SPLITS)  # [M, S]
+        share = (s0 + offs_s).to(tl.int64)
+        lse_s = tl.load(L_BASE + share[None, :] * stride_ls + offs_m[:, None], mask=m_ms, other=float("-inf"))
+        o_s = tl.load(P_BASE + share[None, :, None] * stride_ps + offs_m[:, None, None].to(tl.int64) * stride_pm
+                      + offs_d[None, None, :], mask=m_ms[:, :, None] & (offs_d[None, None, :] < HEAD_D),
+                      other=0.0)  # [M, S, D]
+        m_new = tl.maximum(m_i, tl.max(lse_s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_use)
+        w = tl.exp(lse_s - m_use[:, None])  # [M, S]: 0 for shares with no allowed key
+        l_i = l_i * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_s, 1)
+        m_i = m_new
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     p_o = (O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
            + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :] * stride_od)
     tl.store(p_o, out.to(O.dtype.element_ty), mask=m_od)
-    tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=offs_m < N_Q)
+    tl.store(LSE + i_bh.to(tl.int64) * N_Q + offs_m, lse, mask=m_row)
 
 
 # ---------------------------------------------------------------------------

@@ -120,10 +120,9 @@ def cases():
                           EVEN_N=False, WIDE=False, SPLIT=True, PACK=4)
             out.append((f"fwd split d={d} {small} pack 4 (decoding)", K.attn_fwd_kernel, consts, small.num_warps,
                         small.stages(False), (), small.maxnreg))
-        for shares in (16, configs.SPLIT_KV_MAX):
-            out.append((f"fwd combine d={d} {shares} shares", K.attn_fwd_combine_kernel,
-                        dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.combine_rows(shares, d), BLOCK_S=shares), 4, 1, (),
-                        None))
+        shares = launch.COMBINE_SHARES
+        out.append((f"fwd combine d={d}", K.attn_fwd_combine_kernel,
+                    dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.combine_rows(shares, d), BLOCK_S=shares), 4, 1, (), None))
     # the backward with stored dS where the table uses it: the dK/dV pass that stores dS^T and the dQ pass
     for d in (64, 128):
         for kind in ("dense", "sparse"):

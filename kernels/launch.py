@@ -515,25 +515,25 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     launch((programs * (splits or 1),), o_part, lse_part, splits,
            o_part.stride()[-4:] + ((o_part.stride(0), lse_part.stride(0)) if split else (0, 0)))
     if split:
-        # the merge's tile holds the most shares these shapes can give (new mask data, which may
-        # change the count, compiles nothing new)
-        shares = triton.next_power_of_2(max(splits, min(configs.SPLIT_KV_MAX, -(-n_k // cfg.BLOCK_N) // configs.SPLIT_KV_MIN_BLOCKS)))
-        block = combine_rows(shares, padded_head_dim(D))
+        block = combine_rows(COMBINE_SHARES, padded_head_dim(D))
         _launch(
             attn_fwd_combine_kernel, (B * H, triton.cdiv(n_q, block)),
             (o_part, lse_part, o, lse, *o_part.stride()[:4], lse_part.stride(0), *o.stride(), H, n_q, splits),
-            q.device, HEAD_D=D, BLOCK_D=padded_head_dim(D), BLOCK_M=block, BLOCK_S=shares, num_warps=4, num_stages=1,
+            q.device, HEAD_D=D, BLOCK_D=padded_head_dim(D), BLOCK_M=block, BLOCK_S=COMBINE_SHARES, num_warps=4,
+            num_stages=1,
         )
     return o, lse
 
 
-# float32 partials attn_fwd_combine_kernel reads at once per program (rows x shares x head dim)
+# shares of a row attn_fwd_combine_kernel reads at once (a constant: new mask data, which may change
+# the split count, compiles nothing new), and the float32 partials per program (rows x shares x D)
+COMBINE_SHARES = 8
 COMBINE_ELEMENTS = 4096
 
 
 def combine_rows(shares: int, block_d: int) -> int:
-    """Query rows per program of attn_fwd_combine_kernel for ``shares`` (a power of two) shares of
-    ``block_d`` columns: a power of two, at most 16, within COMBINE_ELEMENTS where it can be."""
+    """Query rows per program of attn_fwd_combine_kernel reading ``shares`` (a power of two) shares
+    of ``block_d`` columns at once: a power of two, at most 16, within COMBINE_ELEMENTS where it can be."""
     return max(1, min(16, COMBINE_ELEMENTS // (shares * block_d)))
 
 

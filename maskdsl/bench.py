@@ -379,6 +379,25 @@ def p_maskdsl(s: Setup):
     return s.step(lambda: md.attention(q, k, v, plan))
 
 
+
+def launches_of(fn) -> list[tuple[str, tuple]]:
+    """(kernel name, grid) of each Triton launch ``fn()`` makes through the launchers (replay off,
+    so that the launchers decide them now)."""
+    from kernels import launch
+
+    got, real, replay = [], launch._launch, launch.REPLAY
+
+    def recording(kernel, grid, *args, **kwargs):
+        got.append((getattr(kernel, "__name__", None) or kernel.fn.__name__, tuple(grid)))
+        return real(kernel, grid, *args, **kwargs)
+
+    launch._launch, launch.REPLAY = recording, False
+    try:
+        fn()
+    finally:
+        launch._launch, launch.REPLAY = real, replay
+    return got
+
 _FLEX = None
 
 

@@ -199,6 +199,9 @@ def test_ab_attention_variants():
     ("verify_attention", ["--variants", "1,0"], "--variants: expected S[@MxNxWxS[xR]][/P] such as 8@64x64x4x2 or 2/1, got '0'"),
     ("verify_attention", ["--variants", "a/0"], "got 'a/0' (P must be a positive integer, got '0')"),
     ("verify_attention", ["--variants", "4@64x64"], "got '4@64x64' (expected BLOCK_MxBLOCK_NxWARPSxSTAGES"),
+    ("decode_attention", ["--variants", "a,0"], "--variants: expected a, nominal or S[@MxNxWxS[xR]][/P] such as 8@16x64x2x3/4, got '0'"),
+    ("decode_attention", ["--variants", "8/0"], "got '8/0' (P must be a positive integer, got '0')"),
+    ("decode_attention", ["--shapes", "4,1,8192"], "--shapes: expected B,T,P,D (positive, P >= 0) such as 4,1,8192,128, got '4,1,8192'"),
 ])
 def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -211,7 +214,8 @@ def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):
 @pytest.mark.parametrize("script, argv", [("ab_attention", ["--variants", "base,unfused"]),
                                           ("kernel_energy", ["--workload", "lf_window"]),
                                           ("host_phases", ["--workloads", "alpaca_seq"]),
-                                          ("verify_attention", ["--d", "64", "--variants", "1,4"])])
+                                          ("verify_attention", ["--d", "64", "--variants", "1,4"]),
+                                          ("decode_attention", ["--shapes", "1,1,64,64", "--variants", "a,2/4"])])
 def test_benchmark_scripts_need_a_gpu(capsys, script, argv):
     assert _load_script(script).main(argv) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err

@@ -27,7 +27,7 @@ def test_every_kernel_compiles_for_sm90():
     # pre-pass, the backward with stored dS (D = 128 sparse: its dK/dV and dQ passes, both edges),
     # the preprocessing kernel with and without packed rows, the run-arrays kernel, the forward split
     # along the keys (D = 64 and 128, both edges, and with GQA heads packed) and its merge (D = 64 and 128)
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 50, report
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 48, report
 
 
 def test_generated_predicates_compile_for_sm90():

@@ -441,6 +441,7 @@ def _cpu_cases():
         Case("dilated", F32, tiles="t32", splits=2),  # interleaved: strided views of out
         Case("window", F32, layout="bnhd", splits=4),  # non-contiguous inputs
         Case("full", F32, n_q=1, n_k=37, d=24, splits=3),  # one decoding step, padded head dim
+        Case("empty-rows", F32, n_q=20, n_k=150, tiles="t32", splits=11),  # the merge in two steps of shares
         # GQA packing: each forward tile holds BLOCK_M // P positions of P heads of a group (the
         # backward is the usual one); 1 position per tile, with a split, rows with no key, padded and
         # non-contiguous inputs, interleaved classes
