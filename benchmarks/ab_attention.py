@@ -37,7 +37,6 @@ this script's drafts).
 from __future__ import annotations
 
 import argparse
-import collections
 import statistics
 import sys
 
@@ -84,16 +83,11 @@ def _use(override: dict) -> None:
 
 def profile(step, iters: int = 3) -> str:
     """Per-kernel GPU time (ms per call) of ``step``, largest first."""
+    from maskdsl import bench
+
     step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            step()
-        torch.cuda.synchronize()
-    acc = collections.defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            acc[e.name[:40]] += e.device_time_total / 1e3 / iters
+    acc = bench.kernel_times(step, iters)
     return "  ".join(f"{k}={v:.3f}" for k, v in sorted(acc.items(), key=lambda kv: -kv[1]) if v > 0.01)
 
 

@@ -25,7 +25,6 @@ checked against the ``a`` column's (bf16 tolerance) before it is timed.
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import random
 import sys
@@ -56,19 +55,6 @@ def graph_time(fn, calls: int = 20, replays: int = 5) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     return sorted(times)[len(times) // 2]
-
-
-def kernel_times(fn, calls: int = 20) -> str:
-    """Each kernel's GPU time per call (torch.profiler), as ``name=ms`` pairs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    acc = collections.defaultdict(float)
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            acc[e.name[:24]] += e.device_time_total / 1e3 / calls
-    return " ".join(f"{name}={ms:.4f}" for name, ms in acc.items())
 
 
 @contextlib.contextmanager
@@ -172,7 +158,7 @@ def main(argv=None) -> int:
                     raise AssertionError(f"{text} at {b},{t},{p},{d}: differs from the policy's output by {err}")
                 col = f"{graph_time(call):.4f}"
                 if args.profile and text in ("a", "nominal"):
-                    col += f"[{kernel_times(call)}]"
+                    col += "[" + " ".join(f"{name}={ms:.4f}" for name, ms in bench.kernel_times(call, 20, 24).items()) + "]"
                 cols.append(col)
 
             def fx():

@@ -380,6 +380,19 @@ def p_maskdsl(s: Setup):
 
 
 
+def kernel_times(fn, calls: int = 3, name_width: int = 40) -> dict[str, float]:
+    """GPU time per call (ms) of each kernel ``fn()`` launches, over ``calls`` calls (torch.profiler),
+    by kernel name (its first ``name_width`` characters)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    acc: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            acc[e.name[:name_width]] = acc.get(e.name[:name_width], 0.0) + e.device_time_total / 1e3 / calls
+    return acc
+
 def launches_of(fn) -> list[tuple[str, tuple]]:
     """(kernel name, grid) of each Triton launch ``fn()`` makes through the launchers (replay off,
     so that the launchers decide them now)."""
