@@ -153,6 +153,10 @@ def stored_ds_row_tiles(dkdv: TileConfig) -> int:
 # slower), each walking at least SPLIT_KV_MIN_BLOCKS blocks of the mask's longest row, at most
 # SPLIT_KV_MAX. See ``kv_splits``. Tree verification on an H200 (session 18, T = 64 nodes against
 # 64K keys, B = 1, 32 heads, D = 128): 2.02 ms unsplit, 0.28 ms split (8 shares of 64 x 64 tiles).
+# These nominal counts stand where the split kernel's real capacity is unknown; on a GPU the launcher
+# reads it from the compiled kernel (``launch._occupancy``: 64 x 64 tiles at D = 128 on a ragged edge
+# hold 2 per multiprocessor, not 4, and 16 shares of 32 rows gave 2 waves where 8 fit one) and
+# decides with ``kv_splits_fitted`` (session 22: docs/benchmarks/decode_h200_session22.md).
 SPLIT_KV_PROGRAMS = 4
 SPLIT_KV_MIN_BLOCKS = 8
 SPLIT_KV_MAX = 64
@@ -178,8 +182,8 @@ FEW_ROWS_FWD = [
 # read the group's keys and values once, without the 64-row tiles' padding, in small programs (more
 # of them per multiprocessor, and more shares of each row). H200, session 22, CUDA graphs (GPU time
 # per step, 32 query / 8 key-value heads, one row against 8K keys, shares as the compiled kernel
-# fits): B = 4, D = 128 0.085 -> 0.050 ms (FlexAttention's decoding kernel 0.081), D = 64 0.109 ->
-# 0.035 (0.061); 2 warps, not 1: B = 1 0.019 against 0.029 (FlexAttention 0.026), B = 4 level.
+# fits): B = 4, D = 128 0.085 -> 0.045 ms (FlexAttention's decoding kernel 0.082-0.092), D = 64
+# 0.109 -> 0.034 (0.064); 2 warps, not 1: B = 1 0.019 against 0.029 (FlexAttention 0.026), B = 4 level.
 DECODE_FWD = [
     ((2,), (64, 128), TileConfig(16, 64, 2, 3)),
 ]
