@@ -1130,6 +1130,51 @@ def test_kv_splits_fitted_policy(monkeypatch):
     assert launch._fit(128, 1000, 4, types.SimpleNamespace()) == 4  # properties unknown: registers decide
 
 
+
+def test_occupancy_reads_the_compiled_kernel(monkeypatch):
+    """``launch._occupancy`` compiles without launching (Triton's ``warmup``, the launch's compile
+    options), reads registers and shared memory (``_fit``), keeps the answer per kernel, predicate,
+    device and options; out of shared memory: 1; nothing to read: None (the nominal counts)."""
+    from triton.runtime.errors import OutOfResources
+
+    compiles = []
+
+    class Kernel:
+        def __init__(self, regs=128, shared=50_000, error=None):
+            self.regs, self.shared, self.error = regs, shared, error
+
+        def warmup(self, *args, grid, num_warps, num_stages, **options):
+            compiles.append((args, num_warps, num_stages, options))
+            if self.error is not None:
+                raise self.error
+            kernel = self
+
+            class Compiled:
+                metadata = types.SimpleNamespace(shared=kernel.shared)
+
+                def _init_handles(self):
+                    self.n_regs = kernel.regs
+
+            return Compiled()
+
+    sm90 = types.SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                                 shared_memory_per_multiprocessor=233472)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: sm90)
+    monkeypatch.setattr(launch, "_OCCUPANCY", {})
+    device, pred, kernel = torch.device("cuda", 0), object(), Kernel()
+    got = launch._occupancy(kernel, (1,), ("q", 7), device, num_warps=4, num_stages=2, PRED=pred, BLOCK_M=16)
+    assert got == launch._fit(128, 50_000, 4, sm90) == 4
+    assert compiles == [(("q", 7), 4, 2, {"PRED": pred, "BLOCK_M": 16})]
+    assert launch._occupancy(kernel, (1,), ("q", 7), device, num_warps=4, num_stages=2, PRED=pred, BLOCK_M=16) == 4
+    assert len(compiles) == 1  # kept
+    assert launch._occupancy(kernel, (1,), ("q", 7), device, num_warps=4, num_stages=3, maxnreg=96, PRED=pred,
+                             BLOCK_M=16) == 4
+    assert len(compiles) == 2 and compiles[-1][3]["maxnreg"] == 96  # other options: compiled again, the cap passed
+    assert launch._occupancy(Kernel(shared=120_000), (1,), (), device, num_warps=4, num_stages=2, PRED=pred) == 1
+    full = Kernel(error=OutOfResources(300_000, 232_448, "shared memory"))
+    assert launch._occupancy(full, (1,), (), device, num_warps=4, num_stages=4, PRED=pred) == 1
+    assert launch._occupancy(Kernel(error=RuntimeError("no")), (1,), (), device, num_warps=4, num_stages=2) is None
+
 def test_decoding_tiles_policy(monkeypatch):
     """``maskdsl.attention._forward_tiles`` takes ``configs.DECODE_FWD``'s tiles where a key/value
     group's query rows (its heads packed) fit them in no more tiles than the other tiles need."""
