@@ -22,7 +22,7 @@ from kernels.launch import DsTiles, Lists, ds_numel
 from . import codegen
 from . import reorder as _reorder
 from .analysis import EMPTY, FULL
-from .layout import block_classes, layout_from_classes, pool_classes
+from .layout import block_classes, closed_form_classes, layout_from_classes, pool_classes
 from .preprocess import LIST_FIELDS, row_lists
 from .masks import Mask, TensorMask
 
@@ -35,7 +35,11 @@ __all__ = ["Plan", "prepare"]
 # pooled up to POOL_MAX_BLOCKS per (batch, head) pair of the data (N = 16384), where it was
 # 1.4-2.9x faster on the paper's data masks (CPU, session 15; Causal 1.3x slower, 7.9 ms against
 # 6.0), and beyond it (N = 32768: Causal 16 ms against 7, the window 21 against 16) analysed per
-# tile shape; and up to POOL_MAX_TOTAL blocks in all (memory).
+# tile shape; and up to POOL_MAX_TOTAL blocks in all (memory). Masks whose classes have a closed
+# form at any tiles (packed training's documents: ``layout.closed_form_classes``) compute each tile
+# shape's own instead, any tile shape: ALPACA packed in 4 sequences at N = 16384 (development CPU,
+# session 22, ``benchmarks/prepare_time.py --batch 4 --warm 64,128``, medians of 3 alternating
+# runs) 13.5 -> 12.4 ms sequential, 15.2 -> 14.1 input-bidirectional.
 POOL_GRAIN = 32
 POOL_MAX_BLOCKS = 1 << 18
 POOL_MAX_TOTAL = 1 << 24
@@ -151,25 +155,35 @@ class Plan:
             return lay
 
     def _pooled(self, block_q: int, block_k: int):
-        """The block classes (int8 ``[P, Mq, Mk]``) for tiles block_q x block_k, pooled from this
-        plan's classes at ``POOL_GRAIN`` (computed at the first call), or None where the tiles are
-        not multiples of the grain or those classes would exceed ``POOL_MAX_BLOCKS`` per pair or
-        ``POOL_MAX_TOTAL`` in all (the plan then builds a BlockLayout per tile shape). Called under
-        the lock."""
+        """The block classes (int8 ``[P, Mq, Mk]``) for tiles block_q x block_k, or None where the
+        plan builds a BlockLayout per tile shape instead. A mask with closed-form classes
+        (``layout.closed_form_classes``) computes each tile shape's own, up to ``POOL_MAX_TOTAL``
+        blocks; any other mask pools them from this plan's classes at ``POOL_GRAIN`` (computed at
+        the first call), where the tiles are multiples of the grain and those classes take at most
+        ``POOL_MAX_BLOCKS`` per pair and ``POOL_MAX_TOTAL`` in all. Called under the lock."""
+        got = self._grain.get((block_q, block_k)) if self._grain else None
+        if got is not None:
+            return got
+        pairs = int(np.prod(self._bound.batch_shape)) if self._bound.batch_shape else 1
+        if self._grain is None and closed_form_classes(self.kernel_mask):
+            self._grain = {"direct": True}
+        if self._grain is not None and "direct" in self._grain:
+            if pairs * -(-self.n_q // block_q) * -(-self.n_k // block_k) > POOL_MAX_TOTAL:
+                return None
+            got = self._grain[(block_q, block_k)] = block_classes(self.kernel_mask, self.n_q, self.n_k,
+                                                                  (block_q, block_k), self._bound)
+            return got
         if block_q % POOL_GRAIN or block_k % POOL_GRAIN:
             return None
         if self._grain is None:
-            pairs = int(np.prod(self._bound.batch_shape)) if self._bound.batch_shape else 1
             blocks = -(-self.n_q // POOL_GRAIN) * -(-self.n_k // POOL_GRAIN)
             pooled = blocks <= POOL_MAX_BLOCKS and pairs * blocks <= POOL_MAX_TOTAL
             self._grain = {(POOL_GRAIN, POOL_GRAIN): block_classes(
                 self.kernel_mask, self.n_q, self.n_k, (POOL_GRAIN, POOL_GRAIN), self._bound)} if pooled else {}
         if not self._grain:
             return None
-        got = self._grain.get((block_q, block_k))
-        if got is None:
-            got = pool_classes(self._grain[(POOL_GRAIN, POOL_GRAIN)], self.n_q, self.n_k, POOL_GRAIN, (block_q, block_k))
-            self._grain[(block_q, block_k)] = got
+        got = self._grain[(block_q, block_k)] = pool_classes(self._grain[(POOL_GRAIN, POOL_GRAIN)], self.n_q, self.n_k,
+                                                             POOL_GRAIN, (block_q, block_k))
         return got
 
     def _matrices(self, block_q: int, block_k: int):

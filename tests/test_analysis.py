@@ -342,7 +342,8 @@ PLAN_TILES = [(32, 32), (64, 32), (32, 64), (64, 64), (128, 128), (128, 64), (16
 @pytest.mark.parametrize("n", [700, 1000])
 def test_plan_layouts_pooled_equal_direct(name, n, monkeypatch):
     """A plan's layouts, lists, stored-dS numbering and kind, pooled from its classes at the
-    grain, equal those of one analysis per tile shape (the plan's path above POOL_MAX_BLOCKS)."""
+    grain or (packed documents) from each tile shape's closed-form classes, equal those of one
+    analysis per tile shape (the plan's path above POOL_MAX_BLOCKS)."""
     import maskdsl.plan as P
 
     if name == "per-batch":
@@ -353,16 +354,30 @@ def test_plan_layouts_pooled_equal_direct(name, n, monkeypatch):
         mask = PAPER[name]
     n = min(n, 37) if name == "medusa" else n
 
-    def built(max_blocks):
+    def built(max_blocks, closed_form=True):
         monkeypatch.setattr(P, "POOL_MAX_BLOCKS", max_blocks)
+        monkeypatch.setattr(P, "closed_form_classes", P.closed_form_classes if closed_form else lambda mask: False)
         plan = P.Plan(mask, n, n, "cpu")
         lays = {t: plan.layout(*t) for t in PLAN_TILES}
         lists = {(t, by): plan.lists(*t, by) for t in PLAN_TILES for by in "qk"}
         ds = plan.ds_tiles(32, 64, 2)
         return plan, lays, lists, ds
 
-    pooled, direct = built(1 << 23), built(0)
-    assert pooled[0]._grain and not direct[0]._grain  # each path taken
+    # the plan's path (documents: each tile's closed form; others: pooled), pooling for every mask,
+    # and one analysis per tile shape
+    closed = P.closed_form_classes(mask)
+    assert closed == (name in ("doc-causal", "doc-bidir", "per-batch"))
+    plans = [built(1 << 23), built(1 << 23, closed_form=False), built(0, closed_form=False)]
+    assert ("direct" in plans[0][0]._grain) == closed and (POOL_GRAIN_KEY in plans[1][0]._grain)
+    assert not plans[2][0]._grain  # each path taken
+    for pooled in plans[:2]:
+        _same_plans(pooled, plans[2])
+
+
+POOL_GRAIN_KEY = (32, 32)
+
+
+def _same_plans(pooled, direct):
     assert pooled[0].kind == direct[0].kind
     for t in PLAN_TILES:
         a, b = pooled[1][t], direct[1][t]
