@@ -398,7 +398,15 @@ class Causal(Mask):
         object.__setattr__(self, "offset", _check_int("Causal", "offset", self.offset, None))
 
     def _predicate(self, k):
-        return J <= I + self.offset
+        # a nonzero offset is a data scalar, so that a new offset (a decoding step against a longer
+        # cache) reuses the expression and its analysis (no sympy); 0 stays a literal
+        return J <= I if self.offset == 0 else J <= I + S.scalar(f"coff{k}")
+
+    def _data(self, k, n_q, n_k):
+        return {}, ({} if self.offset == 0 else {f"coff{k}": torch.tensor([self.offset], dtype=torch.long)})
+
+    def _shape(self):
+        return ("Causal", self.offset == 0)
 
     def __repr__(self):
         return "Causal()" if self.offset == 0 else f"Causal({self.offset})"
@@ -587,6 +595,10 @@ class Prefix(Mask):
     def _check_leaf_size(self, n_q, n_k):
         if self.documents is not None:
             _check_total("Prefix", "documents", self.documents, n_q, n_k)
+
+    def _shape(self):
+        # the lengths reach the expression as data (a scalar or a table), never as literals
+        return ("Prefix", self.documents is None)
 
     def _predicate(self, k):
         if self.documents is None:

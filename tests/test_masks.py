@@ -288,3 +288,28 @@ def test_to_dense_builds_on_the_requested_device(mask):
     # masks with no data tables (Full, Causal, Window) once ignored device= and built on the CPU
     assert mask.to_dense(5, 5, device="meta").device.type == "meta"
     assert mask.to_dense(5, 5).device.type == "cpu"
+
+
+def test_decoding_offsets_reuse_the_analysis():
+    """A decoding step against a longer cache changes a Causal offset or a Prefix length: both reach
+    the expression as data scalars (Causal() stays the literal ``j <= i``), so the new mask reuses the
+    expression, its symbolic analysis and its generated predicate, and stays exact."""
+    from maskdsl import analysis as A
+
+    a, b = md.Causal(5), md.Causal(9000)
+    assert a._symbolic[0] is b._symbolic[0] and a._shape() == md.Causal(-3)._shape() != md.Causal()._shape()
+    assert md.Prefix(3)._symbolic[0] is md.Prefix(70)._symbolic[0]
+    assert str(md.Causal()._symbolic[0]) == "j <= i"
+    for mask, n_q, n_k in [(md.Causal(37), 5, 42), (md.Causal(-2), 9, 9), (md.Prefix(40) | md.Causal(33), 7, 40),
+                           (md.Causal(1) & md.Window(3), 6, 8), (md.Causal(300), 3, 303)]:
+        for block in [(1, 1), (2, 3), (4, 16)]:
+            classes = md.prepare(mask, n_q, n_k).layout(*block).block_matrix.to(torch.int8)  # non-empty blocks
+            dense = mask.to_dense(n_q, n_k)
+            mq, mk = -(-n_q // block[0]), -(-n_k // block[1])
+            pad = torch.zeros(mq * block[0], mk * block[1], dtype=torch.bool)
+            pad[:n_q, :n_k] = dense
+            want = pad.reshape(mq, block[0], mk, block[1]).any(3).any(1)
+            assert torch.equal(classes.reshape(mq, mk).bool(), want), (mask, block)
+    plans = [md.prepare(md.Causal(off), 4, 4 + off) for off in (7, 8, 500)]
+    assert plans[0].predicate.fn is plans[1].predicate.fn is plans[2].predicate.fn  # one generated kernel
+    assert A.plan_for(plans[0]._bound.expr) is A.plan_for(plans[2]._bound.expr)
