@@ -18,6 +18,7 @@ import os
 import threading
 import weakref
 
+import numpy as np
 import torch
 
 from . import analysis as A
@@ -28,9 +29,11 @@ __all__ = ["tensor_blocks", "pack_bits", "pack_tiles", "cached_classes", "run_ar
 def pack_bits(t: torch.Tensor) -> torch.Tensor:
     """Bool [..., n, m] -> int32 [..., n, ceil(m / 32)], bit b of word w holding column 32 w + b.
 
-    On CUDA the preprocessing kernel packs the rows (one read, no temporaries); elsewhere torch
-    operations do, a block of rows at a time so that the int64 temporary stays near 64 MB (the
-    whole mask at once would take 8 bytes per entry: 2 GB at 16384 x 16384)."""
+    On CUDA the preprocessing kernel packs the rows (one read, no temporaries); on the CPU numpy's
+    ``packbits`` (little-endian bit and byte order: bytes 4 w .. 4 w + 3 are word w; ~30x faster
+    than torch operations on a tree verification's mask); elsewhere torch operations, a block of
+    rows at a time so that the int64 temporary stays near 64 MB (the whole mask at once would take
+    8 bytes per entry: 2 GB at 16384 x 16384)."""
     *lead, n, m = t.shape
     words = -(-m // 32)
     if t.is_cuda and n and m and os.environ.get("MASKDSL_PREPROCESS", "triton") != "torch":
@@ -39,6 +42,11 @@ def pack_bits(t: torch.Tensor) -> torch.Tensor:
         flat = t.reshape(1, -1, n, m)
         _, packed = tensor_mask_blocks(flat if flat.dtype in (torch.bool, torch.uint8) else flat != 0, 128, 128)
         return packed.view(*lead, n, words)
+    if t.device.type == "cpu":
+        bits = np.packbits((t if t.dtype == torch.bool else t != 0).numpy(), axis=-1, bitorder="little")
+        padded = np.zeros((*lead, n, words * 4), dtype=np.uint8)
+        padded[..., : bits.shape[-1]] = bits
+        return torch.from_numpy(padded.view("<i4").astype(np.int32, copy=False))
     out = torch.empty(*lead, n, words, dtype=torch.int32, device=t.device)
     step = max(1, (1 << 23) // max(1, words * 32 * math.prod(lead)))  # rows per block: ~8M int64 entries
     shifts = torch.arange(32, device=t.device)
