@@ -234,7 +234,7 @@ def kv_splits_fitted(programs: int, key_blocks: int, max_work: int, slots: int) 
     that minimises waves x (blocks per share + SPLIT_KV_MIN_BLOCKS), the time of the longest row
     with a fixed cost per program (its lists, its partials, the merge), each share walking at least
     SPLIT_KV_MIN_BLOCKS blocks, at most SPLIT_KV_MAX shares, the fewest on a tie (192 programs on
-    264 slots: 4 shares, 3 full waves, instead of 0.73 of one). Whether to split follows the shapes
+    264 slots: 4 shares, 3 full waves, where 2 would make 1.45). Whether to split follows the shapes
     (rows as long as the layout is wide), the count the longest row. More than one wave: no split."""
     if "splits" in OVERRIDE or 2 * programs <= slots:
         return kv_splits(programs, key_blocks, max_work, slots)
