@@ -166,12 +166,12 @@ def _document_causal(mask):
     return None
 
 
-
 def closed_form_classes(mask) -> bool:
     """Whether ``block_classes`` computes ``mask``'s classes for any tiles in closed form, at a cost
     following the tiles' count (packed training's document masks, ``_document_causal``), so that a
     plan computes each tile shape's own instead of pooling one fine grain (``maskdsl.plan``)."""
     return _document_causal(mask) is not None
+
 
 def document_causal_classes(rows, offset: int, prompts, n_q: int, n_k: int, block_q: int,
                             block_k: int) -> torch.Tensor:
