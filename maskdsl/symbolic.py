@@ -248,11 +248,36 @@ def structure_atoms(expr) -> tuple[Atom, ...]:
 
 
 def numeric_bound(bound, scalars: dict) -> Fraction:
-    """The exact value of a "d" atom's bound, with the data scalars substituted."""
+    """The exact value of a "d" atom's bound, with the data scalars substituted: in Fractions where
+    the bound is a sum of products of rationals and scalars (a causal offset: ``coff0``), without
+    sympy's ``subs`` (~0.1 ms, paid by every new plan of a decoding step), else through ``subs``."""
+    try:
+        return _exact(bound, scalars)
+    except (_NotExact, KeyError):
+        pass
     value = bound.subs({scalar(name): x for name, x in scalars.items()}) if bound.free_symbols else bound
     if not value.is_Rational:
         raise ValueError(f"the bound {bound} of a mask predicate is not a rational number: {value}")
     return Fraction(int(value.p), int(value.q))
+
+
+class _NotExact(Exception):
+    pass
+
+
+def _exact(e, scalars: dict) -> Fraction:
+    if e.is_Rational:
+        return Fraction(int(e.p), int(e.q))
+    if e.is_Symbol:
+        return Fraction(int(scalars[e.name]))
+    if e.is_Add:
+        return sum((_exact(a, scalars) for a in e.args), Fraction(0))
+    if e.is_Mul:
+        out = Fraction(1)
+        for a in e.args:
+            out *= _exact(a, scalars)
+        return out
+    raise _NotExact
 
 
 def d_cuts(atom: Atom, scalars: dict) -> list[int]:
