@@ -504,8 +504,8 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     if _may_split(q, k, programs, cfg):
         # as many shares as the compiled split kernel fits on the GPU at once (its registers and
         # shared memory decide how many programs a multiprocessor holds), not a nominal count
-        scratch = torch.empty(1, device=q.device, dtype=torch.float32)  # float32 partials' pointers, unused
-        per = launch((1,), scratch, scratch, 2, (H * n_q * D, n_q * D, D, 1, B * H * n_q * D, B * H * n_q), probe=True)
+        # (lse stands in for the float32 partials: a pointer of their dtype, never written by a compile)
+        per = launch((1,), lse, lse, 2, (H * n_q * D, n_q * D, D, 1, B * H * n_q * D, B * H * n_q), probe=True)
     splits = forward_splits(q, k, lists, cfg, pack, per)
     # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
     # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel

@@ -201,14 +201,14 @@ def _forward_tiles(p, q, k):
         return heads, group // heads * -(-p.n_q // (tiles.BLOCK_M // heads))
 
     pack, per_group = packed(cfg)
+    if per_group is None:  # only a forced count can be
+        raise ValueError(f"configs.OVERRIDE['pack'] must divide the GQA group ({group} query heads per key/value "
+                         f"head) and the forward's {cfg.BLOCK_M}-row tiles, got {pack}")
     small = configs.decode_forward(es, d)
-    if small is not None and small != cfg and per_group is not None:
+    if small is not None and small != cfg:
         small_pack, small_per_group = packed(small)
         if small_per_group is not None and small_per_group <= per_group:  # decoding: the rows fit as well
             cfg, pack = small, small_pack
-    if pack != 1 and (pack < 1 or group % pack or cfg.BLOCK_M % pack):  # only a forced count can be
-        raise ValueError(f"configs.OVERRIDE['pack'] must divide the GQA group ({group} query heads per key/value "
-                         f"head) and the forward's {cfg.BLOCK_M}-row tiles, got {pack}")
     return cfg, pack
 
 
