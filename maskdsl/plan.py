@@ -73,7 +73,7 @@ class Plan:
         self.pair_h = 1 if hm > 1 else 0
         self._layouts = {}
         self._grain = None  # (block_q, block_k) -> pooled block classes ({}: not pooled), see _pooled
-        self._own = {}  # (block_q, block_k) -> the classes of small layouts the grain does not divide
+        self._own = {}  # (block_q, block_k) -> classes not pooled from the grain (closed forms, small layouts)
         self._lists = {}
         self.recipes = {}  # the kernels' passes recorded for replay (kernels.launch.replay)
         self._lock = threading.Lock()
@@ -159,26 +159,17 @@ class Plan:
         """The block classes (int8 ``[P, Mq, Mk]``) for tiles block_q x block_k, or None where the
         plan builds a BlockLayout per tile shape instead. A mask with closed-form classes
         (``layout.closed_form_classes``) computes each tile shape's own, up to ``POOL_MAX_TOTAL``
-        blocks; any other mask pools them from this plan's classes at ``POOL_GRAIN`` (computed at
-        the first call), where the tiles are multiples of the grain and those classes take at most
-        ``POOL_MAX_BLOCKS`` per pair and ``POOL_MAX_TOTAL`` in all. Called under the lock."""
-        got = self._grain.get((block_q, block_k)) if self._grain else None
-        if got is not None:
-            return got
+        blocks; any other mask its own for tiles the grain does not divide, up to
+        ``POOL_MAX_BLOCKS`` blocks, and pools the rest from this plan's classes at ``POOL_GRAIN``
+        (computed at the first call), where those classes take at most ``POOL_MAX_BLOCKS`` per pair
+        and ``POOL_MAX_TOTAL`` in all. Called under the lock."""
         pairs = int(np.prod(self._bound.batch_shape)) if self._bound.batch_shape else 1
-        if self._grain is None and closed_form_classes(self.kernel_mask):
-            self._grain = {"direct": True}
-        if self._grain is not None and "direct" in self._grain:
-            if pairs * -(-self.n_q // block_q) * -(-self.n_k // block_k) > POOL_MAX_TOTAL:
-                return None
-            got = self._grain[(block_q, block_k)] = block_classes(self.kernel_mask, self.n_q, self.n_k,
-                                                                  (block_q, block_k), self._bound)
-            return got
-        if block_q % POOL_GRAIN or block_k % POOL_GRAIN:
-            # tiles the grain does not divide (decoding's few-row tiles, heads packed): their own
-            # classes where the layout is small (one direction's lists from them, not a BlockLayout
-            # of both directions from two analyses: a decoding step's lists 1.2 -> 0.4 ms)
-            if pairs * -(-self.n_q // block_q) * -(-self.n_k // block_k) > POOL_MAX_BLOCKS:
+        if self._closed_form or block_q % POOL_GRAIN or block_k % POOL_GRAIN:
+            # their own classes: closed forms at any tiles; else small layouts the grain does not
+            # divide (decoding's few-row tiles, heads packed: one direction's lists from them, not a
+            # BlockLayout of both directions from two analyses, a decoding step's lists 1.2 -> 0.4 ms)
+            limit = POOL_MAX_TOTAL if self._closed_form else POOL_MAX_BLOCKS
+            if pairs * -(-self.n_q // block_q) * -(-self.n_k // block_k) > limit:
                 return None
             got = self._own.get((block_q, block_k))
             if got is None:
@@ -192,9 +183,16 @@ class Plan:
                 self.kernel_mask, self.n_q, self.n_k, (POOL_GRAIN, POOL_GRAIN), self._bound)} if pooled else {}
         if not self._grain:
             return None
-        got = self._grain[(block_q, block_k)] = pool_classes(self._grain[(POOL_GRAIN, POOL_GRAIN)], self.n_q, self.n_k,
-                                                             POOL_GRAIN, (block_q, block_k))
+        got = self._grain.get((block_q, block_k))
+        if got is None:
+            got = self._grain[(block_q, block_k)] = pool_classes(self._grain[(POOL_GRAIN, POOL_GRAIN)], self.n_q,
+                                                                 self.n_k, POOL_GRAIN, (block_q, block_k))
         return got
+
+    @functools.cached_property
+    def _closed_form(self) -> bool:
+        """Whether the kernel mask's block classes have a closed form at any tiles (``_pooled``)."""
+        return closed_form_classes(self.kernel_mask)
 
     def _matrices(self, block_q: int, block_k: int):
         """(block_matrix, full_matrix): bool ``[P, Mq, Mk]`` on the CPU, for tiles block_q x block_k."""

@@ -368,8 +368,9 @@ def test_plan_layouts_pooled_equal_direct(name, n, monkeypatch):
     closed = P.closed_form_classes(mask)
     assert closed == (name in ("doc-causal", "doc-bidir", "per-batch"))
     plans = [built(1 << 23), built(1 << 23, closed_form=False), built(0, closed_form=False)]
-    assert ("direct" in plans[0][0]._grain) == closed and (POOL_GRAIN_KEY in plans[1][0]._grain)
-    assert not plans[2][0]._grain  # each path taken
+    assert plans[0][0]._closed_form == closed and (plans[0][0]._grain is None) == closed
+    assert (128, 128) in plans[0][0]._own if closed else POOL_GRAIN_KEY in plans[1][0]._grain
+    assert not plans[2][0]._grain and not plans[1][0]._closed_form  # each path taken
     for pooled in plans[:2]:
         _same_plans(pooled, plans[2])
 
