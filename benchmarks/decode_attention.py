@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="a,nominal", help="comma list of a, nominal, S[@MxNxWxS[xR]][/P]")
     ap.add_argument("--profile", action="store_true", help="kernel times of the a and nominal columns")
     args = ap.parse_args(argv)
-    from kernels.configs import TileConfig
+    from kernels.configs import forward_overrides
 
     shapes, variants = [], args.variants.split(",")
     try:
@@ -97,21 +97,12 @@ def main(argv=None) -> int:
     for text in variants:  # bad variants fail before any work
         if text in ("a", "nominal"):
             continue
-        spec, slash, pack = text.partition("/")
-        count, _, tiles = spec.partition("@")
         try:
-            if not count.isdigit() or int(count) < 1:
-                raise ValueError(f"S must be a positive integer, got {count!r}")
-            over = {"splits": int(count)}
-            if tiles:
-                over["fwd"] = TileConfig.parse(tiles)
-            if slash:
-                if not pack.isdigit() or int(pack) < 1:
-                    raise ValueError(f"P must be a positive integer, got {pack!r}")
-                over["pack"] = int(pack)
+            forced[text] = forward_overrides(text)
+            if "splits" not in forced[text]:  # the policy's count is the a column
+                raise ValueError("S must be a positive integer, got 'a'")
         except ValueError as e:
             ap.error(f"--variants: expected a, nominal or S[@MxNxWxS[xR]][/P] such as 8@16x64x2x3/4, got {text!r} ({e})")
-        forced[text] = over
     if not torch.cuda.is_available():
         print("decode_attention: needs a CUDA GPU", file=sys.stderr)
         return 2

@@ -44,19 +44,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", default="1,4")
     ap.add_argument("--cached", default="8192,65536")
     args = ap.parse_args(argv)
-    from kernels.configs import TileConfig
+    from kernels.configs import forward_overrides
 
     variants = args.variants.split(",")
+    forced = {}
     for text in variants:  # bad variants fail before any work
-        spec, slash, pack = text.partition("/")
-        count, _, tiles = spec.partition("@")
         try:
-            if count != "a" and (not count.isdigit() or int(count) < 1):
-                raise ValueError(f"S must be a positive integer or a, got {count!r}")
-            if tiles:
-                TileConfig.parse(tiles)
-            if slash and (not pack.isdigit() or int(pack) < 1):
-                raise ValueError(f"P must be a positive integer, got {pack!r}")
+            forced[text] = forward_overrides(text)
         except ValueError as e:
             ap.error(f"--variants: expected S[@MxNxWxS[xR]][/P] such as 8@64x64x4x2 or 2/1, got {text!r} ({e})")
     if not torch.cuda.is_available():
@@ -117,16 +111,8 @@ def main(argv=None) -> int:
                                         kernel_options={"FORCE_USE_FLEX_ATTENTION": True})
                     fns = [lambda: md.attention(q, k, v, plan)]
                     for text in variants:
-                        spec, _, pack_forced = text.partition("/")
-                        count, _, tiles = spec.partition("@")
-
-                        def f(count=count, tiles=tiles, pack_forced=pack_forced):
-                            if count != "a":
-                                configs.OVERRIDE["splits"] = int(count)
-                            if tiles:
-                                configs.OVERRIDE["fwd"] = TileConfig.parse(tiles)
-                            if pack_forced:
-                                configs.OVERRIDE["pack"] = int(pack_forced)
+                        def f(over=forced[text]):
+                            configs.OVERRIDE.update(over)
                             try:
                                 return md.attention(q, k, v, plan)
                             finally:

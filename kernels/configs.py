@@ -312,6 +312,24 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 OVERRIDE: dict = {}
 
 
+def forward_overrides(text: str) -> dict:
+    """The ``OVERRIDE`` entries of a forward variant ``S[@MxNxWxS[xR]][/P]`` (the benchmark scripts'
+    spelling): S programs per row ("splits"; ``a``: the policy's, no entry), optionally the forward's
+    tiles ("fwd", ``TileConfig.parse``) and query heads per tile ("pack"). ValueError names what is wrong."""
+    spec, slash, pack = text.partition("/")
+    count, _, tiles = spec.partition("@")
+    if count != "a" and (not count.isdigit() or int(count) < 1):
+        raise ValueError(f"S must be a positive integer or a, got {count!r}")
+    out = {} if count == "a" else {"splits": int(count)}
+    if tiles:
+        out["fwd"] = TileConfig.parse(tiles)
+    if slash:
+        if not pack.isdigit() or int(pack) < 1:
+            raise ValueError(f"P must be a positive integer, got {pack!r}")
+        out["pack"] = int(pack)
+    return out
+
+
 def padded_head_dim(head_dim: int) -> int:
     """The head dim the kernels compute with (``BLOCK_D``): the next power of two, at least 16;
     the tables are keyed by it."""

@@ -379,7 +379,6 @@ def p_maskdsl(s: Setup):
     return s.step(lambda: md.attention(q, k, v, plan))
 
 
-
 def kernel_times(fn, calls: int = 3, name_width: int = 40) -> dict[str, float]:
     """GPU time per call (ms) of each kernel ``fn()`` launches, over ``calls`` calls (torch.profiler),
     by kernel name (its first ``name_width`` characters)."""
@@ -392,6 +391,7 @@ def kernel_times(fn, calls: int = 3, name_width: int = 40) -> dict[str, float]:
         if e.device_type == torch.autograd.DeviceType.CUDA:
             acc[e.name[:name_width]] = acc.get(e.name[:name_width], 0.0) + e.device_time_total / 1e3 / calls
     return acc
+
 
 def launches_of(fn) -> list[tuple[str, tuple]]:
     """(kernel name, grid) of each Triton launch ``fn()`` makes through the launchers (replay off,
@@ -410,6 +410,7 @@ def launches_of(fn) -> list[tuple[str, tuple]]:
     finally:
         launch._launch, launch.REPLAY = real, replay
     return got
+
 
 _FLEX = None
 

@@ -2,6 +2,7 @@
 import csv
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -209,6 +210,41 @@ def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
 
+
+
+def test_forward_overrides_spelling():
+    """``configs.forward_overrides``: the benchmark scripts' S[@MxNxWxS[xR]][/P] as OVERRIDE entries."""
+    from kernels.configs import TileConfig, forward_overrides
+
+    assert forward_overrides("8") == {"splits": 8}
+    assert forward_overrides("a") == {}
+    assert forward_overrides("a/4") == {"pack": 4}
+    assert forward_overrides("16@16x64x2x3/4") == {"splits": 16, "fwd": TileConfig(16, 64, 2, 3), "pack": 4}
+    for bad, message in [("0", "S must be a positive integer or a, got '0'"), ("x", "got 'x'"),
+                         ("2/0", "P must be a positive integer, got '0'"), ("2/", "got ''"),
+                         ("2@64x64", "expected BLOCK_MxBLOCK_NxWARPSxSTAGES")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            forward_overrides(bad)
+
+
+def test_launches_of_lists_the_launchers_launches(monkeypatch):
+    """``bench.launches_of``: (kernel, grid) of each launch, the launchers deciding (replay off, then
+    restored), here a split forward under the interpreter: its kernel then the merge."""
+    import importlib
+
+    from kernels import configs, launch
+    from maskdsl import bench
+
+    attention_module = importlib.import_module("maskdsl.attention")
+    monkeypatch.setitem(configs.OVERRIDE, "splits", 3)
+    monkeypatch.setitem(configs.OVERRIDE, "fwd", configs.TileConfig(16, 16, 4, 1))
+    q, k = torch.randn(1, 2, 20, 16), torch.randn(1, 2, 50, 16)
+    before = launch.REPLAY, launch._launch
+    got = bench.launches_of(lambda: attention_module._attention(q, k, k, md.Causal(30), backend="triton"))
+    rows = launch.combine_rows(launch.COMBINE_SHARES, 16)  # merged per program
+    # 1 batch x 2 heads x 2 query blocks of 16, 3 shares each; the merge: 2 heads x its row blocks
+    assert got == [("attn_fwd_kernel", (1 * 2 * 2 * 3,)), ("attn_fwd_combine_kernel", (2, -(-20 // rows)))]
+    assert (launch.REPLAY, launch._launch) == before
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 @pytest.mark.parametrize("script, argv", [("ab_attention", ["--variants", "base,unfused"]),
