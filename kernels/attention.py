@@ -46,7 +46,10 @@ entries are shared by ``SPLITS`` programs writing float32 partials, which
 ``attn_fwd_combine_kernel`` merges (``configs.kv_splits`` decides from the shapes). With GQA such
 rows also pad most of each tile, once per query head, and every head of a key/value group reads
 the same K and V tiles: there the forward packs ``PACK`` heads of a group into each tile
-(``BLOCK_M // PACK`` positions each; ``configs.gqa_pack`` decides from the shapes).
+(``BLOCK_M // PACK`` positions each; ``configs.gqa_pack`` decides from the shapes). The dQ pass
+of such rows (training a query chunk against a long context) splits the same way
+(``attn_bwd_dq_kernel``'s ``SPLIT``): its shares write float32 parts of dQ, which
+``attn_bwd_dq_combine_kernel`` adds in a fixed order (no atomics, the same gradients on every run).
 
 Softmax runs in base 2 (``qk_scale = scale * log2(e)``); the log-sum-exp is
 stored in natural units, ``-inf`` for a row with no allowed key (output 0).
@@ -120,6 +123,18 @@ def _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row):
 def _full_block(FULL_IDX, f, contiguous):
     """The block number at loop position ``f`` of ``_full_range``."""
     return tl.where(contiguous, f, tl.load(FULL_IDX + f, mask=contiguous == 0, other=0))
+
+
+@triton.jit
+def _share(lo, hi, p0, p1, share, SPLITS):
+    """(lo, hi, p0, p1) of share ``share`` of ``SPLITS`` equal shares of a row's entries: its full
+    blocks (loop positions ``lo:hi``), then its partial ones (``p0:p1``), for a pass split along them."""
+    n_full = hi - lo
+    total = n_full + p1 - p0
+    a = share * total // SPLITS
+    b = (share + 1) * total // SPLITS
+    return (lo + tl.minimum(a, n_full), lo + tl.minimum(b, n_full),
+            p0 + tl.maximum(a - n_full, 0), p0 + tl.maximum(b - n_full, 0))
 
 
 @triton.jit
@@ -213,15 +228,8 @@ def attn_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
-    if SPLIT:  # this program's share of the row's entries (its full blocks, then its partial ones)
-        p0 = tl.load(PART_PTR + row)
-        p1 = tl.load(PART_PTR + row + 1)
-        n_full = hi - lo
-        total = n_full + p1 - p0
-        a = share * total // SPLITS
-        b = (share + 1) * total // SPLITS
-        p0, p1 = p0 + tl.maximum(a - n_full, 0), p0 + tl.maximum(b - n_full, 0)
-        lo, hi = lo + tl.minimum(a, n_full), lo + tl.minimum(b, n_full)
+    if SPLIT:
+        lo, hi, p0, p1 = _share(lo, hi, tl.load(PART_PTR + row), tl.load(PART_PTR + row + 1), share, SPLITS)
     for f in range(lo, hi):
         i_n = _full_block(FULL_IDX, f, contiguous)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
@@ -363,9 +371,12 @@ def _dq_program(
     N_Q, N_K, GROUP, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr, WRITE_DELTA: tl.constexpr,
+    SPLIT: tl.constexpr = False, share=0, SPLITS=1, stride_ds=0,
 ):
     """dQ of one query block; with ``WRITE_DELTA`` it first computes and stores its rows' delta
-    and base-2 log-sum-exp (``LSE2``, for the dK/dV pass), otherwise it reads delta from a pre-pass."""
+    and base-2 log-sum-exp (``LSE2``, for the dK/dV pass), otherwise it reads delta from a pre-pass.
+    With ``SPLIT``, share ``share`` of ``SPLITS`` of the row's entries: its part of dQ (scaled,
+    float32) goes to ``DQ + share * stride_ds``, and only share 0 writes delta and LSE2."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     meta = META + pair.to(tl.int64) * META_STRIDE
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -383,20 +394,24 @@ def _dq_program(
         b_o = tl.load(O + i_b.to(tl.int64) * stride_ob + i_h.to(tl.int64) * stride_oh
                       + _rows(offs_m, WIDE)[:, None] * stride_om + offs_d[None, :] * stride_od, mask=m_qd, other=0.0)
         delta = tl.sum(b_o.to(tl.float32) * b_do.to(tl.float32), 1)
-        tl.store(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_row)
-        tl.store(LSE2 + i_bh.to(tl.int64) * N_Q + offs_m, lse2, mask=m_row)
+        m_write = tl.where(share == 0, m_row, False) if SPLIT else m_row  # (m_row & scalar: the interpreter refuses)
+        tl.store(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_write)
+        tl.store(LSE2 + i_bh.to(tl.int64) * N_Q + offs_m, lse2, mask=m_write)
     else:
         delta = tl.load(DELTA + i_bh.to(tl.int64) * N_Q + offs_m, mask=m_row, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
     lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
+    if SPLIT:
+        lo, hi, p0, p1 = _share(lo, hi, tl.load(PART_PTR + row), tl.load(PART_PTR + row + 1), share, SPLITS)
     for f in range(lo, hi):
         i_n = _full_block(FULL_IDX, f, contiguous)
         dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                        stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
                        BLOCK_N, HEAD_D, PREC, WIDE)
-    p0 = tl.load(PART_PTR + row)
-    p1 = tl.load(PART_PTR + row + 1)
+    if not SPLIT:
+        p0 = tl.load(PART_PTR + row)
+        p1 = tl.load(PART_PTR + row + 1)
     for p in range(p0, p1):
         i_n = tl.load(PART_IDX + p)
         dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
@@ -404,12 +419,14 @@ def _dq_program(
                        BLOCK_N, HEAD_D, PREC, WIDE)
 
     dq = dq * sm_scale
-    p_dq = (DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
-            + _rows(offs_m, WIDE)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd)
+    DQ_BASE = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+    if SPLIT:
+        DQ_BASE += share.to(tl.int64) * stride_ds
+    p_dq = DQ_BASE + _rows(offs_m, WIDE)[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(p_dq, dq.to(DQ.dtype.element_ty), mask=m_qd)
 
 
-@triton.jit(do_not_specialize=_DATA_INTS)
+@triton.jit(do_not_specialize=_DATA_INTS + ("SPLITS",))
 def attn_bwd_dq_kernel(
     Q, K, V, O, DO, DQ, LSE, DELTA, LSE2, META,
     FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
@@ -419,11 +436,20 @@ def attn_bwd_dq_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
+    H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, SPLITS, stride_ds,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
+    SPLIT: tl.constexpr = False,
 ):
-    i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
+    """dQ (and delta, LSE2) of one query block. With ``SPLIT`` (few query rows against many keys:
+    too few programs to fill the GPU) ``SPLITS`` consecutive programs share a row, each writing its
+    share of dQ in float32 to ``DQ + s * stride_ds``, summed by ``attn_bwd_dq_combine_kernel``."""
+    share = 0
+    if SPLIT:
+        i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H, SPLITS)
+        share = tl.program_id(0) % SPLITS
+    else:
+        i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
     _dq_program(
         i_bh, i_b, i_h, i_m, row, pair, Q, K, V, O, DO, DQ, LSE, DELTA, LSE2, META,
         FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX,
@@ -431,8 +457,32 @@ def attn_bwd_dq_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_ob, stride_oh, stride_om, stride_od,
         stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         N_Q, N_K, GROUP, META_STRIDE, qk_scale, sm_scale,
-        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_N, PREC, WIDE, True,
+        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_N, PREC, WIDE, True, SPLIT, share, SPLITS, stride_ds,
     )
+
+
+@triton.jit(do_not_specialize=("SPLITS",))
+def attn_bwd_dq_combine_kernel(
+    DQ_PART, DQ, stride_ps, stride_pb, stride_ph, stride_pm, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    H, N_Q, SPLITS, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dQ = the sum of the split dQ pass's float32 shares, added in share order (the same sum on
+    every run), in dQ's dtype."""
+    i_bh = tl.program_id(0)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m = (offs_m[:, None] < N_Q) & (offs_d[None, :] < HEAD_D)
+    p_part = (DQ_PART + i_b.to(tl.int64) * stride_pb + i_h.to(tl.int64) * stride_ph
+              + offs_m[:, None].to(tl.int64) * stride_pm + offs_d[None, :])
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for _ in range(SPLITS):
+        acc += tl.load(p_part, mask=m, other=0.0)
+        p_part += stride_ps
+    p_dq = (DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
+            + offs_m[:, None].to(tl.int64) * stride_dqm + offs_d[None, :] * stride_dqd)
+    tl.store(p_dq, acc.to(DQ.dtype.element_ty), mask=m)
 
 
 # ---------------------------------------------------------------------------

@@ -32,7 +32,7 @@ SHARED_LIMIT = 227 * 1024
 SERIALISED_OK = {("fwd", 64, "dense", TileConfig(128, 128, 4, 2))}
 
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
-         "O_PART": "*fp32", "LSE_PART": "*fp32",
+         "O_PART": "*fp32", "LSE_PART": "*fp32", "DQ_PART": "*fp32",
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
          "sm_scale": "fp32", "DS": "*bf16"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
@@ -123,6 +123,18 @@ def cases():
         shares = launch.COMBINE_SHARES
         out.append((f"fwd combine d={d}", K.attn_fwd_combine_kernel,
                     dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.combine_rows(shares, d), BLOCK_S=shares), 4, 1, (), None))
+    # the dQ pass split along the keys (few rows against many keys), with the tiles it takes (its own,
+    # configs.FEW_ROWS_DQ, or the table's of either kind; a ragged edge: a context of any length),
+    # and the kernel adding its shares
+    for d in (64, 128):
+        tiles = {configs.few_rows_dq(2, d) or configs.tile_config("dq", 2, d, kind) for kind in ("dense", "sparse")}
+        for cfg in sorted(tiles, key=str):
+            consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
+                          EVEN_N=False, WIDE=False, SPLIT=True)
+            out.append((f"dq split d={d} {cfg}", K.attn_bwd_dq_kernel, consts, cfg.num_warps, cfg.stages(False),
+                        (), cfg.maxnreg))
+        out.append((f"dq combine d={d}", K.attn_bwd_dq_combine_kernel,
+                    dict(HEAD_D=d, BLOCK_D=d, BLOCK_M=launch.combine_rows(1, d)), 4, 1, (), None))
     # the backward with stored dS where the table uses it: the dK/dV pass that stores dS^T and the dQ pass
     for d in (64, 128):
         for kind in ("dense", "sparse"):

@@ -195,12 +195,23 @@ SPLIT_KV_BELOW = [
     ((2,), (128, 256), 2.0),
 ]
 SPLIT_KV_BELOW_OTHERS = 0.5
+# ... and the dQ pass of few rows (training a query chunk against a long context), which splits by the
+# same rule with these limits (the others: SPLIT_KV_BELOW_OTHERS). H200, session 23, 32 query / 8
+# key-value heads, bf16, kernel times of forward+backward: at D = 64 with 128-256 programs (up to 2 per
+# multiprocessor) the split backward was 6-20% faster than the one-launch backward it replaces (B = 2,
+# 128 rows against 32K keys: 1.174 -> 0.943 ms; B = 4, 64 rows against 8K: 0.351 -> 0.309), level at
+# 512 programs; D = 128 as the forward (B = 4, 256 rows against 8K keys, 256 programs of the table's
+# tiles: split 2-3% slower).
+SPLIT_DQ_BELOW = [
+    ((2,), (16, 32, 64, 128), 2.0),
+]
 
 
-def kv_split_limit(element_size: int, head_dim: int, multiprocessors: int) -> int:
-    """The most programs a forward of these inputs may have and still split (``SPLIT_KV_BELOW``)."""
+def kv_split_limit(element_size: int, head_dim: int, multiprocessors: int, pass_name: str = "fwd") -> int:
+    """The most programs a forward (``pass_name`` "fwd": ``SPLIT_KV_BELOW``) or dQ pass ("dq":
+    ``SPLIT_DQ_BELOW``) of these inputs may have and still split."""
     padded = padded_head_dim(head_dim)
-    for sizes, dims, per in SPLIT_KV_BELOW:
+    for sizes, dims, per in SPLIT_DQ_BELOW if pass_name == "dq" else SPLIT_KV_BELOW:
         if element_size in sizes and padded in dims:
             return int(per * multiprocessors)
     return int(SPLIT_KV_BELOW_OTHERS * multiprocessors)
@@ -212,22 +223,25 @@ def kv_split_target(multiprocessors: int, num_warps: int) -> int:
     return max(1, SPLIT_KV_PROGRAMS * 4 // num_warps) * multiprocessors
 
 
-def kv_splits(programs: int, key_blocks: int, max_work: int, target: int, limit: int | None = None) -> int | None:
+def kv_splits(programs: int, key_blocks: int, max_work: int, target: int, limit: int | None = None,
+              override: str = "splits") -> int | None:
     """How many programs share each row of a forward of ``programs`` rows of ``key_blocks`` key
     blocks (the layout's width), whose longest row walks ``max_work`` of them, for at most
     ``target`` programs (``kv_split_target``; 0: the interpreter, never split), splitting only at
     ``limit`` programs or fewer (``kv_split_limit``; None: half the target). None: no split (the
     kernel without the split path, decided by the shapes alone); a count (1 where the rows are too
-    short to share) takes the split path. ``OVERRIDE["splits"]`` forces a count (1: no split)."""
-    if "splits" in OVERRIDE:
-        forced = int(OVERRIDE["splits"])
+    short to share) takes the split path. ``OVERRIDE[override]`` forces a count (1: no split):
+    ``"splits"`` for the forward, ``"dq_splits"`` for the dQ pass, which follows the same rule."""
+    if override in OVERRIDE:
+        forced = int(OVERRIDE[override])
         return forced if forced > 1 else None
     if programs > min(target // 2, target if limit is None else limit) or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS:
         return None
     return max(1, min(target // max(programs, 1), max_work // SPLIT_KV_MIN_BLOCKS, SPLIT_KV_MAX))
 
 
-def kv_splits_fitted(programs: int, key_blocks: int, max_work: int, slots: int) -> int | None:
+def kv_splits_fitted(programs: int, key_blocks: int, max_work: int, slots: int,
+                     override: str = "splits") -> int | None:
     """``kv_splits`` where the GPU's capacity for the split kernel is known: ``slots`` programs at
     once (programs per multiprocessor, from the compiled kernel, x multiprocessors). At most half a
     wave of programs: ``kv_splits`` with that target (one wave of shares). Up to one wave: the count
@@ -236,8 +250,8 @@ def kv_splits_fitted(programs: int, key_blocks: int, max_work: int, slots: int) 
     SPLIT_KV_MIN_BLOCKS blocks, at most SPLIT_KV_MAX shares, the fewest on a tie (192 programs on
     264 slots: 4 shares, 3 full waves, where 2 would make 1.45). Whether to split follows the shapes
     (rows as long as the layout is wide), the count the longest row. More than one wave: no split."""
-    if "splits" in OVERRIDE or 2 * programs <= slots:
-        return kv_splits(programs, key_blocks, max_work, slots)
+    if override in OVERRIDE or 2 * programs <= slots:
+        return kv_splits(programs, key_blocks, max_work, slots, override=override)
     if programs > slots or key_blocks < 2 * SPLIT_KV_MIN_BLOCKS or _fill_waves(programs, key_blocks, slots) == 1:
         return None
     return _fill_waves(programs, max(max_work, 1), slots)
@@ -251,6 +265,30 @@ def _fill_waves(programs: int, work: int, slots: int) -> int:
         if cost is None or c < cost:
             best, cost = count, c
     return best
+
+# The dQ pass of few rows against many keys (training a query chunk against a long context), which
+# splits along the keys by the forward's rule (``launch.backward``), takes these tiles instead of the
+# table's (where given): (element sizes, head dims, config). D = 128: the dense table's 128 x 128 x 8
+# tiles waste half their rows on 64 queries and hold one program per multiprocessor; 64 x 32 x 4 x 2
+# (the sparse table's) made the split dQ pass 1.9x faster on an H200 (session 23, B = 1, 32 heads,
+# 64 rows against 64K keys: 0.216 against 0.401 ms) and let B = 4 against 16K keys split at all.
+# D = 64 keeps the table's 64 x 128 tiles (64 x 32: 0.131 against 0.102 ms).
+FEW_ROWS_DQ = [
+    ((2,), (128,), TileConfig(64, 32, 4, 2, maxnreg=168)),
+]
+
+
+def few_rows_dq(element_size: int, head_dim: int) -> TileConfig | None:
+    """The split dQ pass's tiles of ``FEW_ROWS_DQ`` for these inputs, or None: the table's.
+    ``OVERRIDE["dq"]`` (tests, A/B runs) keeps its tiles."""
+    if "dq" in OVERRIDE:
+        return None
+    padded = padded_head_dim(head_dim)
+    for sizes, dims, cfg in FEW_ROWS_DQ:
+        if element_size in sizes and padded in dims:
+            return cfg
+    return None
+
 
 def few_rows_forward(element_size: int, head_dim: int, kind: str = "sparse") -> tuple[TileConfig, float | None] | None:
     """(tiles, programs per multiprocessor) of a forward with few rows for these inputs and this mask
@@ -308,6 +346,7 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 # "fused" -> the one-launch backward's stages (None: two launches) instead of FUSED_BWD;
 # "stored_ds" -> True / False instead of STORED_DS (the memory limit still applies);
 # "splits" -> the forward's programs per row instead of ``kv_splits``'s choice;
+# "dq_splits" -> the same for the dQ pass (1: unsplit, as before the dQ pass could split);
 # "pack" -> the query heads per forward tile instead of ``gqa_pack``'s choice
 OVERRIDE: dict = {}
 

@@ -26,8 +26,8 @@ try:  # Triton's launch hooks (Triton 3.4 and later): a launch may skip them onl
 except ImportError:
     _knobs = _HookChain = None
 
-from .attention import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_ds_kernel, attn_bwd_dq_kernel,
-                        attn_bwd_kernel, attn_fwd_combine_kernel, attn_fwd_kernel)
+from .attention import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_combine_kernel, attn_bwd_dq_ds_kernel,
+                        attn_bwd_dq_kernel, attn_bwd_kernel, attn_fwd_combine_kernel, attn_fwd_kernel)
 from . import configs
 from .configs import TileConfig, fused_maxnreg, padded_head_dim
 
@@ -532,8 +532,9 @@ COMBINE_ELEMENTS = 4096
 
 
 def combine_rows(shares: int, block_d: int) -> int:
-    """Query rows per program of attn_fwd_combine_kernel reading ``shares`` (a power of two) shares
-    of ``block_d`` columns at once: a power of two, at most 16, within COMBINE_ELEMENTS where it can be."""
+    """Query rows per program of a merge reading ``shares`` (a power of two) shares of ``block_d``
+    columns at once (attn_fwd_combine_kernel: COMBINE_SHARES; attn_bwd_dq_combine_kernel, one at a
+    time: 1): a power of two, at most 16, within COMBINE_ELEMENTS where it can be."""
     return max(1, min(16, COMBINE_ELEMENTS // (shares * block_d)))
 
 
@@ -546,11 +547,11 @@ def forward_splits(q: torch.Tensor, k: torch.Tensor, lists: Lists, cfg: TileConf
     return _kv_splits(q, k, lists.num_rows, lists.max_work, cfg, pack, per_multiprocessor)
 
 
-def splits_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig) -> bool:
+def splits_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig, pass_name: str = "fwd") -> bool:
     """Whether a forward of q against k with tiles ``cfg``, ``num_rows`` query blocks per head,
-    splits its rows along the keys: ``forward_splits`` is not None. The shapes decide it, so no
-    lists are needed."""
-    return _kv_splits(q, k, num_rows, 0, cfg) is not None
+    splits its rows along the keys: ``forward_splits`` is not None (``pass_name="dq"``: whether the
+    dQ pass does, ``backward``). The shapes decide it, so no lists are needed."""
+    return _kv_splits(q, k, num_rows, 0, cfg, pass_name=pass_name) is not None
 
 
 def few_rows(q: torch.Tensor, k: torch.Tensor, num_rows: int, cfg: TileConfig, per_multiprocessor: float | None) -> bool:
@@ -568,14 +569,19 @@ def _programs(q: torch.Tensor, num_rows: int, pack: int = 1) -> int:
     return q.shape[0] * (q.shape[1] // pack) * num_rows
 
 
+# each pass that may split its rows along the keys: the configs.OVERRIDE entry that forces its count
+_SPLIT_OVERRIDE = {"fwd": "splits", "dq": "dq_splits"}
+
+
 def _kv_splits(q: torch.Tensor, k: torch.Tensor, num_rows: int, max_work: int, cfg: TileConfig,
-               pack: int = 1, per_multiprocessor: int | None = None) -> int | None:
+               pack: int = 1, per_multiprocessor: int | None = None, pass_name: str = "fwd") -> int | None:
     sms = multiprocessors(q.device)
     programs, key_blocks = _programs(q, num_rows, pack), -(-k.shape[2] // cfg.BLOCK_N)
+    override = _SPLIT_OVERRIDE[pass_name]
     if per_multiprocessor is not None and sms:  # the real capacity: waves of it say when a split pays
-        return configs.kv_splits_fitted(programs, key_blocks, max_work, per_multiprocessor * sms)
+        return configs.kv_splits_fitted(programs, key_blocks, max_work, per_multiprocessor * sms, override)
     return configs.kv_splits(programs, key_blocks, max_work, configs.kv_split_target(sms, cfg.num_warps),
-                             configs.kv_split_limit(q.element_size(), q.shape[3], sms))
+                             configs.kv_split_limit(q.element_size(), q.shape[3], sms, pass_name), override)
 
 
 _OCCUPANCY: dict = {}
@@ -624,11 +630,12 @@ _RESERVED_SHARED = 1024  # bytes of shared memory CUDA keeps per block (compute 
 _MAX_BLOCKS_PER_MULTIPROCESSOR = 32
 
 
-def _may_split(q: torch.Tensor, k: torch.Tensor, programs: int, cfg: TileConfig) -> bool:
-    """Whether a forward of ``programs`` programs (unsplit) may split, so that the capacity of its
+def _may_split(q: torch.Tensor, k: torch.Tensor, programs: int, cfg: TileConfig, pass_name: str = "fwd") -> bool:
+    """Whether a pass of ``programs`` programs (unsplit) may split, so that the capacity of its
     split kernel is worth reading (``_occupancy``): on a GPU, no forced count, at most the nominal
     target of programs (``configs.kv_split_target``), rows long enough to share."""
-    return (q.is_cuda and "splits" not in configs.OVERRIDE and -(-k.shape[2] // cfg.BLOCK_N) >= 2 * configs.SPLIT_KV_MIN_BLOCKS
+    return (q.is_cuda and _SPLIT_OVERRIDE[pass_name] not in configs.OVERRIDE
+            and -(-k.shape[2] // cfg.BLOCK_N) >= 2 * configs.SPLIT_KV_MIN_BLOCKS
             and programs <= configs.kv_split_target(multiprocessors(q.device), cfg.num_warps))
 
 
@@ -646,14 +653,21 @@ def multiprocessors(device: torch.device) -> int:
 
 def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, pair_b: int, pair_h: int, pred,
              scale: float, dq_cfg: TileConfig, dkdv_cfg: TileConfig, fused_stages: int | None = None, out=None,
-             ds_tiles: DsTiles | None = None):
+             ds_tiles: DsTiles | None = None, dq_split: bool = False):
     """(dq, dk, dv) in the dtypes of q, k, v. Deterministic: no atomics. ``out``: three tensors
     shaped like q, k, v (any strides) to write the gradients into. ``fused_stages``: run the dQ and
     dK/dV programs in one launch with these pipeline stages (``configs.FUSED_BWD``), where both
     tiles take the same warps and no row is scheduled first as heavy; None: two launches.
     ``ds_tiles``: the backward with stored dS instead (``configs.STORED_DS``): a delta pre-pass, the
     dK/dV pass writing every tile's dS^T to a temporary buffer (``ds_tiles.t_max`` tiles per query
-    head), and a dQ pass that multiplies those tiles by K (``dq_lists``/``dq_cfg`` unused)."""
+    head), and a dQ pass that multiplies those tiles by K (``dq_lists``/``dq_cfg`` unused).
+    ``dq_split`` (few query rows against many keys: ``splits_rows(..., pass_name="dq")``, the
+    forward's rule with the limits of ``configs.SPLIT_DQ_BELOW``, decided by the caller from the
+    shapes): two launches whatever ``fused_stages`` and ``ds_tiles`` say, the dQ pass split along the
+    keys like the forward (each row's entries shared by as many programs as fill the GPU's capacity
+    for the compiled kernel, ``configs.kv_splits_fitted``, or where that rule finds no count that
+    pays, the nominal ``configs.kv_splits``; float32 parts of dQ, which
+    ``attn_bwd_dq_combine_kernel`` adds in share order)."""
     B, H, n_q, D = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     assert dq_lists.block_rows == dq_cfg.BLOCK_M and dq_lists.block_cols == dq_cfg.BLOCK_N
@@ -673,7 +687,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
 
     def wide():  # WIDE of the dQ and the one-launch kernels
         return _wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_), (n_q, D, dos), (n_q, D, dqs))
-    if ds_tiles is not None:
+    if ds_tiles is not None and not dq_split:
         # never an empty buffer to a kernel: one tile at least
         ds = new_output((max(ds_numel(B, H, ds_tiles.t_max, dkdv_cfg), dkdv_cfg.BLOCK_N * dkdv_cfg.BLOCK_M),), q)
         _delta(o, do, lse, delta, lse2, block_d)
@@ -690,7 +704,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
             num_stages=configs.OVERRIDE.get("ds_stages", STORED_DS_STAGES),
         )
         return dq, dk, dv
-    if (fused_stages is not None and dq_lists.num_heavy == 0 and dkdv_lists.num_heavy == 0
+    if (fused_stages is not None and not dq_split and dq_lists.num_heavy == 0 and dkdv_lists.num_heavy == 0
             and dq_cfg.num_warps == dkdv_cfg.num_warps):
         _delta(o, do, lse, delta, lse2, block_d)
         _launch(
@@ -704,15 +718,42 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
             maxnreg=fused_maxnreg(dq_cfg, dkdv_cfg), **common,
         )
         return dq, dk, dv
-    _launch(
-        attn_bwd_dq_kernel, (B * H * dq_lists.num_rows,),
-        (q, k, v, o, do, dq, lse, delta, lse2, meta, *dq_lists.args(),
-         *qs, *ks, *vs, *os_, *dos, *dqs, H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h, meta.stride(0),
-         scale * math.log2(math.e), scale), q.device,
-        BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=wide(),
-        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), maxnreg=dq_cfg.maxnreg, **common,
-    )
+    programs = B * H * dq_lists.num_rows
+
+    def dq_pass(grid, dq_out, strides, splits, stride_ds, probe=False):
+        # strides: dq_out's last four; splits None: unsplit; probe: compile only (_occupancy)
+        return (_occupancy if probe else _launch)(
+            attn_bwd_dq_kernel, grid,
+            (q, k, v, o, do, dq_out, lse, delta, lse2, meta, *dq_lists.args(),
+             *qs, *ks, *vs, *os_, *dos, *strides, H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h,
+             meta.stride(0), scale * math.log2(math.e), scale, splits or 1, stride_ds), q.device,
+            BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=wide(), SPLIT=splits is not None,
+            num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), maxnreg=dq_cfg.maxnreg, **common,
+        )
+
+    splits = None
+    if dq_split:  # few query rows against many keys: the dQ pass's programs would leave the GPU idle
+        # the float32 parts [splits, B, H, Nq, D]; the probe passes lse (float32) for their pointer
+        part_strides = (H * n_q * D, n_q * D, D, 1)
+        per = None
+        if _may_split(q, k, programs, dq_cfg, pass_name="dq"):
+            per = dq_pass((1,), lse, part_strides, 2, B * H * n_q * D, probe=True)
+        # where the fitted rule finds no count that pays (it keeps a single wave unsplit), the nominal
+        # count: split, the backward was still faster (B = 4, 128 rows against 16K keys, D = 64: 2 shares
+        # 6% faster than the one-launch backward, H200, session 23)
+        splits = (_kv_splits(q, k, dq_lists.num_rows, dq_lists.max_work, dq_cfg, 1, per, pass_name="dq")
+                  or _kv_splits(q, k, dq_lists.num_rows, dq_lists.max_work, dq_cfg, pass_name="dq"))
+    if splits is None:
+        dq_pass((programs,), dq, dqs, None, 0)
+    else:
+        part = new_output((splits, B, H, n_q, D), q, torch.float32)
+        dq_pass((programs * splits,), part, part.stride()[1:], splits, part.stride(0))
     _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, dkdv_lists, pair_b, pair_h, scale, dkdv_cfg, even_m, common)
+    if splits is not None:
+        rows = combine_rows(1, block_d)
+        _launch(attn_bwd_dq_combine_kernel, (B * H, triton.cdiv(n_q, rows)),
+                (part, dq, *part.stride()[:4], *dqs, H, n_q, splits), q.device,
+                HEAD_D=D, BLOCK_D=block_d, BLOCK_M=rows, num_warps=4, num_stages=1)
     return dq, dk, dv
 
 

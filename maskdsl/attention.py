@@ -222,16 +222,23 @@ def _kernel_forward(p, q, k, v, scale, out=None):
 
 
 def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):
-    from kernels import launch
+    from kernels import configs, launch
 
     es, d = q.element_size(), q.shape[3]
     dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
+    # few query rows against many keys (the forward's rule, configs.SPLIT_DQ_BELOW's limits, the
+    # table's tiles): two launches,
+    # the dQ pass split along the keys with its own tiles where it has them (no stored dS tiles to
+    # build, no one-launch backward)
+    few = launch.splits_rows(q, k, -(-p.n_q // dq_cfg.BLOCK_M), dq_cfg, pass_name="dq")
+    if few:
+        dq_cfg = configs.few_rows_dq(es, d) or dq_cfg
     return launch.backward(
         do, q, k, v, o, lse,
         dq_lists=p.lists(dq_cfg.BLOCK_M, dq_cfg.BLOCK_N, "q"), dkdv_lists=p.lists(kv_cfg.BLOCK_M, kv_cfg.BLOCK_N, "k"),
         meta=p.meta, pair_b=p.pair_b, pair_h=p.pair_h, pred=p.predicate.fn, scale=scale,
-        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg, fused_stages=p.fused_stages(es, d), out=out,
-        ds_tiles=p.backward_ds_tiles(q, k, v),
+        dq_cfg=dq_cfg, dkdv_cfg=kv_cfg, fused_stages=None if few else p.fused_stages(es, d), out=out,
+        ds_tiles=None if few else p.backward_ds_tiles(q, k, v), dq_split=few,
     )
 
 

@@ -203,6 +203,10 @@ def test_ab_attention_variants():
     ("decode_attention", ["--variants", "a,0"], "--variants: expected a, nominal or S[@MxNxWxS[xR]][/P] such as 8@16x64x2x3/4, got '0'"),
     ("decode_attention", ["--variants", "8/0"], "got '8/0' (P must be a positive integer, got '0')"),
     ("decode_attention", ["--shapes", "4,1,8192"], "--shapes: expected B,T,P,D (positive, P >= 0) such as 4,1,8192,128, got '4,1,8192'"),
+    ("chunk_backward", ["--shapes", "1,0,64,64"], "--shapes: expected B,T,P,D (positive, P >= 0) such as 1,64,65536,128, got '1,0,64,64'"),
+    ("chunk_backward", ["--hkv", "5"], "--hkv must divide the 32 query heads, got 5"),
+    ("chunk_backward", ["--variants", "a,fast"], "--variants: expected a, unsplit, two, S (shares, a positive integer) or dq=MxNxWxS[xR], got 'fast'"),
+    ("chunk_backward", ["--variants", "dq=64x32"], "expected BLOCK_MxBLOCK_NxWARPSxSTAGES"),
 ])
 def test_benchmark_scripts_reject_bad_durations(capsys, script, argv, message):
     with pytest.raises(SystemExit) as exc:
@@ -251,7 +255,8 @@ def test_launches_of_lists_the_launchers_launches(monkeypatch):
                                           ("kernel_energy", ["--workload", "lf_window"]),
                                           ("host_phases", ["--workloads", "alpaca_seq"]),
                                           ("verify_attention", ["--d", "64", "--variants", "1,4"]),
-                                          ("decode_attention", ["--shapes", "1,1,64,64", "--variants", "a,2/4"])])
+                                          ("decode_attention", ["--shapes", "1,1,64,64", "--variants", "a,2/4"]),
+                                          ("chunk_backward", ["--shapes", "1,64,4096,64", "--variants", "a,unsplit,4,dq=64x32x4x2"])])
 def test_benchmark_scripts_need_a_gpu(capsys, script, argv):
     assert _load_script(script).main(argv) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err

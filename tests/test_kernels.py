@@ -108,10 +108,14 @@ TILES = {
 
 
 def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None,
-               splits: int | None = None, pack: int | None = None) -> None:
+               splits: int | None = None, pack: int | None = None, dq_splits: int | None = None) -> None:
     monkeypatch.setattr(launch, "POISON", True)
     if splits is not None:
         monkeypatch.setitem(configs.OVERRIDE, "splits", splits)
+    if dq_splits is None and (fused or stored_ds):  # the backward forced is the one that runs (a dQ
+        dq_splits = 1  # pass split for few rows would take two launches and no stored dS)
+    if dq_splits is not None:
+        monkeypatch.setitem(configs.OVERRIDE, "dq_splits", dq_splits)
     if pack is not None:
         monkeypatch.setitem(configs.OVERRIDE, "pack", pack)
     if tiles is not None:
@@ -173,6 +177,9 @@ class Case:
     splits: int | None = None
     # the forward's query heads per tile (GQA packing) forced; None: as configs.gqa_pack decides
     pack: int | None = None
+    # the dQ pass's programs per row (split along the keys, float32 parts added by
+    # attn_bwd_dq_combine_kernel) forced; None: as the forward's rule decides (never on the CPU)
+    dq_splits: int | None = None
 
     @property
     def id(self) -> str:
@@ -190,6 +197,8 @@ class Case:
             parts.append(f"split{self.splits}")
         if self.pack is not None:
             parts.append(f"pack{self.pack}")
+        if self.dq_splits is not None:
+            parts.append(f"dq-split{self.dq_splits}")
         return "-".join(parts)
 
 
@@ -332,7 +341,7 @@ def run_and_check(mask, q, k, v, do, *, target=None, context=""):
 
 
 def _check_case(case: Case, seed: int, monkeypatch) -> None:
-    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds, case.splits, case.pack)
+    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds, case.splits, case.pack, case.dq_splits)
     constants = []
     launched = _record_launches(monkeypatch, constants)
     g = torch.Generator().manual_seed(seed)
@@ -348,6 +357,8 @@ def _check_case(case: Case, seed: int, monkeypatch) -> None:
         assert stored == case.stored_ds and (kernel_module.attn_bwd_dq_kernel in launched) != stored, launched
     if case.splits is not None:  # the forward's rows were shared (and merged) or not, as forced
         assert (kernel_module.attn_fwd_combine_kernel in launched) == (case.splits > 1), launched
+    if case.dq_splits is not None:  # the dQ pass's rows were shared (and added) or not, as forced
+        assert (kernel_module.attn_bwd_dq_combine_kernel in launched) == (case.dq_splits > 1), launched
     if case.pack is not None:  # every forward launch packed its heads as forced
         packs = [kw["PACK"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_fwd_kernel]
         assert packs and set(packs) == {case.pack}, packs
@@ -454,6 +465,15 @@ def _cpu_cases():
         Case("full", F32, n_q=1, n_k=37, d=24, h_q=4, h_kv=1, layout="bnhd", pack=4),
         Case("dilated", F32, h_q=4, h_kv=2, tiles="t32", pack=2),
         Case("document-batch", F16, b=2, h_q=4, h_kv=2, n_q=41, n_k=41, pack=2),  # a pair per batch
+        # the dQ pass split along the keys (few rows against many keys), float32 parts added by a
+        # second kernel; share 0 writes delta for the dK/dV pass. More shares than a row has blocks
+        Case("causal-offset", F16, n_q=19, dq_splits=3),  # queries against a longer cache
+        Case("doc&(causal|prefix)", F32, n_q=33, n_k=47, h_q=4, h_kv=2, dq_splits=2),  # GQA, partial blocks
+        Case("empty-rows", F32, n_q=40, n_k=57, tiles="t32", dq_splits=5),  # rows with no key: zero gradients
+        Case("tree", F16, n_q=65, n_k=65, dq_splits=7),
+        Case("dilated", F32, tiles="t32", dq_splits=2),  # interleaved: strided views of the gradients
+        Case("window", F32, layout="bnhd", splits=4, dq_splits=4),  # non-contiguous, both passes split
+        Case("full", F32, n_q=1, n_k=37, d=24, dq_splits=3),  # one row, padded head dim
     ]
     return cases
 
@@ -677,18 +697,21 @@ DETERMINISM_CPU = [
     pytest.param(Case("causal", F32, h_q=4, h_kv=2, fused=True), id="cpu-causal-gqa-one-launch", marks=CPU_ONLY),
     pytest.param(Case("window|global", F32, h_q=4, h_kv=2, stored_ds=True), id="cpu-window|global-gqa-stored-dS",
                  marks=CPU_ONLY),
+    pytest.param(Case("doc&causal", F32, n_q=20, n_k=61, h_q=4, h_kv=2, dq_splits=3), id="cpu-doc&causal-gqa-dq-split",
+                 marks=CPU_ONLY),
 ]
 DETERMINISM_GPU = [
     pytest.param(Case(fam, dt, n_q=2048, n_k=2048, d=d, b=2, h_q=4, h_kv=h_kv, tiles=None, device="cuda"),
                  id=f"gpu-{fam}-{DTYPE_NAMES[dt]}-D{d}-Hkv{h_kv}", marks=GPU)
     for fam, dt, d, h_kv in (("window|global", BF16, 64, 2), ("doc&causal", F16, 128, 1), ("tree", BF16, 64, 2),
                              ("causal", BF16, 128, 2))  # the last: the one-launch backward
-]
+] + [pytest.param(Case("causal-offset", BF16, n_q=64, n_k=8192, d=128, b=2, h_q=4, h_kv=2, tiles=None, device="cuda"),
+                  id="gpu-causal-offset-BF16-D128-few-rows", marks=GPU)]  # the dQ pass split by the policy
 
 
 @pytest.mark.parametrize("case", DETERMINISM_CPU + DETERMINISM_GPU)
 def test_backward_is_bitwise_deterministic(case, seed, monkeypatch):
-    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds)
+    _use_tiles(monkeypatch, case.tiles, case.fused, case.stored_ds, dq_splits=case.dq_splits)
     mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
     runs = []
@@ -703,32 +726,38 @@ def test_backward_is_bitwise_deterministic(case, seed, monkeypatch):
 # GPU only: replayed passes, float32 inputs, and the public entry point's lse
 # ---------------------------------------------------------------------------
 
-# (family, D, N, the backward kernels the plan takes): one case per backward the tuned table picks,
-# and a dilated mask, whose residue classes run on strided views
+# (family, D, (Nq, Nk), the backward kernels the plan takes): one case per backward the tuned table
+# picks (B = 2, 4 query heads: the window needs 4096 rows not to count as few rows, whose dQ pass
+# splits, and the stored dS's memory limit lifted), and a dilated mask, whose residue classes run on
+# strided views
 REPLAY_GPU = [
-    pytest.param("doc&causal", 64, 1000, "two-launch", id="doc&causal-D64-two-launch", marks=GPU),
-    pytest.param("full", 128, 640, "one-launch", id="full-D128-one-launch", marks=GPU),
-    pytest.param("window", 128, 1024, "stored-dS", id="window-D128-stored-dS", marks=GPU),
-    pytest.param("dilated", 64, 777, "two-launch", id="dilated-D64-classes", marks=GPU),
+    pytest.param("doc&causal", 64, (1000, 1000), "two-launch", id="doc&causal-D64-two-launch", marks=GPU),
+    pytest.param("full", 128, (640, 640), "one-launch", id="full-D128-one-launch", marks=GPU),
+    pytest.param("window", 128, (4096, 4096), "stored-dS", id="window-D128-stored-dS", marks=GPU),
+    pytest.param("causal-offset", 128, (64, 4096), "dQ split", id="causal-offset-D128-dq-split", marks=GPU),
+    pytest.param("dilated", 64, (777, 777), "two-launch", id="dilated-D64-classes", marks=GPU),
 ]
 _BACKWARD_KERNEL = {"two-launch": "attn_bwd_dq_kernel", "one-launch": "attn_bwd_kernel",
-                    "stored-dS": "attn_bwd_dq_ds_kernel"}
+                    "stored-dS": "attn_bwd_dq_ds_kernel", "dQ split": "attn_bwd_dq_combine_kernel"}
 
 
-@pytest.mark.parametrize("family, d, n, backward", REPLAY_GPU)
-def test_replayed_passes(family, d, n, backward, seed, monkeypatch):
+@pytest.mark.parametrize("family, d, sizes, backward", REPLAY_GPU)
+def test_replayed_passes(family, d, sizes, backward, seed, monkeypatch):
     """The passes a plan ran before for inputs like these are replayed (``launch.replay``: no
     launcher runs, the kernels are called with the new tensors; a dilated mask's classes each
     replay their own): each call with fresh inputs
     matches the reference, and the replayed kernels' results equal, bit for bit, those of the
     launchers' path on the same inputs."""
     monkeypatch.setattr(launch, "POISON", True)
-    mask = FAMILIES[family](Case(family, BF16, n, n, d, device="cuda"), torch.Generator().manual_seed(seed))
-    plan = md.prepare(mask, n, n, device="cuda")
+    if backward == "stored-dS":  # 2 x 4 heads of 4096 rows: dS tiles of 2.25x the bytes of q, k and v
+        monkeypatch.setattr(configs, "STORED_DS_MEMORY", float("inf"))
+    n_q, n_k = sizes
+    mask = FAMILIES[family](Case(family, BF16, n_q, n_k, d, device="cuda"), torch.Generator().manual_seed(seed))
+    plan = md.prepare(mask, n_q, n_k, device="cuda")
     launched = _record_launches(monkeypatch)
     for call in range(3):
         launched.clear()
-        q, k, v, do = make_inputs(2, 4, 2, n, n, d, BF16, "cuda")
+        q, k, v, do = make_inputs(2, 4, 2, n_q, n_k, d, BF16, "cuda")
         got = run_and_check(mask, q, k, v, do, target=plan, context=f"call {call}, seed {seed}")
         if call == 0:
             assert _BACKWARD_KERNEL[backward] in [kernel.__name__ for kernel in launched], launched
@@ -1283,7 +1312,8 @@ def test_split_decision_needs_no_lists(monkeypatch):
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
     # 64 query rows against 8192 keys, B = 1, H = 4: 4 programs unsplit; the table's policy shares
-    # them (no override here) and the result matches the reference, output and gradients
+    # them (no override here), in the forward and in the backward's dQ pass (two launches), and the
+    # result matches the reference, output and gradients
     monkeypatch.setattr(launch, "POISON", True)
     launched = _record_launches(monkeypatch)
     monkeypatch.setattr(launch, "REPLAY", False)
@@ -1294,6 +1324,7 @@ def test_decoding_rows_are_split_by_themselves(seed, monkeypatch):
     run_and_check(mask, q, k, v, do, context="decoding, policy's split")
     assert kernel_module.attn_fwd_combine_kernel in launched, launched
     assert calls == [configs.few_rows_forward(2, 128)[0]], calls  # 64-row tiles, not the dense table's 128
+    assert kernel_module.attn_bwd_dq_combine_kernel in launched and kernel_module.attn_bwd_kernel not in launched
 
 
 
@@ -1310,8 +1341,8 @@ def test_decoding_step_by_the_policy(seed, monkeypatch, d):
     monkeypatch.setattr(launch, "REPLAY", False)
     grids, real = [], launch._launch
     monkeypatch.setattr(launch, "_launch", lambda kernel, grid, *a, **kw: (grids.append(grid), real(kernel, grid, *a, **kw))[1])
-    fitted, real_occupancy = [], launch._occupancy
-    monkeypatch.setattr(launch, "_occupancy", lambda *a, **kw: (fitted.append(real_occupancy(*a, **kw)), fitted[-1])[1])
+    probes, real_occupancy = [], launch._occupancy
+    monkeypatch.setattr(launch, "_occupancy", lambda *a, **kw: (probes.append((a[0], real_occupancy(*a, **kw))), probes[-1][1])[1])
     n_k = 4097
     mask = md.Prefix(n_k - 1) | md.Causal(n_k - 1)
     q, k, v, do = make_inputs(2, 8, 2, 1, n_k, d, torch.bfloat16, "cuda")
@@ -1323,8 +1354,46 @@ def test_decoding_step_by_the_policy(seed, monkeypatch, d):
     assert launched[fwd + 1] is kernel_module.attn_fwd_combine_kernel, launched
     splits = grids[fwd][0] // 4  # 2 batches x 2 key/value groups of 4 heads per share
     assert splits > 1 and grids[fwd][0] % 4 == 0, grids[fwd]
-    assert len(fitted) == 1 and fitted[0] >= 1, fitted  # programs per multiprocessor, from the compiled kernel
+    fitted = [per for kernel, per in probes if kernel is kernel_module.attn_fwd_kernel]
+    assert len(fitted) == 1 and fitted[0] >= 1, probes  # programs per multiprocessor, from the compiled kernel
     assert grids[fwd][0] <= fitted[0] * launch.multiprocessors(q.device), (grids[fwd], fitted)  # one wave
+
+def test_few_rows_backward_policy(monkeypatch):
+    """The backward of few query rows against many keys (the forward's rule, the table's dQ tiles,
+    on a machine of 132 multiprocessors) takes two launches with the dQ pass split, in its own tiles
+    where ``configs.FEW_ROWS_DQ`` has them (D = 128), without stored dS or the one-launch backward;
+    many rows keep the table's arrangement (decided before any lists: the shapes alone)."""
+    import importlib
+
+    attention_module = importlib.import_module("maskdsl.attention")
+    monkeypatch.setattr(launch, "multiprocessors", lambda device: 132)
+    monkeypatch.setattr(launch, "backward", lambda *a, **kw: kw)
+    for b, n_q, n_k, d, mask, few in [(1, 64, 65600, 128, md.Causal(65536), True), (1, 64, 65600, 64, md.Causal(65536), True),
+                                      (4, 64, 16448, 128, md.Causal(16384), True), (4, 4096, 4096, 128, md.Full(), False),
+                                      (4, 16384, 16384, 128, md.Window(256), False), (4, 256, 8448, 128, md.Causal(8192), False),
+                                      # D = 64: up to 2 programs per multiprocessor (SPLIT_DQ_BELOW), the forward's half of one
+                                      (4, 128, 16512, 64, md.Causal(16384), True), (4, 256, 16640, 64, md.Causal(16384), False)]:
+        q, k = torch.zeros(b, 32, n_q, d, dtype=torch.bfloat16), torch.zeros(b, 32, n_k, d, dtype=torch.bfloat16)
+        plan = md.prepare(mask, n_q, n_k)
+        got = attention_module._kernel_backward(plan, q, q, k, k, q, torch.zeros(b, 32, n_q), 1.0)
+        table = plan.tiles("dq", 2, d)
+        assert got["dq_split"] == few, (b, n_q, n_k, d, got["dq_split"])
+        assert got["dq_cfg"] == ((configs.few_rows_dq(2, d) or table) if few else table), got["dq_cfg"]
+        lists = got["dq_lists"]
+        assert (lists.block_rows, lists.block_cols) == (got["dq_cfg"].BLOCK_M, got["dq_cfg"].BLOCK_N)
+        if few:
+            assert got["fused_stages"] is None and got["ds_tiles"] is None
+        else:
+            assert got["fused_stages"] == plan.fused_stages(2, d)
+            assert (got["ds_tiles"] is not None) == (mask == md.Window(256))
+    assert configs.few_rows_dq(2, 128) == TileConfig(64, 32, 4, 2, maxnreg=168) and configs.few_rows_dq(2, 64) is None
+    assert configs.kv_split_limit(2, 64, 132, "dq") == 264 and configs.kv_split_limit(2, 64, 132) == 66
+    monkeypatch.setitem(configs.OVERRIDE, "dq_splits", 1)  # forced unsplit: the table's arrangement
+    plan = md.prepare(md.Causal(65536), 64, 65600)
+    q, k = torch.zeros(1, 32, 64, 128, dtype=torch.bfloat16), torch.zeros(1, 8, 65600, 128, dtype=torch.bfloat16)
+    got = attention_module._kernel_backward(plan, q, q, k, k, q, torch.zeros(1, 32, 64), 1.0)
+    assert not got["dq_split"] and got["dq_cfg"] == plan.tiles("dq", 2, 128)
+
 
 def test_global_tokens_make_heavy_rows():
     plan = md.prepare(md.Window(8) | md.Global([5, 700, 1500]), 2048, 2048)
