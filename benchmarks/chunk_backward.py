@@ -41,6 +41,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="a,unsplit", help="comma list of a, unsplit, two, S, dq=MxNxWxS[xR]")
     args = ap.parse_args(argv)
     from kernels.configs import TileConfig
+    from maskdsl import bench
+
+    try:
+        shapes = bench.parse_shapes(args.shapes, "1,64,65536,128")
+    except ValueError as e:
+        ap.error(str(e))
 
     variants, overrides = args.variants.split(","), {}
     for text in variants:
@@ -56,29 +62,18 @@ def main(argv=None) -> int:
         else:
             ap.error(f"--variants: expected a, unsplit, two, S (shares, a positive integer) or dq=MxNxWxS[xR], "
                      f"got {text!r}")
-    shapes = []
-    try:
-        for text in args.shapes:
-            b, t, p, d = map(int, text.split(","))
-            if min(b, t, d) < 1 or p < 0:
-                raise ValueError
-            shapes.append((b, t, p, d))
-    except ValueError:
-        ap.error(f"--shapes: expected B,T,P,D (positive, P >= 0) such as 1,64,65536,128, got {text!r}")
     if args.hkv < 1 or 32 % args.hkv:
         ap.error(f"--hkv must divide the 32 query heads, got {args.hkv}")
     if not torch.cuda.is_available():
         print("chunk_backward: needs a CUDA GPU", file=sys.stderr)
         return 2
     import triton
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     import maskdsl as md
     from kernels import configs
-    from maskdsl import bench
 
-    torch._dynamo.config.cache_size_limit = 1024
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = bench.compiled_flex()
     torch.manual_seed(0)
     hq, dev = 32, "cuda"
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; "

@@ -83,16 +83,14 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true", help="kernel times of the a and nominal columns")
     args = ap.parse_args(argv)
     from kernels.configs import forward_overrides
+    from maskdsl import bench
 
-    shapes, variants = [], args.variants.split(",")
+    variants = args.variants.split(",")
     try:
-        for text in args.shapes:
-            b, t, p, d = map(int, text.split(","))
-            if min(b, t, d) < 1 or p < 0:
-                raise ValueError
-            shapes.append((b, t, p, d))
-    except ValueError:
-        ap.error(f"--shapes: expected B,T,P,D (positive, P >= 0) such as 4,1,8192,128, got {text!r}")
+        shapes = bench.parse_shapes(args.shapes, "4,1,8192,128")
+    except ValueError as e:
+        ap.error(str(e))
+
     forced = {}
     for text in variants:  # bad variants fail before any work
         if text in ("a", "nominal"):
@@ -106,14 +104,12 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("decode_attention: needs a CUDA GPU", file=sys.stderr)
         return 2
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
 
     import maskdsl as md
     from kernels import configs, launch
-    from maskdsl import bench
 
-    torch._dynamo.config.cache_size_limit = 1024
-    flex = torch.compile(flex_attention, dynamic=False)
+    flex = bench.compiled_flex()
     random.seed(0)
     torch.manual_seed(0)
     hq, dev = 32, "cuda"

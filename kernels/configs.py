@@ -278,16 +278,18 @@ FEW_ROWS_DQ = [
 ]
 
 
-def few_rows_dq(element_size: int, head_dim: int) -> TileConfig | None:
-    """The split dQ pass's tiles of ``FEW_ROWS_DQ`` for these inputs, or None: the table's.
-    ``OVERRIDE["dq"]`` (tests, A/B runs) keeps its tiles."""
-    if "dq" in OVERRIDE:
+def _own_tiles(table, pass_name: str, element_size: int, head_dim: int) -> TileConfig | None:
+    """The config of ``table``'s first (element sizes, head dims, config) entry for these inputs, or
+    None; None too where ``OVERRIDE[pass_name]`` (tests, A/B runs) forces the pass's tiles."""
+    if pass_name in OVERRIDE:
         return None
     padded = padded_head_dim(head_dim)
-    for sizes, dims, cfg in FEW_ROWS_DQ:
-        if element_size in sizes and padded in dims:
-            return cfg
-    return None
+    return next((cfg for sizes, dims, cfg in table if element_size in sizes and padded in dims), None)
+
+
+def few_rows_dq(element_size: int, head_dim: int) -> TileConfig | None:
+    """The split dQ pass's tiles of ``FEW_ROWS_DQ`` for these inputs, or None: the table's."""
+    return _own_tiles(FEW_ROWS_DQ, "dq", element_size, head_dim)
 
 
 def few_rows_forward(element_size: int, head_dim: int, kind: str = "sparse") -> tuple[TileConfig, float | None] | None:
@@ -304,15 +306,8 @@ def few_rows_forward(element_size: int, head_dim: int, kind: str = "sparse") -> 
 
 
 def decode_forward(element_size: int, head_dim: int) -> TileConfig | None:
-    """The decoding tiles of ``DECODE_FWD`` for these inputs, or None. ``OVERRIDE["fwd"]`` (tests,
-    A/B runs) keeps its tiles."""
-    if "fwd" in OVERRIDE:
-        return None
-    padded = padded_head_dim(head_dim)
-    for sizes, dims, cfg in DECODE_FWD:
-        if element_size in sizes and padded in dims:
-            return cfg
-    return None
+    """The decoding tiles of ``DECODE_FWD`` for these inputs, or None."""
+    return _own_tiles(DECODE_FWD, "fwd", element_size, head_dim)
 
 # GQA packing in the forward: with few query rows (decoding, tree verification) a tile of BLOCK_M rows
 # mostly pads, once per query head, and every query head of a key/value group reads the same K and V

@@ -393,6 +393,22 @@ def kernel_times(fn, calls: int = 3, name_width: int = 40) -> dict[str, float]:
     return acc
 
 
+def parse_shapes(texts, example: str) -> list[tuple[int, int, int, int]]:
+    """(B, T, P, D) of each ``B,T,P,D`` of the few-rows scripts' ``--shapes`` (B, T, D positive,
+    P >= 0); ValueError with the message to print, naming ``example``, for anything else."""
+    shapes = []
+    for text in texts:
+        try:
+            b, t, p, d = map(int, text.split(","))
+        except ValueError:
+            b = t = d = 0
+            p = -1
+        if min(b, t, d) < 1 or p < 0:
+            raise ValueError(f"--shapes: expected B,T,P,D (positive, P >= 0) such as {example}, got {text!r}")
+        shapes.append((b, t, p, d))
+    return shapes
+
+
 def launches_of(fn) -> list[tuple[str, tuple]]:
     """(kernel name, grid) of each Triton launch ``fn()`` makes through the launchers (replay off,
     so that the launchers decide them now)."""
@@ -415,7 +431,9 @@ def launches_of(fn) -> list[tuple[str, tuple]]:
 _FLEX = None
 
 
-def _compiled_flex():
+def compiled_flex():
+    """``flex_attention`` compiled once for static shapes, with dynamo's recompile limits raised
+    so that a sweep of shapes and options keeps compiling instead of falling back to eager."""
     global _FLEX
     if _FLEX is None:
         import torch._dynamo
@@ -437,7 +455,7 @@ def _compiled_flex():
 
 def _flex(options, s: Setup):
     _need_cuda(s)
-    flex = _compiled_flex()
+    flex = compiled_flex()
     bm = s.case.block_mask()
     q, k, v = s.q, s.k, s.v
     if options is None:
