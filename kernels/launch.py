@@ -505,7 +505,8 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
         # as many shares as the compiled split kernel fits on the GPU at once (its registers and
         # shared memory decide how many programs a multiprocessor holds), not a nominal count
         # (lse stands in for the float32 partials: a pointer of their dtype, never written by a compile)
-        per = launch((1,), lse, lse, 2, (H * n_q * D, n_q * D, D, 1, B * H * n_q * D, B * H * n_q), probe=True)
+        share, *strides = _parts_strides(B, H, n_q, D)
+        per = launch((1,), lse, lse, 2, (*strides, share, B * H * n_q), probe=True)
     splits = forward_splits(q, k, lists, cfg, pack, per)
     # split along the keys (too few rows to fill the GPU: decoding, tree verification against a
     # long cache): each share of a row writes float32 partials, merged by attn_fwd_combine_kernel
@@ -523,6 +524,12 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
             num_stages=1,
         )
     return o, lse
+
+
+def _parts_strides(B: int, H: int, n_q: int, D: int) -> tuple[int, ...]:
+    """The strides of a split pass's float32 parts, contiguous ``[shares, B, H, n_q, D]``, as new_output
+    makes them: what the capacity probe compiles with before the buffer exists."""
+    return (B * H * n_q * D, H * n_q * D, n_q * D, D, 1)
 
 
 # shares of a row attn_fwd_combine_kernel reads at once (a constant: new mask data, which may change
@@ -718,7 +725,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
             maxnreg=fused_maxnreg(dq_cfg, dkdv_cfg), **common,
         )
         return dq, dk, dv
-    programs = B * H * dq_lists.num_rows
+    programs = _programs(q, dq_lists.num_rows)
 
     def dq_pass(grid, dq_out, strides, splits, stride_ds, probe=False):
         # strides: dq_out's last four; splits None: unsplit; probe: compile only (_occupancy)
@@ -734,10 +741,10 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
     splits = None
     if dq_split:  # few query rows against many keys: the dQ pass's programs would leave the GPU idle
         # the float32 parts [splits, B, H, Nq, D]; the probe passes lse (float32) for their pointer
-        part_strides = (H * n_q * D, n_q * D, D, 1)
         per = None
         if _may_split(q, k, programs, dq_cfg, pass_name="dq"):
-            per = dq_pass((1,), lse, part_strides, 2, B * H * n_q * D, probe=True)
+            share, *strides = _parts_strides(B, H, n_q, D)
+            per = dq_pass((1,), lse, strides, 2, share, probe=True)
         # where the fitted rule finds no count that pays (it keeps a single wave unsplit), the nominal
         # count: split, the backward was still faster (B = 4, 128 rows against 16K keys, D = 64: 2 shares
         # 6% faster than the one-launch backward, H200, session 23)

@@ -226,10 +226,9 @@ def _kernel_backward(p, do, q, k, v, o, lse, scale, out=None):
 
     es, d = q.element_size(), q.shape[3]
     dq_cfg, kv_cfg = p.tiles("dq", es, d), p.tiles("dkdv", es, d)
-    # few query rows against many keys (the forward's rule, configs.SPLIT_DQ_BELOW's limits, the
-    # table's tiles): two launches,
-    # the dQ pass split along the keys with its own tiles where it has them (no stored dS tiles to
-    # build, no one-launch backward)
+    # few query rows against many keys (the forward's rule with configs.SPLIT_DQ_BELOW's limits, for
+    # the table's tiles): two launches, the dQ pass split along the keys in its own tiles where it
+    # has them (no stored dS tiles to build, no one-launch backward)
     few = launch.splits_rows(q, k, -(-p.n_q // dq_cfg.BLOCK_M), dq_cfg, pass_name="dq")
     if few:
         dq_cfg = configs.few_rows_dq(es, d) or dq_cfg
