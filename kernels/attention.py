@@ -542,11 +542,13 @@ def _dkdv_program(
     H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
-    WIDE: tl.constexpr, DS=None, DS_PTR=None, T_MAX=0, STORE_DS: tl.constexpr = False,
+    WIDE: tl.constexpr, DS=None, DS_PTR=None, DS_BEFORE=None, T_MAX=0, STORE_DS: tl.constexpr = False,
 ):
     """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group. With
     ``STORE_DS``, each tile's dS^T goes to ``DS`` too: per query head ``T_MAX`` tiles of
-    ``BLOCK_N x BLOCK_M``, this key block's first at ``DS_PTR[row]``, the rest in visiting order."""
+    ``BLOCK_N x BLOCK_M``, this key block's first at ``DS_PTR[row]``, the rest in the order of their
+    query blocks where ``DS_BEFORE[row]`` >= 0 (the row's full blocks are one run or none, with
+    that many partial blocks before it), else in visiting order (``launch.DsTiles``)."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     i_b = i_bhk // HKV
     i_hk = i_bhk % HKV
@@ -578,13 +580,15 @@ def _dkdv_program(
         DELTA_BASE = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
         lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
         ds_first = None
-        if STORE_DS:  # this head's tiles of this key block, in the order the loops below visit them
+        before = 0
+        if STORE_DS:  # this head's tiles of this key block (launch.DsTiles numbers them)
             ds_first = DS + ((i_b * H + i_h).to(tl.int64) * T_MAX + tl.load(DS_PTR + row)) * (BLOCK_N * BLOCK_M)
+            before = tl.load(DS_BEFORE + row)
         for f in range(lo, hi):
             i_m = _full_block(FULL_IDX, f, contiguous)
             ds_tile = None
             if STORE_DS:
-                ds_tile = ds_first + (f - lo).to(tl.int64) * (BLOCK_N * BLOCK_M)
+                ds_tile = ds_first + (f - lo + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
                                  PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
@@ -594,7 +598,7 @@ def _dkdv_program(
             i_m = tl.load(PART_IDX + p)
             ds_tile = None
             if STORE_DS:
-                ds_tile = ds_first + (hi - lo + p - p0).to(tl.int64) * (BLOCK_N * BLOCK_M)
+                ds_tile = ds_first + (p - p0 + tl.where(p - p0 >= before, hi - lo, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
                                  PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
@@ -618,7 +622,8 @@ def attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, DS, DS_PTR, T_MAX,
+    H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, DS, DS_PTR, DS_BEFORE,
+    T_MAX,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
     WIDE: tl.constexpr,
@@ -631,25 +636,55 @@ def attn_bwd_dkdv_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
-        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, T_MAX, STORE_DS,
+        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, DS_BEFORE, T_MAX, STORE_DS,
     )
+
+
+@triton.jit
+def _dq_ds_tile(acc, K_BASE, DS_BASE, kb, ids, offs_t, offs_d, rel_kt, ds_offs, stride_kn, N_K,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
+                EVEN_N: tl.constexpr, PREC: tl.constexpr, ANY_EMPTY: tl.constexpr):
+    """``acc`` += K^T of key block ``kb`` times its dS^T tiles ``ids`` (one per query block of the
+    row; with ``ANY_EMPTY``, -1 where there is none: zeros)."""
+    offs_n = kb * BLOCK_N + offs_t
+    p_kt = K_BASE + (kb * BLOCK_N).to(tl.int64) * stride_kn + rel_kt
+    if EVEN_N and HEAD_D == BLOCK_D:
+        b_kt = tl.load(p_kt)
+    else:  # keys past N_K: zeros, whatever their dS^T rows hold
+        b_kt = tl.load(p_kt, mask=(offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D), other=0.0)
+    p_dst = DS_BASE + ids[None, :].to(tl.int64) * (BLOCK_N * BLOCK_M) + ds_offs
+    if ANY_EMPTY:
+        b_dst = tl.load(p_dst, mask=ids[None, :] >= 0, other=0.0)
+    else:
+        b_dst = tl.load(p_dst)
+    return tl.dot(b_kt, b_dst, acc, input_precision=PREC)
 
 
 @triton.jit(do_not_specialize=("NUM_HEAVY", "T_MAX"))
 def attn_bwd_dq_ds_kernel(
-    K, DS, DQ, TILE_PTR, TILE_KB, TILE_ID, ORDER, NUM_HEAVY,
+    K, DS, DQ, TILE_PTR, TILE_KB, TILE_ID, TILE_STRIDE, ORDER, NUM_HEAVY,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, T_MAX, sm_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROW_TILES: tl.constexpr, HEAD_D: tl.constexpr,
-    BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
+    BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr, STRIDED_ROWS: tl.constexpr,
 ):
     """dQ of ``ROW_TILES`` consecutive query blocks (of ``BLOCK_M``) from the dS^T tiles the dK/dV
     pass stored (``STORE_DS``): dQ^T = sum over key blocks of K^T dS^T, one product per key block
     and nothing recomputed (S = QK^T, its exponentials and dP = dO V^T are the dK/dV pass's). Each
     K tile serves all ``ROW_TILES`` query blocks. For e in ``TILE_PTR[row]:TILE_PTR[row + 1]``:
     key block ``TILE_KB[e]`` and the numbers ``TILE_ID[e * ROW_TILES + t]`` of its tiles with the
-    query blocks t of the row (-1 where that tile is empty: zeros)."""
+    query blocks t of the row (-1 where that tile is empty: zeros).
+
+    With ``STRIDED_ROWS`` (the plan has such rows), a row whose entries are consecutive key blocks and
+    whose tile numbers grow by the same step ``TILE_STRIDE[row]`` from one key block to the next (not
+    0; the band of a sliding window, numbered as ``launch.DsTiles`` says) walks them with no index
+    loads: Triton then issues the tile loads ``num_stages - 1`` iterations ahead, where loads whose
+    addresses come from a load in the loop go one ahead at most (the window's pass 7% faster at
+    D = 128, N = 16384, H200, session 24; the deeper pipeline's shared memory leaves 3 programs per
+    multiprocessor instead of 4, which made ALPACA's, with no such row, 17% slower: hence the
+    variant). Its loop and the indexed one run one after the other, one of them empty (an if/else
+    of two loops around one accumulator makes ptxas serialise the wgmma)."""
     i_bh, i_r = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     i_b = i_bh // H
     i_h = i_bh % H
@@ -667,18 +702,20 @@ def attn_bwd_dq_ds_kernel(
     # a K^T tile's element offsets from its first key (as in _dkdv_program: one scalar product per
     # tile; 40 fewer instructions per iteration, sm_90 SASS; the pass 3% faster, H200, session 20)
     rel_kt = _rows(offs_t, WIDE)[None, :] * stride_kn + offs_d[:, None] * stride_kd
-    for e in range(e0, e1):
-        kb = tl.load(TILE_KB + e)
-        offs_n = kb * BLOCK_N + offs_t
-        p_kt = K_BASE + (kb * BLOCK_N).to(tl.int64) * stride_kn + rel_kt
-        if EVEN_N and HEAD_D == BLOCK_D:
-            b_kt = tl.load(p_kt)
-        else:  # keys past N_K: zeros, whatever their dS^T rows hold
-            b_kt = tl.load(p_kt, mask=(offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D), other=0.0)
-        ids = tl.load(TILE_ID + e * ROW_TILES + cols // BLOCK_M)
-        b_dst = tl.load(DS_BASE + ids[None, :].to(tl.int64) * (BLOCK_N * BLOCK_M) + ds_offs, mask=ids[None, :] >= 0,
-                        other=0.0)
-        acc = tl.dot(b_kt, b_dst, acc, input_precision=PREC)
+    e_list = e0
+    if STRIDED_ROWS:
+        step = tl.load(TILE_STRIDE + row)
+        n_strided = tl.where(step != 0, e1 - e0, 0)
+        kb0 = tl.load(TILE_KB + tl.where(n_strided > 0, e0, 0))  # (the lists are never empty: entry 0 exists)
+        ids0 = tl.load(TILE_ID + e0 * ROW_TILES + cols // BLOCK_M, mask=cols < tl.where(n_strided > 0, WIDTH, 0), other=0)
+        for i in range(0, n_strided):
+            acc = _dq_ds_tile(acc, K_BASE, DS_BASE, kb0 + i, ids0 + i * step, offs_t, offs_d, rel_kt, ds_offs,
+                              stride_kn, N_K, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_N, PREC, False)
+        e_list = e0 + n_strided
+    for e in range(e_list, e1):
+        acc = _dq_ds_tile(acc, K_BASE, DS_BASE, tl.load(TILE_KB + e), tl.load(TILE_ID + e * ROW_TILES + cols // BLOCK_M),
+                          offs_t, offs_d, rel_kt, ds_offs, stride_kn, N_K, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_N,
+                          PREC, True)
     offs_m = i_r * WIDTH + cols
     p_dq = (DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
             + offs_m[None, :].to(tl.int64) * stride_dqm + offs_d[:, None] * stride_dqd)

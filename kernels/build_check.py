@@ -36,7 +36,7 @@ _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL":
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
          "sm_scale": "fp32", "DS": "*bf16"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
-              "WORDS", "DS_PTR", "TILE_PTR", "TILE_KB", "TILE_ID"}
+              "WORDS", "DS_PTR", "DS_BEFORE", "TILE_PTR", "TILE_KB", "TILE_ID", "TILE_STRIDE"}
 
 
 def _signature(kernel, constexprs: dict) -> dict:
@@ -147,12 +147,13 @@ def cases():
                 out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
                             consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
                 rows = configs.stored_ds_row_tiles(cfg)
-                consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, ROW_TILES=rows, HEAD_D=d, BLOCK_D=d,
-                              EVEN_N=flag, PREC="tf32", WIDE=False)
-                out.append((f"dq from stored dS d={d} {kind} {rows} x {cfg.BLOCK_M}x{cfg.BLOCK_N}"
-                            f"{' even' if flag else ''}", K.attn_bwd_dq_ds_kernel, consts, launch.STORED_DS_WARPS,
-                            launch.STORED_DS_STAGES,
-                            ("N_Q", "N_K") if flag else (), None))
+                for strided_rows in (False, True):  # without and with the loop of rows with no index loads
+                    consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, ROW_TILES=rows, HEAD_D=d, BLOCK_D=d,
+                                  EVEN_N=flag, PREC="tf32", WIDE=False, STRIDED_ROWS=strided_rows)
+                    out.append((f"dq from stored dS d={d} {kind} {rows} x {cfg.BLOCK_M}x{cfg.BLOCK_N}"
+                                f"{' even' if flag else ''}{' strided rows' if strided_rows else ''}",
+                                K.attn_bwd_dq_ds_kernel, consts, launch.STORED_DS_WARPS, launch.STORED_DS_STAGES,
+                                ("N_Q", "N_K") if flag else (), None))
     # the one-launch backward where the table uses it, both edges, and its delta pre-pass
     for d in (64, 128):
         for kind in ("dense", "sparse"):

@@ -68,24 +68,33 @@ class Lists:
 class DsTiles:
     """Where the dK/dV pass stores each tile's dS^T and where the dQ pass finds it (the backward
     with stored dS, ``configs.STORED_DS``), for the tiles of the dK/dV layout. Per query head the
-    tiles of its (batch, head) pair are numbered in the order the dK/dV programs visit them:
-    ``k_first[pair * Mk + kb]`` is key block kb's first. The dQ pass takes ``row_tiles`` query
-    blocks at a time: per such row (``pair * num_rows + r``) the CSR ``q_ptr`` lists the key blocks
-    ``q_kb`` any of them has a tile with, and ``q_id`` (``row_tiles`` per key block) those tiles'
-    numbers, -1 where a query block has none."""
+    tiles of its (batch, head) pair are numbered key block after key block: ``k_first[pair * Mk +
+    kb]`` is key block kb's first. Within a key block whose full query blocks are one run (or none),
+    in the order of their query blocks, ``k_before`` (same index) the partial blocks before the run;
+    within any other (several runs), in the order the dK/dV program visits them (its full query
+    blocks, then its partial ones), ``k_before`` -1. The dQ pass takes ``row_tiles`` query blocks at
+    a time: per such row (``pair * num_rows + r``) the CSR ``q_ptr`` lists the key blocks ``q_kb``
+    any of them has a tile with, and ``q_id`` (``row_tiles`` per key block) those tiles' numbers, -1
+    where a query block has none; ``q_stride`` (per row) the step by which the numbers grow from one
+    key block to the next where the row's key blocks are consecutive, each with every tile, and
+    every step the same (the band of a sliding window), else 0: the dQ pass walks such rows with no
+    index loads (``attn_bwd_dq_ds_kernel``)."""
 
     k_first: torch.Tensor  # [P * Mk] int32
+    k_before: torch.Tensor  # [P * Mk] int32
     q_ptr: torch.Tensor  # [P * num_rows + 1]
     q_kb: torch.Tensor
     q_id: torch.Tensor
+    q_stride: torch.Tensor  # [P * num_rows] int32
     order: torch.Tensor  # rows of each (batch, head), the heaviest first (as ``Lists.order``)
     num_heavy: int
     num_rows: int  # ceil(Mq / row_tiles)
     row_tiles: int
     t_max: int  # tiles per query head (the most of any pair)
+    strided_rows: bool = False  # any q_stride not 0: the dQ pass compiles its loop without index loads
 
     def tensors(self):
-        return (self.k_first, self.q_ptr, self.q_kb, self.q_id, self.order)
+        return (self.k_first, self.k_before, self.q_ptr, self.q_kb, self.q_id, self.q_stride, self.order)
 
 
 def ds_numel(batch: int, heads: int, t_max: int, dkdv: TileConfig) -> int:
@@ -702,11 +711,13 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
               ds=ds, ds_tiles=ds_tiles)
         _launch(
             attn_bwd_dq_ds_kernel, (B * H * ds_tiles.num_rows,),
-            (k, ds, dq, ds_tiles.q_ptr, ds_tiles.q_kb, ds_tiles.q_id, ds_tiles.order, ds_tiles.num_heavy,
+            (k, ds, dq, ds_tiles.q_ptr, ds_tiles.q_kb, ds_tiles.q_id, ds_tiles.q_stride, ds_tiles.order,
+             ds_tiles.num_heavy,
              *k.stride(), *dq.stride(), H, n_q, n_k, ds_tiles.num_rows, B * H, H // h_kv, pair_b, pair_h,
              ds_tiles.t_max, scale), q.device,
             BLOCK_M=dkdv_cfg.BLOCK_M, BLOCK_N=dkdv_cfg.BLOCK_N, ROW_TILES=ds_tiles.row_tiles, HEAD_D=D,
             BLOCK_D=block_d, EVEN_N=n_k % dkdv_cfg.BLOCK_N == 0, PREC=common["PREC"], WIDE=_wide(k),
+            STRIDED_ROWS=ds_tiles.strided_rows,
             num_warps=configs.OVERRIDE.get("ds_warps", STORED_DS_WARPS),
             num_stages=configs.OVERRIDE.get("ds_stages", STORED_DS_STAGES),
         )
@@ -783,7 +794,7 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
     """Launch the dK/dV pass (delta and lse2 already written); with ``ds``, it stores every tile's dS^T there."""
     B, H, n_q, _ = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
-    ds_args = (ds, ds_tiles.k_first, ds_tiles.t_max) if ds is not None else (None, None, 0)
+    ds_args = (ds, ds_tiles.k_first, ds_tiles.k_before, ds_tiles.t_max) if ds is not None else (None, None, None, 0)
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * lists.num_rows,),
         (q, k, v, do, dk, dv, lse2, delta, meta, *lists.args(),

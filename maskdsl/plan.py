@@ -413,17 +413,24 @@ def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int) -> DsTiles:
-    """Number the non-empty tiles of each (batch, head) pair in the order the dK/dV programs visit
-    them (per key block: its full query blocks ascending, then its partial ones ascending: see
-    ``attn_bwd_dkdv_kernel``), and list per row of ``row_tiles`` query blocks the key blocks its
-    tiles have and their numbers. ``t_max``: the tiles of the pair that has the most
-    (``Plan.ds_tile_count``)."""
-    _, mq, mk = block_matrix.shape
+    """Number the non-empty tiles of each (batch, head) pair key block after key block, within a key
+    block in the order of its query blocks where its full query blocks are one run or none (then the
+    dK/dV program finds a tile's number from the run and the partial blocks before it), else in the
+    order the dK/dV program visits them (its full query blocks ascending, then its partial ones: see
+    ``attn_bwd_dkdv_kernel``); list per row of ``row_tiles`` query blocks the key blocks its tiles
+    have and their numbers, and the rows the dQ pass walks with no index loads (``DsTiles.q_stride``).
+    ``t_max``: the tiles of the pair that has the most (``Plan.ds_tile_count``)."""
+    pairs, mq, mk = block_matrix.shape
     block = block_matrix.numpy()
     full = full_matrix.numpy() & block
     part = block & ~full
-    rank = np.where(full, np.cumsum(full, axis=1) - full,
-                    full.sum(axis=1, keepdims=True) + np.cumsum(part, axis=1) - part)
+    runs = (full & ~np.pad(full, ((0, 0), (1, 0), (0, 0)))[:, :-1]).sum(axis=1)  # [P, Mk]: runs of full blocks
+    in_order = runs <= 1
+    visiting = np.where(full, np.cumsum(full, axis=1) - full,
+                        full.sum(axis=1, keepdims=True) + np.cumsum(part, axis=1) - part)
+    rank = np.where(in_order[:, None, :], np.cumsum(block, axis=1) - block, visiting)
+    run_start = np.where(full.any(axis=1), full.argmax(axis=1), 0)  # [P, Mk]
+    before = np.where(in_order, (part & (np.arange(mq)[None, :, None] < run_start[:, None, :])).sum(axis=1), -1)
     per_col = block.sum(axis=1)  # [P, Mk]
     first = np.cumsum(per_col, axis=1) - per_col  # each key block's first tile, per pair
     ids = np.where(block, first[:, None, :] + rank, -1)  # [P, Mq, Mk]
@@ -433,12 +440,29 @@ def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int) -> 
     used = (ids >= 0).any(axis=2)  # [P, rows, Mk]: key blocks of any tile of the row
     pair, r, kb = np.nonzero(used)  # row-major: pair, then row, then key block
     tile_ids = ids[pair, r, :, kb]  # [E, row_tiles]
-    per_row = used.sum(axis=2)  # [P, rows]
-    ptr = np.concatenate([[0], np.cumsum(per_row.reshape(-1))])
-    order, heavy = _heaviest_first(per_row.sum(0))
+    per_row = used.sum(axis=2).reshape(-1)  # [P * rows]
+    ptr = np.concatenate([[0], np.cumsum(per_row)])
+    order, heavy = _heaviest_first(per_row.reshape(pairs, rows).sum(0))
+    steps = _tile_strides(pair * rows + r, kb, tile_ids, ptr, pairs * rows)
+    return DsTiles(*_int32_on(device, first.reshape(-1), before.reshape(-1), ptr, kb, tile_ids.reshape(-1), steps, order),
+                   heavy, rows, row_tiles, t_max, bool(steps.any()))
 
-    return DsTiles(*_int32_on(device, first.reshape(-1), ptr, kb, tile_ids.reshape(-1), order), heavy, rows,
-                   row_tiles, t_max)
+
+def _tile_strides(row_of: np.ndarray, kb: np.ndarray, tile_ids: np.ndarray, ptr: np.ndarray, num_rows: int) -> np.ndarray:
+    """``DsTiles.q_stride`` of the dQ rows whose entries (``row_of``, key block ``kb``, tile numbers
+    ``tile_ids`` [E, row_tiles], CSR ``ptr``) are consecutive key blocks with every tile, each
+    entry's numbers the previous one's plus one step: that step (1 for a row of one entry), else 0."""
+    count = np.diff(ptr)
+    bad = np.bincount(row_of[(tile_ids < 0).any(axis=1)], minlength=num_rows)
+    step = np.zeros(num_rows, np.int64)
+    if len(kb) > 1:
+        first = ptr[:-1][count >= 2]
+        step[count >= 2] = tile_ids[first + 1, 0] - tile_ids[first, 0]
+        within = row_of[1:] == row_of[:-1]
+        even = (kb[1:] - kb[:-1] == 1) & (tile_ids[1:] - tile_ids[:-1] == step[row_of[1:], None]).all(axis=1)
+        bad += np.bincount(row_of[1:][within & ~even], minlength=num_rows)
+    step[count == 1] = 1
+    return np.where(bad == 0, step, 0)
 
 
 # ---------------------------------------------------------------------------

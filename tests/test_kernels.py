@@ -986,20 +986,28 @@ def test_lists_flat_index_and_order(mask, by):
                                   md.TensorMask(torch.rand(2, 3, 200, 200, generator=torch.Generator().manual_seed(0))
                                                 < 0.02)], ids=repr)
 @pytest.mark.parametrize("row_tiles", [1, 2, 4])
-def test_stored_ds_tiles_follow_the_dkdv_visiting_order(mask, row_tiles):
-    # the dK/dV programs number their tiles as they visit them (per key block: full query blocks
-    # ascending, then partial ones, from the k lists); the dQ rows must find each tile by that number
+def test_stored_ds_tiles_follow_the_dkdv_numbering(mask, row_tiles):
+    # the dK/dV programs number their tiles from the k lists: per key block whose full query blocks
+    # are one run or none, in query-block order (the kernel places a tile from the run and k_before,
+    # the partial blocks before it); per key block of several runs, as they visit them (full query
+    # blocks ascending, then partial ones). The dQ rows must find each tile by that number.
     n = 200
     plan = md.prepare(mask, n, n)
     lay, lists = plan.layout(16, 32), plan.lists(16, 32, "k")
     tiles = plan.ds_tiles(16, 32, row_tiles)
     mq, mk = lay.num_q_blocks, lay.num_k_blocks
     pairs = lay.block_matrix.reshape(-1, mq, mk).shape[0]
-    first = tiles.k_first.tolist()
+    first, before = tiles.k_first.tolist(), tiles.k_before.tolist()
     number = {}
-    for r, (_, full, part) in enumerate(_rows_of(lists, True)):  # r = pair * Mk + key block
+    for r, (nruns, full, part) in enumerate(_rows_of(lists, True)):  # r = pair * Mk + key block
         pair, kb = divmod(r, mk)
-        for pos, qb in enumerate(full + part):
+        if nruns <= 1:
+            assert before[r] == sum(qb < full[0] for qb in part) if full else before[r] >= 0, r
+            visit = sorted(full + part)
+        else:
+            assert before[r] == -1, r
+            visit = full + part
+        for pos, qb in enumerate(visit):
             number[pair, qb, kb] = first[r] + pos
     per_pair = [sum(1 for key in number if key[0] == p) for p in range(pairs)]
     assert tiles.t_max == max(per_pair) == plan.ds_tile_count(16, 32)
@@ -1020,6 +1028,42 @@ def test_stored_ds_tiles_follow_the_dkdv_visiting_order(mask, row_tiles):
                     seen.add((pair, qb, kb))
     assert seen == set(number)  # every tile is read by the dQ pass
     assert sorted(tiles.order.tolist()) == list(range(tiles.num_rows))
+    # q_stride: nonzero exactly on rows of consecutive key blocks, every tile present, numbers growing evenly
+    for row, step in enumerate(tiles.q_stride.tolist()):
+        e0, e1 = ptr[row], ptr[row + 1]
+        got = [ids[e * row_tiles:(e + 1) * row_tiles] for e in range(e0, e1)]
+        even = (e1 > e0 and all(x >= 0 for g in got for x in g)
+                and all(kb_list[e] == kb_list[e0] + e - e0 for e in range(e0, e1))
+                and len({tuple(b - a for a, b in zip(got[i], got[i + 1])) for i in range(len(got) - 1)}
+                        | ({(got[1][0] - got[0][0],) * row_tiles} if len(got) > 1 else set())) <= 1)
+        assert (step != 0) == even, row
+        if even and len(got) > 1:
+            assert got[1][0] - got[0][0] == step
+
+
+def test_window_dq_rows_are_strided():
+    # the band of a sliding window: every dQ row of the stored-dS pass away from the ends takes the
+    # pass's loop without index loads (DsTiles.q_stride), the point of the numbering in query-block order
+    plan = md.prepare(md.Window(64), 1024, 1024)
+    tiles = plan.ds_tiles(32, 64, 2)
+    steps = tiles.q_stride.tolist()
+    assert len(steps) == 16 and all(s != 0 for s in steps[3:-3]), steps
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_stored_ds_strided_rows_match_reference(dtype, monkeypatch, seed):
+    # a sliding window with dK/dV tiles of 16 query rows x 32 keys and dQ rows of 2 query blocks (as
+    # the D = 128 tiles, 32 x 64 and 2): the band's inner dQ rows walk their stored tiles with no index
+    # loads (DsTiles.q_stride), the rows at the ends the indexed loop, in one launch; GQA, two batches
+    _use_tiles(monkeypatch, "t16", stored_ds=True)
+    monkeypatch.setitem(configs.OVERRIDE, "ds_rows", 2)
+    mask, n = md.Window(64), 320
+    steps = md.prepare(mask, n, n).ds_tiles(16, 32, 2).q_stride.tolist()
+    assert 0 < sum(s != 0 for s in steps) < len(steps), steps
+    launched = _record_launches(monkeypatch, [])
+    q, k, v, do = make_inputs(2, 4, 2, n, n, 16, dtype, "cpu")
+    run_and_check(mask, q, k, v, do, context=f"seed {seed}")
+    assert kernel_module.attn_bwd_dq_ds_kernel in launched, launched
 
 
 @pytest.mark.parametrize("rows, ok", [(1, True), (4, True), (3, False), (0, False)])
