@@ -133,6 +133,14 @@ STORED_DS_MAX_HEAVY = 0.6
 # N = 16384, H200, session 11): smaller programs, more of them per multiprocessor to overlap the
 # latency of its loads, which its index loads keep one iteration ahead at most
 STORED_DS_ROWS = 64
+# ... and walks the rows of at least STRIDED_MIN_ENTRIES key blocks whose stored tiles lie at one
+# stride from each other (``launch.DsTiles.q_stride``: the band of a sliding window) with no index
+# loads, in a variant of that pass compiled only where such rows hold at least STRIDED_MIN_SHARE of
+# its entries. H200, session 24, D = 128, N = 16384: the window's dQ pass 1.053 -> 0.984 ms; the
+# variant's deeper pipeline leaves 3 programs per multiprocessor instead of 4, which made ALPACA's
+# (whose short rows all had one stride, 1 or 2 entries) 10-16% slower before these limits.
+STRIDED_MIN_ENTRIES = 3
+STRIDED_MIN_SHARE = 0.5
 
 
 def stored_ds_row_tiles(dkdv: TileConfig) -> int:

@@ -443,26 +443,30 @@ def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int) -> 
     per_row = used.sum(axis=2).reshape(-1)  # [P * rows]
     ptr = np.concatenate([[0], np.cumsum(per_row)])
     order, heavy = _heaviest_first(per_row.reshape(pairs, rows).sum(0))
-    steps = _tile_strides(pair * rows + r, kb, tile_ids, ptr, pairs * rows)
-    return DsTiles(*_int32_on(device, first.reshape(-1), before.reshape(-1), ptr, kb, tile_ids.reshape(-1), steps, order),
-                   heavy, rows, row_tiles, t_max, bool(steps.any()))
+    strides = _tile_strides(pair * rows + r, kb, tile_ids, ptr, pairs * rows)
+    count = np.diff(ptr)
+    strided = bool(count[strides != 0].sum() >= configs.STRIDED_MIN_SHARE * max(len(kb), 1) and strides.any())
+    return DsTiles(*_int32_on(device, first.reshape(-1), before.reshape(-1), ptr, kb, tile_ids.reshape(-1),
+                              strides if strided else np.zeros_like(strides), order),
+                   heavy, rows, row_tiles, t_max, strided)
 
 
 def _tile_strides(row_of: np.ndarray, kb: np.ndarray, tile_ids: np.ndarray, ptr: np.ndarray, num_rows: int) -> np.ndarray:
-    """``DsTiles.q_stride`` of the dQ rows whose entries (``row_of``, key block ``kb``, tile numbers
-    ``tile_ids`` [E, row_tiles], CSR ``ptr``) are consecutive key blocks with every tile, each
-    entry's numbers the previous one's plus one step: that step (1 for a row of one entry), else 0."""
+    """``DsTiles.q_stride`` of the dQ rows of at least ``configs.STRIDED_MIN_ENTRIES`` entries (``row_of``,
+    key block ``kb``, tile numbers ``tile_ids`` [E, row_tiles], CSR ``ptr``) that are consecutive key
+    blocks with every tile, each entry's numbers the previous one's plus one stride: that stride,
+    else 0."""
     count = np.diff(ptr)
+    long = count >= max(configs.STRIDED_MIN_ENTRIES, 2)
     bad = np.bincount(row_of[(tile_ids < 0).any(axis=1)], minlength=num_rows)
-    step = np.zeros(num_rows, np.int64)
-    if len(kb) > 1:
-        first = ptr[:-1][count >= 2]
-        step[count >= 2] = tile_ids[first + 1, 0] - tile_ids[first, 0]
+    stride = np.zeros(num_rows, np.int64)
+    if long.any():
+        first = ptr[:-1][long]
+        stride[long] = tile_ids[first + 1, 0] - tile_ids[first, 0]
         within = row_of[1:] == row_of[:-1]
-        even = (kb[1:] - kb[:-1] == 1) & (tile_ids[1:] - tile_ids[:-1] == step[row_of[1:], None]).all(axis=1)
+        even = (kb[1:] - kb[:-1] == 1) & (tile_ids[1:] - tile_ids[:-1] == stride[row_of[1:], None]).all(axis=1)
         bad += np.bincount(row_of[1:][within & ~even], minlength=num_rows)
-    step[count == 1] = 1
-    return np.where(bad == 0, step, 0)
+    return np.where((bad == 0) & long, stride, 0)
 
 
 # ---------------------------------------------------------------------------

@@ -1028,17 +1028,20 @@ def test_stored_ds_tiles_follow_the_dkdv_numbering(mask, row_tiles):
                     seen.add((pair, qb, kb))
     assert seen == set(number)  # every tile is read by the dQ pass
     assert sorted(tiles.order.tolist()) == list(range(tiles.num_rows))
-    # q_stride: nonzero exactly on rows of consecutive key blocks, every tile present, numbers growing evenly
-    for row, step in enumerate(tiles.q_stride.tolist()):
+    # q_stride: nonzero exactly on rows of at least STRIDED_MIN_ENTRIES consecutive key blocks, every
+    # tile present, numbers a stride apart; and only where such rows hold STRIDED_MIN_SHARE of the entries
+    want = []
+    for row in range(len(ptr) - 1):
         e0, e1 = ptr[row], ptr[row + 1]
         got = [ids[e * row_tiles:(e + 1) * row_tiles] for e in range(e0, e1)]
-        even = (e1 > e0 and all(x >= 0 for g in got for x in g)
+        diffs = {tuple(b - a for a, b in zip(got[i], got[i + 1])) for i in range(len(got) - 1)}
+        even = (e1 - e0 >= max(configs.STRIDED_MIN_ENTRIES, 2) and all(x >= 0 for g in got for x in g)
                 and all(kb_list[e] == kb_list[e0] + e - e0 for e in range(e0, e1))
-                and len({tuple(b - a for a, b in zip(got[i], got[i + 1])) for i in range(len(got) - 1)}
-                        | ({(got[1][0] - got[0][0],) * row_tiles} if len(got) > 1 else set())) <= 1)
-        assert (step != 0) == even, row
-        if even and len(got) > 1:
-            assert got[1][0] - got[0][0] == step
+                and diffs == {(got[1][0] - got[0][0],) * row_tiles})
+        want.append(got[1][0] - got[0][0] if even else 0)
+    strided = sum(ptr[r + 1] - ptr[r] for r, w in enumerate(want) if w) >= configs.STRIDED_MIN_SHARE * len(kb_list)
+    assert tiles.strided_rows == (strided and any(want))
+    assert tiles.q_stride.tolist() == (want if tiles.strided_rows else [0] * len(want))
 
 
 def test_window_dq_rows_are_strided():
@@ -1047,7 +1050,11 @@ def test_window_dq_rows_are_strided():
     plan = md.prepare(md.Window(64), 1024, 1024)
     tiles = plan.ds_tiles(32, 64, 2)
     steps = tiles.q_stride.tolist()
-    assert len(steps) == 16 and all(s != 0 for s in steps[3:-3]), steps
+    assert tiles.strided_rows and len(steps) == 16 and all(s != 0 for s in steps[3:-3]), steps
+    # packed documents (causal within each): short rows and uneven strides, no variant (it would cost
+    # every row a program per multiprocessor for the few it serves)
+    docs = md.prepare(md.Document([100, 300, 60, 400, 164]) & md.Causal(), 1024, 1024).ds_tiles(32, 64, 2)
+    assert not docs.strided_rows and not docs.q_stride.any()
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
@@ -1057,6 +1064,7 @@ def test_stored_ds_strided_rows_match_reference(dtype, monkeypatch, seed):
     # loads (DsTiles.q_stride), the rows at the ends the indexed loop, in one launch; GQA, two batches
     _use_tiles(monkeypatch, "t16", stored_ds=True)
     monkeypatch.setitem(configs.OVERRIDE, "ds_rows", 2)
+    monkeypatch.setattr(configs, "STRIDED_MIN_SHARE", 0.0)  # the variant, whatever share the strided rows hold
     mask, n = md.Window(64), 320
     steps = md.prepare(mask, n, n).ds_tiles(16, 32, 2).q_stride.tolist()
     assert 0 < sum(s != 0 for s in steps) < len(steps), steps
