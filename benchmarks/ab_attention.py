@@ -18,6 +18,7 @@ A variant is ``+``-joined parts, each setting ``kernels.configs.OVERRIDE`` for i
 - ``fused:S``: the one-launch backward with S pipeline stages; ``unfused``: two launches;
 - ``ds`` / ``nods``: the backward with / without stored dS (``configs.STORED_DS``; memory allowing);
   ``ds:RxWxS``: with it, its dQ pass taking R query blocks per program, W warps, S stages;
+- ``set:KEY=INT``: ``OVERRIDE[KEY] = INT`` (a kernel switch under trial, e.g. ``set:run_loop=0``);
 - ``ov:PASS=MxNxWxS[xR][;PASS=...]``: that pass's TileConfig (PASS fwd, dq or dkdv; R its
   ``maxnreg``), e.g. ``ov:fwd=128x128x8x2;dq=128x128x8x2`` or ``ov:dq=64x16x4x2x128``.
 
@@ -59,6 +60,9 @@ def parse_variant(text: str) -> dict:
         elif part.startswith("ds:") and len(part[3:].split("x")) == 3 and part[3:].replace("x", "").isdigit():
             rows, warps, stages = map(int, part[3:].split("x"))
             override.update(stored_ds=True, ds_rows=rows, ds_warps=warps, ds_stages=stages)
+        elif part.startswith("set:") and "=" in part and part.partition("=")[2].lstrip("-").isdigit():
+            key, _, value = part[4:].partition("=")
+            override[key] = int(value)
         elif part == "unfused":
             override["fused"] = None
         elif part.startswith("ov:"):

@@ -543,6 +543,7 @@ def _dkdv_program(
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
     WIDE: tl.constexpr, DS=None, DS_PTR=None, DS_BEFORE=None, T_MAX=0, STORE_DS: tl.constexpr = False,
+    RUN_LOOP: tl.constexpr = False,
 ):
     """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group. With
     ``STORE_DS``, each tile's dS^T goes to ``DS`` too: per query head ``T_MAX`` tiles of
@@ -584,7 +585,18 @@ def _dkdv_program(
         if STORE_DS:  # this head's tiles of this key block (launch.DsTiles numbers them)
             ds_first = DS + ((i_b * H + i_h).to(tl.int64) * T_MAX + tl.load(DS_PTR + row)) * (BLOCK_N * BLOCK_M)
             before = tl.load(DS_BEFORE + row)
-        for f in range(lo, hi):
+        f_list = lo
+        if RUN_LOOP:  # a row that is one run: its own loop, no index loads (the other loop then empty)
+            n_run = tl.where(contiguous, hi - lo, 0)
+            f_list = lo + n_run
+            for j in range(0, n_run):
+                ds_tile = None
+                if STORE_DS:
+                    ds_tile = ds_first + (j + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
+                dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, lo + j, offs_n, offs_d,
+                                     rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
+                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
+        for f in range(f_list, hi):
             i_m = _full_block(FULL_IDX, f, contiguous)
             ds_tile = None
             if STORE_DS:
@@ -626,7 +638,7 @@ def attn_bwd_dkdv_kernel(
     T_MAX,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
-    WIDE: tl.constexpr,
+    WIDE: tl.constexpr, RUN_LOOP: tl.constexpr,
 ):
     i_bhk, i_n = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     _dkdv_program(
@@ -636,7 +648,7 @@ def attn_bwd_dkdv_kernel(
         stride_vb, stride_vh, stride_vn, stride_vd, stride_dob, stride_doh, stride_dom, stride_dod,
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
-        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, DS_BEFORE, T_MAX, STORE_DS,
+        PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, DS_BEFORE, T_MAX, STORE_DS, RUN_LOOP,
     )
 
 

@@ -89,6 +89,8 @@ def cases():
                         consts["WIDE"] = False
                     if "STORE_DS" in kernel.arg_names:
                         consts["STORE_DS"] = False
+                    if "RUN_LOOP" in kernel.arg_names:
+                        consts["RUN_LOOP"] = cfg.run_loop
                     if "SPLIT" in kernel.arg_names:
                         consts["SPLIT"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
@@ -143,7 +145,7 @@ def cases():
             cfg = configs.tile_config("dkdv", 2, d, kind)
             for flag in (False, True):
                 consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                              EVEN_M=flag, STORE_DS=True, WIDE=False)
+                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop)
                 out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
                             consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
                 rows = configs.stored_ds_row_tiles(cfg)

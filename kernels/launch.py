@@ -802,6 +802,6 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale, *ds_args), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide(q, do),
+        WIDE=_wide(q, do), RUN_LOOP=bool(configs.OVERRIDE.get("run_loop", cfg.run_loop)),
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

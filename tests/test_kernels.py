@@ -105,6 +105,8 @@ TILES = {
     "t16": dict(fwd=TileConfig(16, 16, 4, 1), dq=TileConfig(16, 16, 4, 1), dkdv=TileConfig(16, 32, 4, 1)),
     "t32": dict(fwd=TileConfig(32, 16, 4, 1), dq=TileConfig(16, 32, 4, 1), dkdv=TileConfig(32, 16, 4, 1)),
 }
+# ... and the same with the dK/dV pass's own loop for key blocks of one run (TileConfig.run_loop)
+TILES.update({name + "r": dict(t, dkdv=replace(t["dkdv"], run_loop=True)) for name, t in TILES.items()})
 
 
 def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None,
@@ -443,6 +445,17 @@ def _cpu_cases():
         Case("~full", F32, stored_ds=True),  # no tile at all
         Case("doc&causal", F32, d=24, layout="bnhd", stored_ds=True),
         Case("dilated", F32, tiles="t32", stored_ds=True),  # interleaved
+        # the dK/dV pass's own loop for key blocks of one run of full blocks (no index loads), beside
+        # the indexed loop of the others, with and without stored dS
+        Case("causal", F16, n_q=130, n_k=130, tiles="t16r", stored_ds=True),  # runs of up to 7 full blocks
+        Case("full", F32, n_q=100, n_k=90, tiles="t32r", stored_ds=True),  # one run per key block
+        Case("window", F16, n_q=70, n_k=70, tiles="t16r", stored_ds=True),
+        Case("doc&causal", F32, h_q=4, h_kv=2, tiles="t16r", stored_ds=True),  # GQA
+        Case("window|global", F16, n_q=70, n_k=70, tiles="t32r", stored_ds=True),  # several runs
+        Case("empty-rows", F32, n_q=40, n_k=57, tiles="t32r", stored_ds=True),
+        Case("dilated", F32, tiles="t32r", stored_ds=True),  # interleaved
+        Case("causal-offset", F32, n_q=100, n_k=130, tiles="t16r", stored_ds=False),
+        Case("global", F16, n_q=70, n_k=70, tiles="t32r", stored_ds=False),
         # the forward split along the keys (flash-decoding), shares merged by a second kernel; the
         # backward reads the merged out and lse. More shares than a row has blocks: some walk none
         Case("causal-offset", F16, n_q=19, splits=3),  # queries against a longer cache
