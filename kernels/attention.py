@@ -186,7 +186,7 @@ def attn_fwd_kernel(
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, SPLITS, stride_os, stride_ls,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
-    SPLIT: tl.constexpr = False, PACK: tl.constexpr = 1, RUN_LOOP: tl.constexpr = False,
+    SPLIT: tl.constexpr = False, PACK: tl.constexpr = 1,
 ):
     """O and LSE of one query block. With ``SPLIT`` (flash-decoding: too few rows to fill the GPU)
     ``SPLITS`` consecutive programs share a row, each walking an equal share of its key blocks
@@ -230,15 +230,7 @@ def attn_fwd_kernel(
     lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
     if SPLIT:
         lo, hi, p0, p1 = _share(lo, hi, tl.load(PART_PTR + row), tl.load(PART_PTR + row + 1), share, SPLITS)
-    f_list = lo
-    if RUN_LOOP:  # a row that is one run: its own loop, no index loads (the other loop then empty)
-        n_run = tl.where(contiguous, hi - lo, 0)
-        f_list = lo + n_run
-        for j in range(0, n_run):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, lo + j, offs_m, offs_d, meta,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N,
-                                       EVEN_D, BLOCK_N, HEAD_D, PREC, WIDE)
-    for f in range(f_list, hi):
+    for f in range(lo, hi):
         i_n = _full_block(FULL_IDX, f, contiguous)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                                    stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,

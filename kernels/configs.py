@@ -25,10 +25,9 @@ class TileConfig:
     # registers per thread the compiler may use (Triton's ``maxnreg``), so that more programs share
     # a multiprocessor; None: as many as the compiler likes
     maxnreg: int | None = None
-    # the forward and dK/dV passes: a row (query block; key block) whose full blocks are one run walks
-    # them in a loop of its own, with no index loads, so that Triton issues its tiles' loads
-    # ``num_stages - 1`` iterations ahead (loads whose addresses come from a load in the loop go one
-    # ahead at most)
+    # the dK/dV pass: a key block whose query blocks are one run of full blocks walks them in a loop
+    # of its own, with no index loads, so that Triton issues its tiles' loads ``num_stages - 1``
+    # iterations ahead (loads whose addresses come from a load in the loop go one ahead at most)
     run_loop: bool = False
 
     @classmethod

@@ -507,7 +507,6 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
             EVEN_N=even, PREC=_precision(q.dtype),
             WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
             num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=splits is not None, PACK=pack,
-            RUN_LOOP=bool(configs.OVERRIDE.get("run_loop_fwd", cfg.run_loop)),
         )
 
     per = None

@@ -105,9 +105,8 @@ TILES = {
     "t16": dict(fwd=TileConfig(16, 16, 4, 1), dq=TileConfig(16, 16, 4, 1), dkdv=TileConfig(16, 32, 4, 1)),
     "t32": dict(fwd=TileConfig(32, 16, 4, 1), dq=TileConfig(16, 32, 4, 1), dkdv=TileConfig(32, 16, 4, 1)),
 }
-# ... and the same with the forward's and the dK/dV pass's own loop for rows of one run (TileConfig.run_loop)
-TILES.update({name + "r": dict(t, fwd=replace(t["fwd"], run_loop=True), dkdv=replace(t["dkdv"], run_loop=True))
-              for name, t in TILES.items()})
+# ... and the same with the dK/dV pass's own loop for key blocks of one run (TileConfig.run_loop)
+TILES.update({name + "r": dict(t, dkdv=replace(t["dkdv"], run_loop=True)) for name, t in TILES.items()})
 
 
 def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None,
@@ -446,8 +445,8 @@ def _cpu_cases():
         Case("~full", F32, stored_ds=True),  # no tile at all
         Case("doc&causal", F32, d=24, layout="bnhd", stored_ds=True),
         Case("dilated", F32, tiles="t32", stored_ds=True),  # interleaved
-        # the forward's and the dK/dV pass's own loop for rows of one run of full blocks (no index
-        # loads), beside the indexed loop of the others, with and without stored dS
+        # the dK/dV pass's own loop for key blocks of one run of full blocks (no index loads), beside
+        # the indexed loop of the others, with and without stored dS
         Case("causal", F16, n_q=130, n_k=130, tiles="t16r", stored_ds=True),  # runs of up to 7 full blocks
         Case("full", F32, n_q=100, n_k=90, tiles="t32r", stored_ds=True),  # one run per key block
         Case("window", F16, n_q=70, n_k=70, tiles="t16r", stored_ds=True),
