@@ -188,8 +188,9 @@ def test_ab_attention_variants():
     assert ab.parse_variant("ov:dq=64x16x4x2x128") == {"dq": TileConfig(64, 16, 4, 2, maxnreg=128)}
     assert ab.parse_variant("nods") == {"stored_ds": False}
     assert ab.parse_variant("ds:2x4x3") == {"stored_ds": True, "ds_rows": 2, "ds_warps": 4, "ds_stages": 3}
+    assert ab.parse_variant("set:run_loop=0+set:x=-2") == {"run_loop": 0, "x": -2}
     for bad in ("fused:0", "fused:x", "ov:bwd=64x64x4x3", "ov:dq=64x64x4", "ov:dq=64x64x4x2x1x1", "turbo",
-                "ds:2x4", "ds:ax4x3"):
+                "ds:2x4", "ds:ax4x3", "set:run_loop", "set:run_loop=on"):
         with pytest.raises(ValueError, match="variant"):
             ab.parse_variant(bad)
 
