@@ -97,14 +97,21 @@ CONFIGS = [
     ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128)),
     # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory
     ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2)),
-    # its own loop for rows of one run (run_loop): the pass 5% faster on the window (3.538 -> 3.356 ms), 3% on
-    # the dilated mask, ALPACA level (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers,
+    # its own loop for rows of one run (run_loop, where RUN_LOOP_MIN_SHARE allows): the pass 5% faster on the
+    # window (3.538 -> 3.356 ms), 3% on the dilated mask, 4% on ALPACA input-bidirectional, 1% on LongFormer
+    # global, ALPACA sequential level (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers,
     # ALPACA's was 7% slower)
     ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True)),
     ("dkdv", (2,), (256,), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (16, 32, 64), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
 ]
+
+# ... where at least this share of the dK/dV pass's tiles are full blocks of key blocks whose full blocks
+# are one run (``Lists.run_share``): elsewhere the second loop only adds registers (spills) to every
+# iteration. H200, session 24, D = 128: MEDUSA trees (share 0) 4-5% slower with it; the window 0.78,
+# ALPACA 0.37-0.46, LongFormer global 0.22 faster or level.
+RUN_LOOP_MIN_SHARE = 0.2
 
 # The backward in one launch (kernels/attention.py ``attn_bwd_kernel``: the dQ and the dK/dV
 # programs of each (batch, kv head) side by side in one grid, delta from a pre-pass), with the dq

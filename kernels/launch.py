@@ -54,6 +54,7 @@ class Lists:
     block_cols: int
     heavy_share: float = 0.0  # the share of the non-empty blocks that lie in the num_heavy rows
     max_work: int = 0  # the most blocks (full and partial) of any row
+    run_share: float = 0.0  # the share of the non-empty blocks that are full blocks of rows of one run
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""
@@ -802,6 +803,7 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale, *ds_args), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide(q, do), RUN_LOOP=bool(configs.OVERRIDE.get("run_loop", cfg.run_loop)),
+        WIDE=_wide(q, do), RUN_LOOP=bool(configs.OVERRIDE.get(
+            "run_loop", cfg.run_loop and lists.run_share >= configs.RUN_LOOP_MIN_SHARE)),
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

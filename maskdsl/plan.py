@@ -332,9 +332,11 @@ def _lists(arrays, rows: int, rb: int, cb: int, device) -> Lists:
     order, heavy = _heaviest_first(per_row)
     total = per_row.sum()
 
+    one_run = (covered[ptr_np[1:]] - covered[ptr_np[:-1]])[runs == 1].sum()  # full blocks of rows of one run
+
     return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
                  rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
-                 int(work.max()) if work.size else 0)
+                 int(work.max()) if work.size else 0, float(one_run / total) if total else 0.0)
 
 
 def _int32_on(device, *arrays) -> list:

@@ -1087,6 +1087,23 @@ def test_stored_ds_strided_rows_match_reference(dtype, monkeypatch, seed):
     assert kernel_module.attn_bwd_dq_ds_kernel in launched, launched
 
 
+@pytest.mark.parametrize("family, run", [("causal", True), ("tree", False)])
+def test_dkdv_run_loop_where_rows_of_one_run_hold_enough_tiles(family, run, monkeypatch, seed):
+    # TileConfig.run_loop compiles the dK/dV pass's loop for key blocks of one run only where such full
+    # blocks make configs.RUN_LOOP_MIN_SHARE of its tiles (Lists.run_share): causal yes, a tree no
+    _use_tiles(monkeypatch, "t16r")
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    case = Case(family, F32, n_q=130, n_k=130)
+    mask = FAMILIES[family](case, torch.Generator().manual_seed(seed))
+    share = md.prepare(mask, 130, 130).lists(16, 32, "k").run_share
+    assert (share >= configs.RUN_LOOP_MIN_SHARE) == run, share
+    q, k, v, do = make_inputs(1, 2, 1, 130, 130, 16, F32, "cpu")
+    run_and_check(mask, q, k, v, do, context=f"{family}, seed {seed}")
+    flags = {kw["RUN_LOOP"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_bwd_dkdv_kernel}
+    assert flags == {run}, flags
+
+
 @pytest.mark.parametrize("rows, ok", [(1, True), (4, True), (3, False), (0, False)])
 def test_stored_ds_row_tiles_must_be_a_power_of_two(rows, ok, monkeypatch):
     monkeypatch.setitem(configs.OVERRIDE, "ds_rows", rows)
