@@ -97,21 +97,17 @@ CONFIGS = [
     ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128)),
     # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory
     ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2)),
-    # its own loop for rows of one run (run_loop, where RUN_LOOP_MIN_SHARE allows): the pass 5% faster on the
-    # window (3.538 -> 3.356 ms), 3% on the dilated mask, 4% on ALPACA input-bidirectional, 1% on LongFormer
-    # global, ALPACA sequential level (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers,
-    # ALPACA's was 7% slower)
+    # its own loop for rows of one run (run_loop; not for masks whose structure is their data's, Tree and
+    # TensorMask, ``Lists.run_loop``: MEDUSA trees have no such rows and were 4-5% slower with it, its
+    # registers spilling in every iteration): the pass 5% faster on the window (3.538 -> 3.356 ms), 3% on the
+    # dilated mask, 4% on ALPACA input-bidirectional, 1% on LongFormer global, ALPACA sequential level
+    # (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers, ALPACA's was 7% slower)
     ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True)),
     ("dkdv", (2,), (256,), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (16, 32, 64), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
 ]
 
-# ... where at least this share of the dK/dV pass's tiles are full blocks of key blocks whose full blocks
-# are one run (``Lists.run_share``): elsewhere the second loop only adds registers (spills) to every
-# iteration. H200, session 24, D = 128: MEDUSA trees (share 0) 4-5% slower with it; the window 0.78,
-# ALPACA 0.37-0.46, LongFormer global 0.22 faster or level.
-RUN_LOOP_MIN_SHARE = 0.2
 
 # The backward in one launch (kernels/attention.py ``attn_bwd_kernel``: the dQ and the dK/dV
 # programs of each (batch, kv head) side by side in one grid, delta from a pre-pass), with the dq
@@ -149,12 +145,12 @@ STORED_DS_MAX_HEAVY = 0.6
 STORED_DS_ROWS = 64
 # ... and walks the rows of at least STRIDED_MIN_ENTRIES key blocks whose stored tiles lie at one
 # stride from each other (``launch.DsTiles.q_stride``: the band of a sliding window) with no index
-# loads, in a variant of that pass compiled only where such rows hold at least STRIDED_MIN_SHARE of
-# its entries. H200, session 24, D = 128, N = 16384: the window's dQ pass 1.053 -> 0.984 ms; the
-# variant's deeper pipeline leaves 3 programs per multiprocessor instead of 4, which made ALPACA's
-# (whose short rows all had one stride, 1 or 2 entries) 10-16% slower before these limits.
+# loads, in a variant of that pass compiled for masks of Full, Causal, Window and Dilated alone
+# (``maskdsl.plan.Plan.banded``; decided by the expression, so that new data never switches kernels).
+# H200, session 24, D = 128, N = 16384: the window's dQ pass 1.053 -> 0.984 ms; the variant's deeper
+# pipeline leaves 3 programs per multiprocessor instead of 4, which made ALPACA's (short rows, no
+# stride to speak of) 10-16% slower where it took the variant.
 STRIDED_MIN_ENTRIES = 3
-STRIDED_MIN_SHARE = 0.5
 
 
 def stored_ds_row_tiles(dkdv: TileConfig) -> int:

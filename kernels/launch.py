@@ -54,7 +54,9 @@ class Lists:
     block_cols: int
     heavy_share: float = 0.0  # the share of the non-empty blocks that lie in the num_heavy rows
     max_work: int = 0  # the most blocks (full and partial) of any row
-    run_share: float = 0.0  # the share of the non-empty blocks that are full blocks of rows of one run
+    # whether the dK/dV pass may take its loop for rows of one run (TileConfig.run_loop): not for masks
+    # whose structure is their data's (``maskdsl.plan.Plan.data_shaped``)
+    run_loop: bool = True
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""
@@ -92,7 +94,9 @@ class DsTiles:
     num_rows: int  # ceil(Mq / row_tiles)
     row_tiles: int
     t_max: int  # tiles per query head (the most of any pair)
-    strided_rows: bool = False  # any q_stride not 0: the dQ pass compiles its loop without index loads
+    # the dQ pass compiles its loop without index loads (``maskdsl.plan.Plan.banded``: decided by the
+    # mask's expression, so that new data never switches kernels; q_stride may then still be all 0)
+    strided_rows: bool = False
 
     def tensors(self):
         return (self.k_first, self.k_before, self.q_ptr, self.q_kb, self.q_id, self.q_stride, self.order)
@@ -803,7 +807,6 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale, *ds_args), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide(q, do), RUN_LOOP=bool(configs.OVERRIDE.get(
-            "run_loop", cfg.run_loop and lists.run_share >= configs.RUN_LOOP_MIN_SHARE)),
+        WIDE=_wide(q, do), RUN_LOOP=bool(configs.OVERRIDE.get("run_loop", cfg.run_loop and lists.run_loop)),
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

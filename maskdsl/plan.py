@@ -24,7 +24,7 @@ from . import reorder as _reorder
 from .analysis import EMPTY, FULL
 from .layout import block_classes, closed_form_classes, layout_from_classes, pool_classes
 from .preprocess import LIST_FIELDS, row_lists
-from .masks import Mask, TensorMask
+from .masks import Causal, Dilated, Full, Mask, TensorMask, Tree, Window
 
 __all__ = ["Plan", "prepare"]
 
@@ -114,6 +114,22 @@ class Plan:
         d, inner = found
         sizes = {(len(range(r, self.n_q, d)), len(range(r, self.n_k, d))) for r in range(d)}
         return d, {s: Plan(inner, *s, self.device, reorder=None) for s in sorted(sizes)}
+
+    @functools.cached_property
+    def data_shaped(self) -> bool:
+        """Whether the mask's block structure is its data's (a Tree or TensorMask leaf: a tree's shape,
+        a tensor's entries) rather than its expression's. Such masks rarely have rows of one run of
+        full blocks, so the dK/dV pass takes no loop of its own for them (``Lists.run_loop``). Decided
+        by the expression alone: new data never switches kernels (they would compile again)."""
+        return any(isinstance(leaf, (Tree, TensorMask)) for leaf in self.mask._leaves())
+
+    @functools.cached_property
+    def banded(self) -> bool:
+        """Whether every leaf is Full, Causal, Window or Dilated: masks that depend on ``i - j``
+        alone, whose tiles repeat along the diagonal, so that the stored-dS dQ pass finds most rows'
+        tiles at one stride from each other (``DsTiles.strided_rows``). Decided by the expression
+        alone, as ``data_shaped``."""
+        return all(isinstance(leaf, (Full, Causal, Window, Dilated)) for leaf in self.mask._leaves())
 
     def is_stale(self) -> bool:
         """Has a TensorMask tensor of this plan been edited in place (or moved) since the plan
@@ -235,7 +251,7 @@ class Plan:
                                    else classes.transpose(1, 2).reshape(-1, classes.shape[1]))
             rows, rb, cb = ((-(-self.n_q // block_q), block_q, block_k) if by == "q"
                             else (-(-self.n_k // block_k), block_k, block_q))
-            got = _lists(arrays, rows, rb, cb, self.device)
+            got = _lists(arrays, rows, rb, cb, self.device, run_loop=not self.data_shaped)
             self._lists[key] = got
         return got
 
@@ -290,7 +306,8 @@ class Plan:
         key = (block_q, block_k, "ds", row_tiles)
         got = self._lists.get(key)
         if got is None:
-            got = _ds_tiles(*self._matrices(block_q, block_k), self.device, row_tiles, self.ds_tile_count(block_q, block_k))
+            got = _ds_tiles(*self._matrices(block_q, block_k), self.device, row_tiles, self.ds_tile_count(block_q, block_k),
+                            strided=self.banded)
             self._lists[key] = got
         return got
 
@@ -310,10 +327,10 @@ class Plan:
         return self
 
 
-def _lists(arrays, rows: int, rb: int, cb: int, device) -> Lists:
+def _lists(arrays, rows: int, rb: int, cb: int, device, run_loop: bool = True) -> Lists:
     """The Lists of one direction of a layout, from its compact lists ``arrays`` (``LIST_FIELDS``:
     full_ptr, full_start, full_end, part_ptr, part_idx), ``rows`` blocks per (batch, head) pair of
-    ``rb`` rows by ``cb`` columns each."""
+    ``rb`` rows by ``cb`` columns each; ``run_loop``: ``Lists.run_loop``."""
     ptr, start, end, pptr, pidx = arrays
     ptr_np, start_np, end_np, pptr_np = (t.numpy().astype(np.int64) for t in (ptr, start, end, pptr))
     lengths = end_np - start_np
@@ -332,11 +349,10 @@ def _lists(arrays, rows: int, rb: int, cb: int, device) -> Lists:
     order, heavy = _heaviest_first(per_row)
     total = per_row.sum()
 
-    one_run = (covered[ptr_np[1:]] - covered[ptr_np[:-1]])[runs == 1].sum()  # full blocks of rows of one run
 
     return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
                  rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
-                 int(work.max()) if work.size else 0, float(one_run / total) if total else 0.0)
+                 int(work.max()) if work.size else 0, run_loop)
 
 
 def _int32_on(device, *arrays) -> list:
@@ -414,14 +430,15 @@ def _heaviest_first(per_row: np.ndarray) -> tuple[np.ndarray, int]:
     return order, heavy
 
 
-def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int) -> DsTiles:
+def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int, strided: bool = False) -> DsTiles:
     """Number the non-empty tiles of each (batch, head) pair key block after key block, within a key
     block in the order of its query blocks where its full query blocks are one run or none (then the
     dK/dV program finds a tile's number from the run and the partial blocks before it), else in the
     order the dK/dV program visits them (its full query blocks ascending, then its partial ones: see
     ``attn_bwd_dkdv_kernel``); list per row of ``row_tiles`` query blocks the key blocks its tiles
-    have and their numbers, and the rows the dQ pass walks with no index loads (``DsTiles.q_stride``).
-    ``t_max``: the tiles of the pair that has the most (``Plan.ds_tile_count``)."""
+    have and their numbers, and, with ``strided`` (``Plan.banded``), the rows the dQ pass walks with
+    no index loads (``DsTiles.q_stride``). ``t_max``: the tiles of the pair that has the most
+    (``Plan.ds_tile_count``)."""
     pairs, mq, mk = block_matrix.shape
     block = block_matrix.numpy()
     full = full_matrix.numpy() & block
@@ -445,12 +462,10 @@ def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int) -> 
     per_row = used.sum(axis=2).reshape(-1)  # [P * rows]
     ptr = np.concatenate([[0], np.cumsum(per_row)])
     order, heavy = _heaviest_first(per_row.reshape(pairs, rows).sum(0))
-    strides = _tile_strides(pair * rows + r, kb, tile_ids, ptr, pairs * rows)
-    count = np.diff(ptr)
-    strided = bool(count[strides != 0].sum() >= configs.STRIDED_MIN_SHARE * max(len(kb), 1) and strides.any())
-    return DsTiles(*_int32_on(device, first.reshape(-1), before.reshape(-1), ptr, kb, tile_ids.reshape(-1),
-                              strides if strided else np.zeros_like(strides), order),
-                   heavy, rows, row_tiles, t_max, strided)
+    strides = (_tile_strides(pair * rows + r, kb, tile_ids, ptr, pairs * rows) if strided
+               else np.zeros(pairs * rows, np.int64))
+    return DsTiles(*_int32_on(device, first.reshape(-1), before.reshape(-1), ptr, kb, tile_ids.reshape(-1), strides,
+                              order), heavy, rows, row_tiles, t_max, strided)
 
 
 def _tile_strides(row_of: np.ndarray, kb: np.ndarray, tile_ids: np.ndarray, ptr: np.ndarray, num_rows: int) -> np.ndarray:

@@ -1042,7 +1042,7 @@ def test_stored_ds_tiles_follow_the_dkdv_numbering(mask, row_tiles):
     assert seen == set(number)  # every tile is read by the dQ pass
     assert sorted(tiles.order.tolist()) == list(range(tiles.num_rows))
     # q_stride: nonzero exactly on rows of at least STRIDED_MIN_ENTRIES consecutive key blocks, every
-    # tile present, numbers a stride apart; and only where such rows hold STRIDED_MIN_SHARE of the entries
+    # tile present, numbers a stride apart
     want = []
     for row in range(len(ptr) - 1):
         e0, e1 = ptr[row], ptr[row + 1]
@@ -1052,9 +1052,9 @@ def test_stored_ds_tiles_follow_the_dkdv_numbering(mask, row_tiles):
                 and all(kb_list[e] == kb_list[e0] + e - e0 for e in range(e0, e1))
                 and diffs == {(got[1][0] - got[0][0],) * row_tiles})
         want.append(got[1][0] - got[0][0] if even else 0)
-    strided = sum(ptr[r + 1] - ptr[r] for r, w in enumerate(want) if w) >= configs.STRIDED_MIN_SHARE * len(kb_list)
-    assert tiles.strided_rows == (strided and any(want))
-    assert tiles.q_stride.tolist() == (want if tiles.strided_rows else [0] * len(want))
+    # the variant, and the strides, for masks of Full, Causal, Window and Dilated alone (Plan.banded)
+    assert tiles.strided_rows == plan.banded
+    assert tiles.q_stride.tolist() == (want if plan.banded else [0] * len(want))
 
 
 def test_window_dq_rows_are_strided():
@@ -1065,9 +1065,14 @@ def test_window_dq_rows_are_strided():
     steps = tiles.q_stride.tolist()
     assert tiles.strided_rows and len(steps) == 16 and all(s != 0 for s in steps[3:-3]), steps
     # packed documents (causal within each): short rows and uneven strides, no variant (it would cost
-    # every row a program per multiprocessor for the few it serves)
-    docs = md.prepare(md.Document([100, 300, 60, 400, 164]) & md.Causal(), 1024, 1024).ds_tiles(32, 64, 2)
-    assert not docs.strided_rows and not docs.q_stride.any()
+    # every row a program per multiprocessor for the few it serves); decided by the mask's expression,
+    # not its data, so that new documents never switch kernels
+    for lengths in ([100, 300, 60, 400, 164], [1024]):
+        docs = md.prepare(md.Document(lengths) & md.Causal(), 1024, 1024).ds_tiles(32, 64, 2)
+        assert not docs.strided_rows and not docs.q_stride.any()
+    # a window whose band is not aligned to the tiles: the variant all the same, fewer strided rows
+    odd = md.prepare(md.Window(100), 1024, 1024).ds_tiles(32, 64, 2)
+    assert odd.strided_rows
 
 
 @pytest.mark.parametrize("dtype", [F32, F16], ids=str)
@@ -1077,7 +1082,6 @@ def test_stored_ds_strided_rows_match_reference(dtype, monkeypatch, seed):
     # loads (DsTiles.q_stride), the rows at the ends the indexed loop, in one launch; GQA, two batches
     _use_tiles(monkeypatch, "t16", stored_ds=True)
     monkeypatch.setitem(configs.OVERRIDE, "ds_rows", 2)
-    monkeypatch.setattr(configs, "STRIDED_MIN_SHARE", 0.0)  # the variant, whatever share the strided rows hold
     mask, n = md.Window(64), 320
     steps = md.prepare(mask, n, n).ds_tiles(16, 32, 2).q_stride.tolist()
     assert 0 < sum(s != 0 for s in steps) < len(steps), steps
@@ -1087,17 +1091,17 @@ def test_stored_ds_strided_rows_match_reference(dtype, monkeypatch, seed):
     assert kernel_module.attn_bwd_dq_ds_kernel in launched, launched
 
 
-@pytest.mark.parametrize("family, run", [("causal", True), ("tree", False)])
-def test_dkdv_run_loop_where_rows_of_one_run_hold_enough_tiles(family, run, monkeypatch, seed):
-    # TileConfig.run_loop compiles the dK/dV pass's loop for key blocks of one run only where such full
-    # blocks make configs.RUN_LOOP_MIN_SHARE of its tiles (Lists.run_share): causal yes, a tree no
+@pytest.mark.parametrize("family, run", [("causal", True), ("doc&(causal|prefix)", True), ("tree", False),
+                                         ("tensor", False)])
+def test_dkdv_run_loop_unless_the_structure_is_data(family, run, monkeypatch, seed):
+    # TileConfig.run_loop compiles the dK/dV pass's loop for key blocks of one run except for masks whose
+    # block structure is their data's (Tree, TensorMask: Plan.data_shaped, Lists.run_loop)
     _use_tiles(monkeypatch, "t16r")
     constants = []
     launched = _record_launches(monkeypatch, constants)
     case = Case(family, F32, n_q=130, n_k=130)
     mask = FAMILIES[family](case, torch.Generator().manual_seed(seed))
-    share = md.prepare(mask, 130, 130).lists(16, 32, "k").run_share
-    assert (share >= configs.RUN_LOOP_MIN_SHARE) == run, share
+    assert md.prepare(mask, 130, 130).lists(16, 32, "k").run_loop == run
     q, k, v, do = make_inputs(1, 2, 1, 130, 130, 16, F32, "cpu")
     run_and_check(mask, q, k, v, do, context=f"{family}, seed {seed}")
     flags = {kw["RUN_LOOP"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_bwd_dkdv_kernel}
