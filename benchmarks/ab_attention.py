@@ -75,8 +75,8 @@ def parse_variant(text: str) -> dict:
                 except ValueError as e:
                     raise ValueError(f"variant {text!r}: expected ov:PASS=MxNxWxS[xR] ({e})") from None
         else:
-            raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ds, nods, ds:RxWxS, set:KEY=INT, "
-                             "ov:PASS=MxNxWxS[xR])")
+            raise ValueError(f"variant {text!r}: unknown part {part!r} (base, fused:S, unfused, ds, nods, ds:RxWxS, "
+                             "set:KEY=INT, ov:PASS=MxNxWxS[xR])")
     return override
 
 

@@ -108,7 +108,6 @@ CONFIGS = [
     ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
 ]
 
-
 # The backward in one launch (kernels/attention.py ``attn_bwd_kernel``: the dQ and the dK/dV
 # programs of each (batch, kv head) side by side in one grid, delta from a pre-pass), with the dq
 # and dkdv tiles above and these pipeline stages: (element sizes, head dims, kind, stages). Other

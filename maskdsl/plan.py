@@ -349,7 +349,6 @@ def _lists(arrays, rows: int, rb: int, cb: int, device, run_loop: bool = True) -
     order, heavy = _heaviest_first(per_row)
     total = per_row.sum()
 
-
     return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
                  rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
                  int(work.max()) if work.size else 0, run_loop)
@@ -468,7 +467,8 @@ def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int, str
                               order), heavy, rows, row_tiles, t_max, strided)
 
 
-def _tile_strides(row_of: np.ndarray, kb: np.ndarray, tile_ids: np.ndarray, ptr: np.ndarray, num_rows: int) -> np.ndarray:
+def _tile_strides(row_of: np.ndarray, kb: np.ndarray, tile_ids: np.ndarray, ptr: np.ndarray,
+                  num_rows: int) -> np.ndarray:
     """``DsTiles.q_stride`` of the dQ rows of at least ``configs.STRIDED_MIN_ENTRIES`` entries (``row_of``,
     key block ``kb``, tile numbers ``tile_ids`` [E, row_tiles], CSR ``ptr``) that are consecutive key
     blocks with every tile, each entry's numbers the previous one's plus one stride: that stride,
