@@ -1108,6 +1108,36 @@ def test_dkdv_run_loop_unless_the_structure_is_data(family, run, monkeypatch, se
     assert flags == {run}, flags
 
 
+@pytest.mark.parametrize("family", ["documents", "window|global", "window", "tree"])
+def test_loop_variants_follow_the_expression_not_the_data(family, monkeypatch):
+    # the dK/dV run loop (Plan.data_shaped) and the strided dQ pass (Plan.banded) are chosen by the
+    # mask's expression: new data (document lengths, window sizes, global tokens, tree shapes) launches
+    # the same kernel variants, so it compiles nothing new on a GPU (test_new_mask_data_compiles_nothing)
+    _use_tiles(monkeypatch, "t16r", stored_ds=True)
+    monkeypatch.setitem(configs.OVERRIDE, "ds_rows", 2)
+    n = 160
+    masks = {
+        "documents": [md.Document(_doc_lengths(n, d, s)) & md.Causal() for d, s in ((1, 0), (3, 7), (9, 30))],
+        "window|global": [md.Window(w) | md.Global(g) for w, g in ((32, [0]), (20, [5, 100]), (50, [159]))],
+        "window": [md.Window(w) for w in (32, 20, 47)],  # aligned to the 32-key blocks and not
+        "tree": [md.Tree(parents) for parents in ([-1] + list(range(n - 1)), [-1] + [0] * (n - 1),
+                                                   [-1] + [i // 2 for i in range(n - 1)])],
+    }[family]
+    seen = set()
+    for mask in masks:
+        constants = []
+        launched = _record_launches(monkeypatch, constants)
+        q, k, v, do = make_inputs(1, 2, 1, n, n, 16, F32, "cpu")
+        kernel_outputs(q, k, v, do, mask)
+        seen.add(tuple(sorted((kernel.__name__, kw.get("RUN_LOOP"), kw.get("STRIDED_ROWS"))
+                              for kernel, kw in zip(launched, constants)
+                              if kernel in (kernel_module.attn_bwd_dkdv_kernel, kernel_module.attn_bwd_dq_ds_kernel))))
+    assert len(seen) == 1, seen
+    variants = dict((name, (run, strided)) for name, run, strided in next(iter(seen)))
+    assert variants["attn_bwd_dkdv_kernel"][0] == (family != "tree")
+    assert variants["attn_bwd_dq_ds_kernel"][1] == (family == "window")
+
+
 @pytest.mark.parametrize("rows, ok", [(1, True), (4, True), (3, False), (0, False)])
 def test_stored_ds_row_tiles_must_be_a_power_of_two(rows, ok, monkeypatch):
     monkeypatch.setitem(configs.OVERRIDE, "ds_rows", rows)
