@@ -678,7 +678,7 @@ def _dq_ds_tile(acc, K_BASE, DS_BASE, kb, ids, offs_t, offs_d, rel_kt, ds_offs, 
 
 @triton.jit(do_not_specialize=("NUM_HEAVY", "T_MAX"))
 def attn_bwd_dq_ds_kernel(
-    K, DS, DQ, TILE_PTR, TILE_KB, TILE_ID, TILE_STRIDE, ORDER, NUM_HEAVY,
+    K, DS, DQ, TILE_PTR, TILE_KB, TILE_ID, TILE_STRIDE, TILE_SPAN, ORDER, NUM_HEAVY,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, T_MAX, sm_scale,
@@ -695,7 +695,8 @@ def attn_bwd_dq_ds_kernel(
     With ``STRIDED_ROWS`` (masks of Full, Causal, Window and Dilated alone: ``Plan.banded``), a row
     whose entries are consecutive key blocks and whose tile numbers grow by the same step
     ``TILE_STRIDE[row]`` from one key block to the next (not 0; the band of a sliding window,
-    numbered as ``launch.DsTiles`` says) walks them with no index loads: Triton then issues the tile
+    numbered as ``launch.DsTiles`` says; each query block's tiles on the entries ``TILE_SPAN``
+    gives) walks them with no index loads: Triton then issues the tile
     loads ``num_stages - 1`` iterations ahead, where loads whose addresses come from a load in the
     loop go one ahead at most (the window's pass 7% faster at D = 128, N = 16384, H200, session 24;
     the deeper pipeline's shared memory leaves 3 programs per multiprocessor instead of 4, which made
@@ -723,10 +724,16 @@ def attn_bwd_dq_ds_kernel(
         step = tl.load(TILE_STRIDE + row)
         n_strided = tl.where(step != 0, e1 - e0, 0)
         kb0 = tl.load(TILE_KB + tl.where(n_strided > 0, e0, 0))  # (the lists are never empty: entry 0 exists)
-        ids0 = tl.load(TILE_ID + e0 * ROW_TILES + cols // BLOCK_M, mask=cols < tl.where(n_strided > 0, WIDTH, 0), other=0)
+        # per query block of the row: its tile's number at the first entry, the entries [lo, hi) with one
+        p_span = TILE_SPAN + row.to(tl.int64) * (3 * ROW_TILES) + cols // BLOCK_M
+        m_span = cols < tl.where(n_strided > 0, WIDTH, 0)
+        base = tl.load(p_span, mask=m_span, other=0)
+        lo = tl.load(p_span + ROW_TILES, mask=m_span, other=0)
+        hi = tl.load(p_span + 2 * ROW_TILES, mask=m_span, other=0)
         for i in range(0, n_strided):
-            acc = _dq_ds_tile(acc, K_BASE, DS_BASE, kb0 + i, ids0 + i * step, offs_t, offs_d, rel_kt, ds_offs,
-                              stride_kn, N_K, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_N, PREC, False)
+            acc = _dq_ds_tile(acc, K_BASE, DS_BASE, kb0 + i, tl.where((i >= lo) & (i < hi), base + i * step, -1),
+                              offs_t, offs_d, rel_kt, ds_offs, stride_kn, N_K, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D,
+                              EVEN_N, PREC, True)
         e_list = e0 + n_strided
     for e in range(e_list, e1):
         acc = _dq_ds_tile(acc, K_BASE, DS_BASE, tl.load(TILE_KB + e), tl.load(TILE_ID + e * ROW_TILES + cols // BLOCK_M),

@@ -36,7 +36,7 @@ _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL":
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
          "sm_scale": "fp32", "DS": "*bf16"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
-              "WORDS", "DS_PTR", "DS_BEFORE", "TILE_PTR", "TILE_KB", "TILE_ID", "TILE_STRIDE"}
+              "WORDS", "DS_PTR", "DS_BEFORE", "TILE_PTR", "TILE_KB", "TILE_ID", "TILE_STRIDE", "TILE_SPAN"}
 
 
 def _signature(kernel, constexprs: dict) -> dict:

@@ -79,9 +79,11 @@ class DsTiles:
     a time: per such row (``pair * num_rows + r``) the CSR ``q_ptr`` lists the key blocks ``q_kb``
     any of them has a tile with, and ``q_id`` (``row_tiles`` per key block) those tiles' numbers, -1
     where a query block has none; ``q_stride`` (per row) the step by which the numbers grow from one
-    key block to the next where the row's key blocks are consecutive, each with every tile, and
-    every step the same (the band of a sliding window), else 0: the dQ pass walks such rows with no
-    index loads (``attn_bwd_dq_ds_kernel``)."""
+    key block to the next where the row's key blocks are consecutive, each query block's tiles on
+    consecutive ones, and every step the same (the band of a sliding window), else 0; ``q_span``
+    (per such row and query block t) the number t's tile would have at the row's first entry and
+    the range [lo, hi) of entries that have one: the dQ pass walks such rows with no index loads
+    (``attn_bwd_dq_ds_kernel``)."""
 
     k_first: torch.Tensor  # [P * Mk] int32
     k_before: torch.Tensor  # [P * Mk] int32
@@ -89,6 +91,7 @@ class DsTiles:
     q_kb: torch.Tensor
     q_id: torch.Tensor
     q_stride: torch.Tensor  # [P * num_rows] int32
+    q_span: torch.Tensor  # [P * num_rows, 3, row_tiles] int32: base, lo, hi per query block of a strided row
     order: torch.Tensor  # rows of each (batch, head), the heaviest first (as ``Lists.order``)
     num_heavy: int
     num_rows: int  # ceil(Mq / row_tiles)
@@ -99,7 +102,7 @@ class DsTiles:
     strided_rows: bool = False
 
     def tensors(self):
-        return (self.k_first, self.k_before, self.q_ptr, self.q_kb, self.q_id, self.q_stride, self.order)
+        return (self.k_first, self.k_before, self.q_ptr, self.q_kb, self.q_id, self.q_stride, self.q_span, self.order)
 
 
 def ds_numel(batch: int, heads: int, t_max: int, dkdv: TileConfig) -> int:
@@ -716,7 +719,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
               ds=ds, ds_tiles=ds_tiles)
         _launch(
             attn_bwd_dq_ds_kernel, (B * H * ds_tiles.num_rows,),
-            (k, ds, dq, ds_tiles.q_ptr, ds_tiles.q_kb, ds_tiles.q_id, ds_tiles.q_stride, ds_tiles.order,
+            (k, ds, dq, ds_tiles.q_ptr, ds_tiles.q_kb, ds_tiles.q_id, ds_tiles.q_stride, ds_tiles.q_span, ds_tiles.order,
              ds_tiles.num_heavy,
              *k.stride(), *dq.stride(), H, n_q, n_k, ds_tiles.num_rows, B * H, H // h_kv, pair_b, pair_h,
              ds_tiles.t_max, scale), q.device,

@@ -461,29 +461,62 @@ def _ds_tiles(block_matrix, full_matrix, device, row_tiles: int, t_max: int, str
     per_row = used.sum(axis=2).reshape(-1)  # [P * rows]
     ptr = np.concatenate([[0], np.cumsum(per_row)])
     order, heavy = _heaviest_first(per_row.reshape(pairs, rows).sum(0))
-    strides = (_tile_strides(pair * rows + r, kb, tile_ids, ptr, pairs * rows) if strided
-               else np.zeros(pairs * rows, np.int64))
+    if strided:
+        strides, span = _tile_strides(pair * rows + r, kb, tile_ids, ptr, pairs * rows)
+    else:
+        strides, span = np.zeros(pairs * rows, np.int64), np.zeros((pairs * rows, 3, row_tiles), np.int64)
     return DsTiles(*_int32_on(device, first.reshape(-1), before.reshape(-1), ptr, kb, tile_ids.reshape(-1), strides,
-                              order), heavy, rows, row_tiles, t_max, strided)
+                              span.reshape(-1), order), heavy, rows, row_tiles, t_max, strided)
 
 
 def _tile_strides(row_of: np.ndarray, kb: np.ndarray, tile_ids: np.ndarray, ptr: np.ndarray,
-                  num_rows: int) -> np.ndarray:
-    """``DsTiles.q_stride`` of the dQ rows of at least ``configs.STRIDED_MIN_ENTRIES`` entries (``row_of``,
-    key block ``kb``, tile numbers ``tile_ids`` [E, row_tiles], CSR ``ptr``) that are consecutive key
-    blocks with every tile, each entry's numbers the previous one's plus one stride: that stride,
-    else 0."""
+                  num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(``DsTiles.q_stride``, ``DsTiles.q_span``) of the dQ rows (entries ``row_of``, key block ``kb``,
+    tile numbers ``tile_ids`` [E, row_tiles], CSR ``ptr``) of at least ``configs.STRIDED_MIN_ENTRIES``
+    consecutive key blocks where each query block's tiles lie on consecutive entries and one stride
+    apart, the same stride for every query block of the row: that stride and, per query block, the
+    number its tiles would have at the row's first entry and the range of entries that have one;
+    elsewhere stride 0 and zeros."""
     count = np.diff(ptr)
-    long = count >= max(configs.STRIDED_MIN_ENTRIES, 2)
-    bad = np.bincount(row_of[(tile_ids < 0).any(axis=1)], minlength=num_rows)
+    entries, width = tile_ids.shape
     stride = np.zeros(num_rows, np.int64)
-    if long.any():
-        first = ptr[:-1][long]
-        stride[long] = tile_ids[first + 1, 0] - tile_ids[first, 0]
-        within = row_of[1:] == row_of[:-1]
-        even = (kb[1:] - kb[:-1] == 1) & (tile_ids[1:] - tile_ids[:-1] == stride[row_of[1:], None]).all(axis=1)
-        bad += np.bincount(row_of[1:][within & ~even], minlength=num_rows)
-    return np.where((bad == 0) & long, stride, 0)
+    span = np.zeros((num_rows, 3, width), np.int64)  # per query block of the row: base, lo, hi
+    if entries < 2:
+        return stride, span
+    present = tile_ids >= 0
+    within = row_of[1:] == row_of[:-1]
+    # the stride of each row: the step between its first two consecutive tiles of one query block
+    pairs = present[1:] & present[:-1] & within[:, None]
+    pe, pt = np.nonzero(pairs)  # row-major: each row's first pair comes first
+    steps = tile_ids[pe + 1, pt] - tile_ids[pe, pt]
+    of = row_of[pe + 1]
+    seen, first = np.unique(of, return_index=True)
+    stride[seen] = steps[first]
+    bad = np.bincount(of[steps != stride[of]], minlength=num_rows)
+    bad += np.bincount(row_of[1:][within & (kb[1:] - kb[:-1] != 1)], minlength=num_rows)
+    # each query block's tiles on one range of consecutive entries
+    starts = present & ~np.concatenate([np.zeros((1, width), bool), present[:-1] & within[:, None]])
+    runs = np.bincount(np.repeat(row_of, width)[starts.reshape(-1)] * width
+                       + np.tile(np.arange(width), entries)[starts.reshape(-1)], minlength=num_rows * width)
+    bad += (runs.reshape(num_rows, width) > 1).any(axis=1)
+    ok = (bad == 0) & (count >= max(configs.STRIDED_MIN_ENTRIES, 2)) & (stride != 0)
+    stride = np.where(ok, stride, 0)
+    e_rel = np.arange(entries) - ptr[:-1][row_of]
+    sel = present & ok[row_of][:, None]
+    rows_s = np.broadcast_to(row_of[:, None], present.shape)[sel]
+    cols_s = np.broadcast_to(np.arange(width)[None, :], present.shape)[sel]
+    rel_s = np.broadcast_to(e_rel[:, None], present.shape)[sel]
+    base = np.full((num_rows, width), np.iinfo(np.int64).max)
+    lo = np.full((num_rows, width), np.iinfo(np.int64).max)
+    hi = np.zeros((num_rows, width), np.int64)
+    np.minimum.at(base, (rows_s, cols_s), tile_ids[sel] - rel_s * stride[rows_s])
+    np.minimum.at(lo, (rows_s, cols_s), rel_s)
+    np.maximum.at(hi, (rows_s, cols_s), rel_s + 1)
+    empty = hi == 0  # a query block with no tile in the row (past the end): no range
+    span[:, 0] = np.where(empty, 0, base)
+    span[:, 1] = np.where(empty, 0, lo)
+    span[:, 2] = hi
+    return stride, span
 
 
 # ---------------------------------------------------------------------------

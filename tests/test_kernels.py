@@ -1041,20 +1041,30 @@ def test_stored_ds_tiles_follow_the_dkdv_numbering(mask, row_tiles):
                     seen.add((pair, qb, kb))
     assert seen == set(number)  # every tile is read by the dQ pass
     assert sorted(tiles.order.tolist()) == list(range(tiles.num_rows))
-    # q_stride: nonzero exactly on rows of at least STRIDED_MIN_ENTRIES consecutive key blocks, every
-    # tile present, numbers a stride apart
-    want = []
+    # q_stride: nonzero exactly on rows of at least STRIDED_MIN_ENTRIES consecutive key blocks where each
+    # query block's tiles lie on consecutive entries, one stride apart (the same for all); q_span: per
+    # query block, the number at the row's first entry and the entries [lo, hi) that have a tile
+    want, want_span = [], []
     for row in range(len(ptr) - 1):
         e0, e1 = ptr[row], ptr[row + 1]
         got = [ids[e * row_tiles:(e + 1) * row_tiles] for e in range(e0, e1)]
-        diffs = {tuple(b - a for a, b in zip(got[i], got[i + 1])) for i in range(len(got) - 1)}
-        even = (e1 - e0 >= max(configs.STRIDED_MIN_ENTRIES, 2) and all(x >= 0 for g in got for x in g)
+        present = [[i for i in range(len(got)) if got[i][t] >= 0] for t in range(row_tiles)]
+        steps = {got[i + 1][t] - got[i][t] for t in range(row_tiles) for i in range(len(got) - 1)
+                 if got[i][t] >= 0 and got[i + 1][t] >= 0}
+        even = (e1 - e0 >= max(configs.STRIDED_MIN_ENTRIES, 2) and len(steps) == 1 and 0 not in steps
                 and all(kb_list[e] == kb_list[e0] + e - e0 for e in range(e0, e1))
-                and diffs == {(got[1][0] - got[0][0],) * row_tiles})
-        want.append(got[1][0] - got[0][0] if even else 0)
+                and all(p == list(range(p[0], p[-1] + 1)) for p in present if p))
+        step = steps.pop() if even else 0
+        want.append(step)
+        span = [[0] * row_tiles for _ in range(3)]
+        for t, p in enumerate(present):
+            if even and p:
+                span[0][t], span[1][t], span[2][t] = got[p[0]][t] - p[0] * step, p[0], p[-1] + 1
+        want_span += [x for part in span for x in part]
     # the variant, and the strides, for masks of Full, Causal, Window and Dilated alone (Plan.banded)
     assert tiles.strided_rows == plan.banded
     assert tiles.q_stride.tolist() == (want if plan.banded else [0] * len(want))
+    assert tiles.q_span.tolist() == (want_span if plan.banded else [0] * len(want_span))
 
 
 def test_window_dq_rows_are_strided():
@@ -1075,16 +1085,20 @@ def test_window_dq_rows_are_strided():
     assert odd.strided_rows
 
 
-@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
-def test_stored_ds_strided_rows_match_reference(dtype, monkeypatch, seed):
-    # a sliding window with dK/dV tiles of 16 query rows x 32 keys and dQ rows of 2 query blocks (as
-    # the D = 128 tiles, 32 x 64 and 2): the band's inner dQ rows walk their stored tiles with no index
-    # loads (DsTiles.q_stride), the rows at the ends the indexed loop, in one launch; GQA, two batches
+@pytest.mark.parametrize("dtype, rows", [(F32, 2), (F16, 2), (F32, 4)], ids=str)
+def test_stored_ds_strided_rows_match_reference(dtype, rows, monkeypatch, seed):
+    # a sliding window with dK/dV tiles of 16 query rows x 32 keys and dQ rows of 2 or 4 query blocks:
+    # the band's inner dQ rows walk their stored tiles with no index loads (DsTiles.q_stride), some with
+    # query blocks that have no tile at the band's edge key blocks (DsTiles.q_span), the rows at the ends
+    # the indexed loop, in one launch; GQA, two batches
     _use_tiles(monkeypatch, "t16", stored_ds=True)
-    monkeypatch.setitem(configs.OVERRIDE, "ds_rows", 2)
-    mask, n = md.Window(64), 320
-    steps = md.prepare(mask, n, n).ds_tiles(16, 32, 2).q_stride.tolist()
+    monkeypatch.setitem(configs.OVERRIDE, "ds_rows", rows)
+    mask, n = md.Window(40), 320
+    tiles = md.prepare(mask, n, n).ds_tiles(16, 32, rows)
+    steps, span = tiles.q_stride.tolist(), tiles.q_span.reshape(-1, 3, rows).tolist()
     assert 0 < sum(s != 0 for s in steps) < len(steps), steps
+    entries = [b - a for a, b in zip(tiles.q_ptr.tolist(), tiles.q_ptr.tolist()[1:])]
+    assert any(s and (max(span[r][1]) > 0 or min(span[r][2]) < entries[r]) for r, s in enumerate(steps)), span
     launched = _record_launches(monkeypatch, [])
     q, k, v, do = make_inputs(2, 4, 2, n, n, 16, dtype, "cpu")
     run_and_check(mask, q, k, v, do, context=f"seed {seed}")
