@@ -659,20 +659,17 @@ def attn_bwd_dkdv_kernel(
 @triton.jit
 def _dq_ds_tile(acc, K_BASE, DS_BASE, kb, ids, offs_t, offs_d, rel_kt, ds_offs, stride_kn, N_K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr,
-                EVEN_N: tl.constexpr, PREC: tl.constexpr, ANY_EMPTY: tl.constexpr):
+                EVEN_N: tl.constexpr, PREC: tl.constexpr):
     """``acc`` += K^T of key block ``kb`` times its dS^T tiles ``ids`` (one per query block of the
-    row; with ``ANY_EMPTY``, -1 where there is none: zeros)."""
+    row; -1 where there is none: zeros)."""
     offs_n = kb * BLOCK_N + offs_t
     p_kt = K_BASE + (kb * BLOCK_N).to(tl.int64) * stride_kn + rel_kt
     if EVEN_N and HEAD_D == BLOCK_D:
         b_kt = tl.load(p_kt)
     else:  # keys past N_K: zeros, whatever their dS^T rows hold
         b_kt = tl.load(p_kt, mask=(offs_n[None, :] < N_K) & (offs_d[:, None] < HEAD_D), other=0.0)
-    p_dst = DS_BASE + ids[None, :].to(tl.int64) * (BLOCK_N * BLOCK_M) + ds_offs
-    if ANY_EMPTY:
-        b_dst = tl.load(p_dst, mask=ids[None, :] >= 0, other=0.0)
-    else:
-        b_dst = tl.load(p_dst)
+    b_dst = tl.load(DS_BASE + ids[None, :].to(tl.int64) * (BLOCK_N * BLOCK_M) + ds_offs, mask=ids[None, :] >= 0,
+                    other=0.0)
     return tl.dot(b_kt, b_dst, acc, input_precision=PREC)
 
 
@@ -696,8 +693,8 @@ def attn_bwd_dq_ds_kernel(
     whose entries are consecutive key blocks and whose tile numbers grow by the same step
     ``TILE_STRIDE[row]`` from one key block to the next (not 0; the band of a sliding window,
     numbered as ``launch.DsTiles`` says; each query block's tiles on the entries ``TILE_SPAN``
-    gives) walks them with no index loads: Triton then issues the tile
-    loads ``num_stages - 1`` iterations ahead, where loads whose addresses come from a load in the
+    gives) walks them with no index loads: Triton then issues the tile loads ``num_stages - 1``
+    iterations ahead, where loads whose addresses come from a load in the
     loop go one ahead at most (the window's pass 7% faster at D = 128, N = 16384, H200, session 24;
     the deeper pipeline's shared memory leaves 3 programs per multiprocessor instead of 4, which made
     ALPACA's 10-16% slower: hence a variant). Its loop and the indexed one run one after the other,
@@ -733,12 +730,12 @@ def attn_bwd_dq_ds_kernel(
         for i in range(0, n_strided):
             acc = _dq_ds_tile(acc, K_BASE, DS_BASE, kb0 + i, tl.where((i >= lo) & (i < hi), base + i * step, -1),
                               offs_t, offs_d, rel_kt, ds_offs, stride_kn, N_K, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D,
-                              EVEN_N, PREC, True)
+                              EVEN_N, PREC)
         e_list = e0 + n_strided
     for e in range(e_list, e1):
         acc = _dq_ds_tile(acc, K_BASE, DS_BASE, tl.load(TILE_KB + e), tl.load(TILE_ID + e * ROW_TILES + cols // BLOCK_M),
                           offs_t, offs_d, rel_kt, ds_offs, stride_kn, N_K, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_N,
-                          PREC, True)
+                          PREC)
     offs_m = i_r * WIDTH + cols
     p_dq = (DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
             + offs_m[None, :].to(tl.int64) * stride_dqm + offs_d[:, None] * stride_dqd)
