@@ -148,8 +148,8 @@ def cases():
                               EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop)
                 out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
                             consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
-                rows = configs.stored_ds_row_tiles(cfg)
                 for strided_rows in (False, True):  # without and with the loop of rows with no index loads
+                    rows = configs.stored_ds_row_tiles(cfg, banded=strided_rows)
                     consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, ROW_TILES=rows, HEAD_D=d, BLOCK_D=d,
                                   EVEN_N=flag, PREC="tf32", WIDE=False, STRIDED_ROWS=strided_rows)
                     out.append((f"dq from stored dS d={d} {kind} {rows} x {cfg.BLOCK_M}x{cfg.BLOCK_N}"

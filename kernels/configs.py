@@ -150,11 +150,18 @@ STORED_DS_ROWS = 64
 # pipeline leaves 3 programs per multiprocessor instead of 4, which made ALPACA's (short rows, no
 # stride to speak of) 10-16% slower where it took the variant.
 STRIDED_MIN_ENTRIES = 3
+# ... and those masks' dQ programs take this many query rows: each K tile then serves twice the rows
+# (half the pass's K traffic), and the strided loop hides its loads without more programs per
+# multiprocessor. H200, session 25, the window at D = 128, N = 16384 (4 warps, 3 stages): that pass
+# 0.988 -> 0.910 ms (profiler), forward+backward sustained 6.997 -> 6.884 ms per step at 4536 -> 4393 mJ
+STORED_DS_ROWS_BANDED = 128
 
 
-def stored_ds_row_tiles(dkdv: TileConfig) -> int:
-    """Query blocks (of the dK/dV tile's ``BLOCK_M``) per program of the dQ pass from stored dS."""
-    rows = OVERRIDE.get("ds_rows", max(1, STORED_DS_ROWS // dkdv.BLOCK_M))
+def stored_ds_row_tiles(dkdv: TileConfig, banded: bool = False) -> int:
+    """Query blocks (of the dK/dV tile's ``BLOCK_M``) per program of the dQ pass from stored dS;
+    ``banded``: for a mask of Full, Causal, Window and Dilated alone (``STORED_DS_ROWS_BANDED``)."""
+    per = STORED_DS_ROWS_BANDED if banded else STORED_DS_ROWS
+    rows = OVERRIDE.get("ds_rows", max(1, per // dkdv.BLOCK_M))
     if rows < 1 or rows & (rows - 1):
         raise ValueError(f"query blocks per program of the stored-dS dQ pass must be a power of two, got {rows}")
     return rows

@@ -280,7 +280,7 @@ class Plan:
         ds_bytes = ds_numel(q.shape[0], q.shape[1], self.ds_tile_count(cfg.BLOCK_M, cfg.BLOCK_N), cfg) * es
         if ds_bytes > configs.STORED_DS_MEMORY * (q.numel() + k.numel() + v.numel()) * es:
             return None
-        return self.ds_tiles(cfg.BLOCK_M, cfg.BLOCK_N, configs.stored_ds_row_tiles(cfg))
+        return self.ds_tiles(cfg.BLOCK_M, cfg.BLOCK_N, configs.stored_ds_row_tiles(cfg, self.banded))
 
     def heavy_share(self, block_q: int, block_k: int) -> float:
         """The share of the (block_q, block_k) layout's non-empty tiles that lie in the heavy key

@@ -1162,6 +1162,22 @@ def test_stored_ds_row_tiles_must_be_a_power_of_two(rows, ok, monkeypatch):
             configs.stored_ds_row_tiles(TileConfig(32, 64, 4, 3))
 
 
+def test_stored_ds_rows_follow_the_expression():
+    # the stored-dS dQ pass takes STORED_DS_ROWS_BANDED query rows per program for masks of Full, Causal,
+    # Window and Dilated alone (Plan.banded, the strided variant), STORED_DS_ROWS for the others, whatever
+    # their data; the table's dK/dV tiles at D = 128 (32 x 64), bf16
+    cfg = configs.tile_config("dkdv", 2, 128, "sparse")
+    q = torch.empty(1, 2, 2048, 128, dtype=torch.bfloat16)
+    for mask, banded in ((md.Window(100), True), (md.Window(300) & md.Causal(), True),
+                         (md.Document([700, 1000, 348]) & md.Causal(), False),
+                         (md.Window(100) | md.Global([5, 900]), False)):
+        plan = md.prepare(mask, 2048, 2048)
+        tiles = plan.backward_ds_tiles(q, q, q)
+        assert plan.banded == banded and tiles is not None and tiles.strided_rows == banded, mask
+        rows = configs.STORED_DS_ROWS_BANDED if banded else configs.STORED_DS_ROWS
+        assert tiles.row_tiles == rows // cfg.BLOCK_M == configs.stored_ds_row_tiles(cfg, banded), mask
+
+
 def test_stored_ds_table_and_memory_limit(monkeypatch, seed):
     # the table: 2-byte inputs at D = 128 on sparse masks; the limit: the dS buffer against q, k and v
     assert configs.stored_ds(2, 128, "sparse") and configs.stored_ds(2, 96, "sparse")
