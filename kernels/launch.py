@@ -57,6 +57,9 @@ class Lists:
     # whether the dK/dV pass may take its loop for rows of one run (TileConfig.run_loop): not for masks
     # whose structure is their data's (``maskdsl.plan.Plan.data_shaped``)
     run_loop: bool = True
+    # whether the mask is of Full, Causal, Window and Dilated alone (``maskdsl.plan.Plan.banded``), for
+    # the tiles whose run loop serves only those (TileConfig.run_loop "banded")
+    banded: bool = False
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""
@@ -797,6 +800,14 @@ STORED_DS_WARPS = 4
 STORED_DS_STAGES = 3
 
 
+def run_loop(cfg: TileConfig, lists: Lists) -> bool:
+    """Whether the dK/dV pass of these tiles compiles its loop for key blocks of one run on these
+    lists (``TileConfig.run_loop``; ``configs.OVERRIDE["run_loop"]`` forces it)."""
+    if "run_loop" in configs.OVERRIDE:
+        return bool(configs.OVERRIDE["run_loop"])
+    return lists.banded if cfg.run_loop == "banded" else bool(cfg.run_loop) and lists.run_loop
+
+
 def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,
           common: dict, ds=None, ds_tiles: DsTiles | None = None):
     """Launch the dK/dV pass (delta and lse2 already written); with ``ds``, it stores every tile's dS^T there."""
@@ -810,6 +821,6 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale, *ds_args), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide(q, do), RUN_LOOP=bool(configs.OVERRIDE.get("run_loop", cfg.run_loop and lists.run_loop)),
+        WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists),
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

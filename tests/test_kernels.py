@@ -1122,6 +1122,24 @@ def test_dkdv_run_loop_unless_the_structure_is_data(family, run, monkeypatch, se
     assert flags == {run}, flags
 
 
+@pytest.mark.parametrize("mask, structured, banded", [
+    (md.Window(40), True, True), (md.Causal() & md.Window(70), True, True), (md.Dilated(64, 2), True, True),
+    (md.Document([100, 156]) & md.Causal(), True, False), (md.Window(40) | md.Global([3]), True, False),
+    (md.Tree([-1] + list(range(255))), False, False)])
+def test_run_loop_rule(mask, structured, banded, monkeypatch):
+    # TileConfig.run_loop: False never; True for masks whose structure is their expression's (not Tree or
+    # TensorMask); "banded" for masks of Full, Causal, Window and Dilated alone; OVERRIDE forces it
+    lists = md.prepare(mask, 256, 256, reorder=None).lists(32, 64, "k")
+    assert (lists.run_loop, lists.banded) == (structured, banded)
+    assert launch.run_loop(TileConfig(32, 64, 4, 2), lists) is False
+    assert launch.run_loop(TileConfig(32, 64, 4, 2, run_loop=True), lists) == structured
+    assert launch.run_loop(TileConfig(32, 64, 4, 2, run_loop="banded"), lists) == banded
+    monkeypatch.setitem(configs.OVERRIDE, "run_loop", 1)
+    assert launch.run_loop(TileConfig(32, 64, 4, 2), lists) is True
+    with pytest.raises(ValueError, match="run_loop must be False, True or 'banded'"):
+        TileConfig(32, 64, 4, 2, run_loop="always")
+
+
 @pytest.mark.parametrize("family", ["documents", "window|global", "window", "tree"])
 def test_loop_variants_follow_the_expression_not_the_data(family, monkeypatch):
     # the dK/dV run loop (Plan.data_shaped) and the strided dQ pass (Plan.banded) are chosen by the
