@@ -81,8 +81,10 @@ def cases():
     for pass_name, kernel, even in (("fwd", K.attn_fwd_kernel, "EVEN_N"), ("dq", K.attn_bwd_dq_kernel, "EVEN_N"),
                                     ("dkdv", K.attn_bwd_dkdv_kernel, "EVEN_M")):
         for d in (64, 128):
-            for kind in ("dense", "sparse"):
-                cfg = configs.tile_config(pass_name, 2, d, kind)
+            for kind, banded in (("dense", False), ("sparse", False), ("sparse", True)):
+                cfg = configs.tile_config(pass_name, 2, d, kind, banded)
+                if banded and cfg == configs.tile_config(pass_name, 2, d, kind):
+                    continue  # no tiles of its own for banded masks
                 # the dK/dV pass's run loop: both variants where banded masks alone take it
                 loops = (False, True) if cfg.run_loop == "banded" else (bool(cfg.run_loop),)
                 for flag, loop in itertools.product((False, True), loops):
@@ -98,7 +100,7 @@ def cases():
                         consts["SPLIT"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
                     # (aligned lse/delta copies); a ragged edge's N may be anything
-                    out.append((f"{pass_name} d={d} {kind} {cfg}{' even' if flag else ''}"
+                    out.append((f"{pass_name} d={d} {'banded' if banded else kind} {cfg}{' even' if flag else ''}"
                                 f"{' run loop' if len(loops) > 1 and loop else ''}", kernel, consts,
                                 cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
     # the int64-offset variant (``WIDE``, for tensors whose in-head offsets could overflow int32)
@@ -133,7 +135,8 @@ def cases():
     # configs.FEW_ROWS_DQ, or the table's of either kind; a ragged edge: a context of any length),
     # and the kernel adding its shares
     for d in (64, 128):
-        tiles = {configs.few_rows_dq(2, d) or configs.tile_config("dq", 2, d, kind) for kind in ("dense", "sparse")}
+        tiles = {configs.few_rows_dq(2, d) or configs.tile_config("dq", 2, d, kind, banded)
+                 for kind, banded in (("dense", False), ("sparse", False), ("sparse", True))}
         for cfg in sorted(tiles, key=str):
             consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
                           EVEN_N=False, WIDE=False, SPLIT=True)

@@ -230,7 +230,7 @@ class Plan:
 
     def tiles(self, pass_name: str, element_size: int, head_dim: int):
         """The TileConfig of one pass for inputs of this element size and head dim."""
-        return tile_config(pass_name, element_size, head_dim, self.kind)
+        return tile_config(pass_name, element_size, head_dim, self.kind, self.banded)
 
     def fused_stages(self, element_size: int, head_dim: int):
         """Pipeline stages of the one-launch backward for these inputs, or None (two launches)."""

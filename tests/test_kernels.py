@@ -1577,6 +1577,25 @@ def test_plan_kind_picks_the_tiles(mask, kind):
         configs.tile_config("fwd", 2, 64, "medium")
 
 
+@pytest.mark.parametrize("mask, banded", [(md.Window(64), True), (md.Dilated(256, 4), True),
+                                          (md.Causal() & md.Window(100), True), (md.Document([100] * 40), False),
+                                          (md.Window(64) | md.Global([7]), False)], ids=repr)
+def test_banded_masks_take_the_banded_tiles(mask, banded):
+    # a sparse mask of Full, Causal, Window and Dilated alone takes the table's "banded" entries before its
+    # "sparse" ones (D = 64's dQ pass), other sparse masks the "sparse" ones, whatever their data
+    plan = md.prepare(mask, 4096, 4096)
+    assert plan.kind == "sparse" and plan.banded == banded
+    banded_dq = next(cfg for name, sizes, dims, k, cfg in configs.CONFIGS if name == "dq" and k == "banded" and 64 in dims)
+    sparse_dq = configs.tile_config("dq", 2, 64, "sparse")
+    assert banded_dq != sparse_dq
+    assert plan.tiles("dq", 2, 64) == (banded_dq if banded else sparse_dq)
+    assert configs.tile_config("dq", 2, 64, "sparse", banded) == plan.tiles("dq", 2, 64)
+    # a dense mask, and the passes without a banded entry, keep their tiles
+    assert configs.tile_config("dq", 2, 64, "dense", True) == configs.tile_config("dq", 2, 64, "dense")
+    for name, d in (("fwd", 64), ("dkdv", 64), ("dq", 128)):
+        assert plan.tiles(name, 2, d) == configs.tile_config(name, 2, d, "sparse")
+
+
 def test_modulus_is_compiled_in():
     src = md.prepare(md.Dilated(256, 4), 1000, 1000).predicate.source
     assert "& 3" in src and "% " not in src  # a power of two: a bit mask, no division
