@@ -56,8 +56,9 @@ class TileConfig:
 # blocks are nearly all full (Full, Causal: large tiles feed the tensor cores best), "sparse"
 # masks with many partial blocks (small tiles waste less on masked entries and keep the
 # predicate's registers from spilling), "banded" those sparse masks of Full, Causal, Window and
-# Dilated alone (decided by the expression: ``Plan.banded``; before the "sparse" entries), "any" all. See ``Plan.kind``. Tuned on an H100
-# with benchmarks/tune_attention.py --sweep (full / alpaca_seq / lf_global / lf_dilated, N = 8192).
+# Dilated alone (decided by the expression: ``Plan.banded``; before the "sparse" entries), "any"
+# all. See ``Plan.kind``. Tuned on an H100 with benchmarks/tune_attention.py --sweep (full /
+# alpaca_seq / lf_global / lf_dilated, N = 8192).
 CONFIGS = [
     # 128 x 128 x 4 x 2 (H200, session 21, forward, B = 4, H = 32), against 64 x 64 x 4 x 3: D = 64 Full
     # 11-15% faster (N = 16384: 20.6-20.7 against 23.7-24.1 ms; 4096: 1.39-1.40 against 1.56-1.57), Causal
