@@ -17,7 +17,6 @@ without TRITON_INTERPRET (tests/test_kernel_build.py does, in a subprocess).
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 
@@ -85,9 +84,7 @@ def cases():
                 cfg = configs.tile_config(pass_name, 2, d, kind, banded)
                 if banded and cfg == configs.tile_config(pass_name, 2, d, kind):
                     continue  # no tiles of its own for banded masks
-                # the dK/dV pass's run loop: both variants where banded masks alone take it
-                loops = (False, True) if cfg.run_loop == "banded" else (bool(cfg.run_loop),)
-                for flag, loop in itertools.product((False, True), loops):
+                for flag in (False, True):
                     consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d,
                                   PREC="tf32", **{even: flag})
                     if "WIDE" in kernel.arg_names:  # the kernels with an int64-offset variant
@@ -95,14 +92,14 @@ def cases():
                     if "STORE_DS" in kernel.arg_names:
                         consts["STORE_DS"] = False
                     if "RUN_LOOP" in kernel.arg_names:
-                        consts["RUN_LOOP"] = loop
+                        consts["RUN_LOOP"] = cfg.run_loop
                     if "SPLIT" in kernel.arg_names:
                         consts["SPLIT"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
                     # (aligned lse/delta copies); a ragged edge's N may be anything
-                    out.append((f"{pass_name} d={d} {'banded' if banded else kind} {cfg}{' even' if flag else ''}"
-                                f"{' run loop' if len(loops) > 1 and loop else ''}", kernel, consts,
-                                cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
+                    out.append((f"{pass_name} d={d} {'banded' if banded else kind} {cfg}{' even' if flag else ''}",
+                                kernel, consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (),
+                                cfg.maxnreg))
     # the int64-offset variant (``WIDE``, for tensors whose in-head offsets could overflow int32)
     for pass_name, kernel in (("fwd", K.attn_fwd_kernel), ("dq", K.attn_bwd_dq_kernel)):
         cfg = configs.tile_config(pass_name, 2, 64, "sparse")
@@ -152,7 +149,7 @@ def cases():
             cfg = configs.tile_config("dkdv", 2, d, kind)
             for flag in (False, True):
                 consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=bool(cfg.run_loop))
+                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop)
                 out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
                             consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
                 for strided_rows in (False, True):  # without and with the loop of rows with no index loads

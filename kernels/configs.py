@@ -27,15 +27,9 @@ class TileConfig:
     maxnreg: int | None = None
     # the dK/dV pass: a key block whose query blocks are one run of full blocks walks them in a loop
     # of its own, with no index loads, so that Triton issues its tiles' loads ``num_stages - 1``
-    # iterations ahead (loads whose addresses come from a load in the loop go one ahead at most).
-    # False: never; True: for every mask whose block structure is its expression's (not Tree or
-    # TensorMask: ``launch.Lists.run_loop``); "banded": for masks of Full, Causal, Window and
-    # Dilated alone (``launch.Lists.banded``)
-    run_loop: bool | str = False
-
-    def __post_init__(self):
-        if self.run_loop not in (False, True, "banded"):
-            raise ValueError(f"run_loop must be False, True or 'banded', got {self.run_loop!r}")
+    # iterations ahead (loads whose addresses come from a load in the loop go one ahead at most);
+    # not for masks whose block structure is their data's (Tree, TensorMask: ``launch.Lists.run_loop``)
+    run_loop: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "TileConfig":
@@ -108,10 +102,11 @@ CONFIGS = [
     ("dkdv", (2,), (16, 32, 64), "dense", TileConfig(64, 64, 4, 3)),
     # maxnreg 128: 4 programs per multiprocessor instead of 3 (a few bytes spill; MEDUSA's bit-tile
     # predicate spills more and its dK/dV pass is 6% slower, its forward pass 17% faster)
-    # its own loop for rows of one run on banded masks (the window's pass 1.649 -> 1.527 ms, forward+backward
-    # sustained 4.140 -> 4.080 ms per step at 2596 -> 2519 mJ; N = 16384, H200, session 25), not on the
-    # others (ALPACA's pass was 7% slower with it, session 24)
-    ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128, run_loop="banded")),
+    # banded masks: the same tiles with their own loop for rows of one run (the window's pass 1.649 ->
+    # 1.527 ms, forward+backward sustained 4.140 -> 4.080 ms per step at 2596 -> 2519 mJ; N = 16384, H200,
+    # session 25); not the other sparse masks (ALPACA's pass was 7% slower with it, session 24)
+    ("dkdv", (2,), (16, 32, 64), "banded", TileConfig(32, 64, 4, 2, maxnreg=128, run_loop=True)),
+    ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128)),
     # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory
     ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2)),
     # its own loop for rows of one run (run_loop; not for masks whose structure is their data's, Tree and

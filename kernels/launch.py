@@ -57,9 +57,6 @@ class Lists:
     # whether the dK/dV pass may take its loop for rows of one run (TileConfig.run_loop): not for masks
     # whose structure is their data's (``maskdsl.plan.Plan.data_shaped``)
     run_loop: bool = True
-    # whether the mask is of Full, Causal, Window and Dilated alone (``maskdsl.plan.Plan.banded``), for
-    # the tiles whose run loop serves only those (TileConfig.run_loop "banded")
-    banded: bool = False
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""
@@ -805,7 +802,7 @@ def run_loop(cfg: TileConfig, lists: Lists) -> bool:
     lists (``TileConfig.run_loop``; ``configs.OVERRIDE["run_loop"]`` forces it)."""
     if "run_loop" in configs.OVERRIDE:
         return bool(configs.OVERRIDE["run_loop"])
-    return lists.banded if cfg.run_loop == "banded" else bool(cfg.run_loop) and lists.run_loop
+    return cfg.run_loop and lists.run_loop
 
 
 def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,

@@ -251,7 +251,7 @@ class Plan:
                                    else classes.transpose(1, 2).reshape(-1, classes.shape[1]))
             rows, rb, cb = ((-(-self.n_q // block_q), block_q, block_k) if by == "q"
                             else (-(-self.n_k // block_k), block_k, block_q))
-            got = _lists(arrays, rows, rb, cb, self.device, run_loop=not self.data_shaped, banded=self.banded)
+            got = _lists(arrays, rows, rb, cb, self.device, run_loop=not self.data_shaped)
             self._lists[key] = got
         return got
 
@@ -327,10 +327,10 @@ class Plan:
         return self
 
 
-def _lists(arrays, rows: int, rb: int, cb: int, device, run_loop: bool = True, banded: bool = False) -> Lists:
+def _lists(arrays, rows: int, rb: int, cb: int, device, run_loop: bool = True) -> Lists:
     """The Lists of one direction of a layout, from its compact lists ``arrays`` (``LIST_FIELDS``:
     full_ptr, full_start, full_end, part_ptr, part_idx), ``rows`` blocks per (batch, head) pair of
-    ``rb`` rows by ``cb`` columns each; ``run_loop``, ``banded``: ``Lists.run_loop``, ``Lists.banded``."""
+    ``rb`` rows by ``cb`` columns each; ``run_loop``: ``Lists.run_loop``."""
     ptr, start, end, pptr, pidx = arrays
     ptr_np, start_np, end_np, pptr_np = (t.numpy().astype(np.int64) for t in (ptr, start, end, pptr))
     lengths = end_np - start_np
@@ -351,7 +351,7 @@ def _lists(arrays, rows: int, rb: int, cb: int, device, run_loop: bool = True, b
 
     return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
                  rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
-                 int(work.max()) if work.size else 0, run_loop, banded)
+                 int(work.max()) if work.size else 0, run_loop)
 
 
 def _int32_on(device, *arrays) -> list:

@@ -22,9 +22,9 @@ def test_every_kernel_compiles_for_sm90():
     report = run.stdout + run.stderr[-3000:]
     assert run.returncode == 0, report
     assert "build_check: 0 failures" in run.stdout, report
-    # 3 attention passes x 2 head dims x 2 kinds x (ragged edge, even loop), the D = 64 sparse dK/dV pass
-    # with its loop for banded masks' rows of one run (both edges), the D = 64 dQ pass's tiles for
-    # banded masks (both edges; and split along the keys), the int64-offset
+    # 3 attention passes x 2 head dims x 2 kinds x (ragged edge, even loop), the D = 64 banded entries
+    # (the dK/dV pass with its loop for rows of one run, the dQ pass's tiles: both edges; and the dQ
+    # tiles split along the keys), the int64-offset
     # forward and dQ, the one-launch backward (D = 64 and 128 dense, both edges) and its delta
     # pre-pass, the backward with stored dS (D = 128 sparse: its dK/dV and dQ passes, both edges),
     # the preprocessing kernel with and without packed rows, the run-arrays kernel, the forward split

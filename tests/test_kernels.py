@@ -1128,16 +1128,16 @@ def test_dkdv_run_loop_unless_the_structure_is_data(family, run, monkeypatch, se
     (md.Tree([-1] + list(range(255))), False, False)])
 def test_run_loop_rule(mask, structured, banded, monkeypatch):
     # TileConfig.run_loop: False never; True for masks whose structure is their expression's (not Tree or
-    # TensorMask); "banded" for masks of Full, Causal, Window and Dilated alone; OVERRIDE forces it
-    lists = md.prepare(mask, 256, 256, reorder=None).lists(32, 64, "k")
-    assert (lists.run_loop, lists.banded) == (structured, banded)
+    # TensorMask); the D = 64 dK/dV tiles take it for masks of Full, Causal, Window and Dilated alone (the
+    # table's "banded" entry); OVERRIDE forces it
+    plan = md.prepare(mask, 256, 256, reorder=None)
+    lists = plan.lists(32, 64, "k")
+    assert (lists.run_loop, plan.banded) == (structured, banded)
     assert launch.run_loop(TileConfig(32, 64, 4, 2), lists) is False
     assert launch.run_loop(TileConfig(32, 64, 4, 2, run_loop=True), lists) == structured
-    assert launch.run_loop(TileConfig(32, 64, 4, 2, run_loop="banded"), lists) == banded
+    assert launch.run_loop(plan.tiles("dkdv", 2, 64), lists) == banded
     monkeypatch.setitem(configs.OVERRIDE, "run_loop", 1)
     assert launch.run_loop(TileConfig(32, 64, 4, 2), lists) is True
-    with pytest.raises(ValueError, match="run_loop must be False, True or 'banded'"):
-        TileConfig(32, 64, 4, 2, run_loop="always")
 
 
 @pytest.mark.parametrize("family", ["documents", "window|global", "window", "tree"])
@@ -1582,7 +1582,7 @@ def test_plan_kind_picks_the_tiles(mask, kind):
                                           (md.Window(64) | md.Global([7]), False)], ids=repr)
 def test_banded_masks_take_the_banded_tiles(mask, banded):
     # a sparse mask of Full, Causal, Window and Dilated alone takes the table's "banded" entries before its
-    # "sparse" ones (D = 64's dQ pass), other sparse masks the "sparse" ones, whatever their data
+    # "sparse" ones (D = 64's dQ and dK/dV passes), other sparse masks the "sparse" ones, whatever their data
     plan = md.prepare(mask, 4096, 4096)
     assert plan.kind == "sparse" and plan.banded == banded
     banded_dq = next(cfg for name, sizes, dims, k, cfg in configs.CONFIGS if name == "dq" and k == "banded" and 64 in dims)
@@ -1592,8 +1592,13 @@ def test_banded_masks_take_the_banded_tiles(mask, banded):
     assert configs.tile_config("dq", 2, 64, "sparse", banded) == plan.tiles("dq", 2, 64)
     # a dense mask, and the passes without a banded entry, keep their tiles
     assert configs.tile_config("dq", 2, 64, "dense", True) == configs.tile_config("dq", 2, 64, "dense")
-    for name, d in (("fwd", 64), ("dkdv", 64), ("dq", 128)):
+    for name, d in (("fwd", 64), ("dkdv", 128), ("dq", 128)):
         assert plan.tiles(name, 2, d) == configs.tile_config(name, 2, d, "sparse")
+    # the D = 64 dK/dV pass: the same tiles, with the loop for rows of one run on banded masks alone
+    kv, kv_sparse = plan.tiles("dkdv", 2, 64), configs.tile_config("dkdv", 2, 64, "sparse")
+    assert kv.run_loop == banded and not kv_sparse.run_loop
+    assert (kv.BLOCK_M, kv.BLOCK_N, kv.num_warps, kv.num_stages, kv.maxnreg) == (
+        kv_sparse.BLOCK_M, kv_sparse.BLOCK_N, kv_sparse.num_warps, kv_sparse.num_stages, kv_sparse.maxnreg)
 
 
 def test_modulus_is_compiled_in():
