@@ -68,6 +68,11 @@ CONFIGS = [
     # slower, far outweighed: session 9, H100, docs/benchmarks/attention_h100.md)
     # maxnreg 128 (H200, session 11, D = 64, N = 16384): ALPACA's forward 4-7% faster (149-155 registers
     # uncapped, 28-36 bytes spilled capped); the window (127 registers) and MEDUSA 8x3 unchanged
+    # D = 64: banded masks keep 64 x 64 (64 x 32 made the window's forward 16% slower, session 25); the
+    # others take 64 x 32 (H200, session 26, N = 16384, forward: MEDUSA 8x3 0.763 -> 0.570 ms, LongFormer
+    # global 5.19 -> 4.60, ALPACA input-bidirectional 0.884 -> 0.846, ALPACA sequential 0.642 -> 0.667)
+    ("fwd", (2,), (64,), "banded", TileConfig(64, 64, 4, 2, maxnreg=128)),
+    ("fwd", (2,), (64,), "sparse", TileConfig(64, 32, 4, 2, maxnreg=128)),
     ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2, maxnreg=128)),
     # 128 x 128: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels compute offsets
     # in int32 and ptxas no longer serialises their wgmma (session 7, data/tune_h100_session7.txt);

@@ -1582,17 +1582,20 @@ def test_plan_kind_picks_the_tiles(mask, kind):
                                           (md.Window(64) | md.Global([7]), False)], ids=repr)
 def test_banded_masks_take_the_banded_tiles(mask, banded):
     # a sparse mask of Full, Causal, Window and Dilated alone takes the table's "banded" entries before its
-    # "sparse" ones (D = 64's dQ and dK/dV passes), other sparse masks the "sparse" ones, whatever their data
+    # "sparse" ones (D = 64's forward, dQ and dK/dV passes), other sparse masks the "sparse" ones, whatever
+    # their data
     plan = md.prepare(mask, 4096, 4096)
     assert plan.kind == "sparse" and plan.banded == banded
-    banded_dq = next(cfg for name, sizes, dims, k, cfg in configs.CONFIGS if name == "dq" and k == "banded" and 64 in dims)
-    sparse_dq = configs.tile_config("dq", 2, 64, "sparse")
-    assert banded_dq != sparse_dq
-    assert plan.tiles("dq", 2, 64) == (banded_dq if banded else sparse_dq)
-    assert configs.tile_config("dq", 2, 64, "sparse", banded) == plan.tiles("dq", 2, 64)
+    for name in ("fwd", "dq"):
+        own = next(cfg for n, sizes, dims, k, cfg in configs.CONFIGS if n == name and k == "banded" and 64 in dims)
+        sparse = configs.tile_config(name, 2, 64, "sparse")
+        assert own != sparse
+        assert plan.tiles(name, 2, 64) == (own if banded else sparse)
+        assert configs.tile_config(name, 2, 64, "sparse", banded) == plan.tiles(name, 2, 64)
     # a dense mask, and the passes without a banded entry, keep their tiles
     assert configs.tile_config("dq", 2, 64, "dense", True) == configs.tile_config("dq", 2, 64, "dense")
-    for name, d in (("fwd", 64), ("dkdv", 128), ("dq", 128)):
+    assert configs.tile_config("fwd", 2, 64, "dense", True) == configs.tile_config("fwd", 2, 64, "dense")
+    for name, d in (("fwd", 128), ("dkdv", 128), ("dq", 128)):
         assert plan.tiles(name, 2, d) == configs.tile_config(name, 2, d, "sparse")
     # the D = 64 dK/dV pass: the same tiles, with the loop for rows of one run on banded masks alone
     kv, kv_sparse = plan.tiles("dkdv", 2, 64), configs.tile_config("dkdv", 2, 64, "sparse")
