@@ -495,6 +495,7 @@ def _dkdv_block(
     stride_qm, stride_dom, N_Q, qk_scale,
     PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, DS_TILE=None, STORE_DS: tl.constexpr = False,
+    TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None, i_b=0, i_h=0,
 ):
     """dK and dV of one (key block, query block) tile; with ``STORE_DS`` it also writes the tile's
     dS^T (``[BLOCK_N, BLOCK_M]``, row-major, unscaled) at ``DS_TILE`` for ``attn_bwd_dq_ds_kernel``."""
@@ -503,8 +504,12 @@ def _dkdv_block(
     p_q = Q_BASE + row0 * stride_qm + rel_q
     p_do = DO_BASE + row0 * stride_dom + rel_do
     if EVEN_M and EVEN_D:
-        b_q = tl.load(p_q)
-        b_do = tl.load(p_do)
+        if TMA:  # by the tensor memory accelerator, from descriptors of q and do ([B, H, N, D])
+            b_q = Q_DESC.load([i_b, i_h, i_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_D)
+            b_do = DO_DESC.load([i_b, i_h, i_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_D)
+        else:
+            b_q = tl.load(p_q)
+            b_do = tl.load(p_do)
         lse2 = tl.load(LSE2_BASE + offs_m)
         delta = tl.load(DELTA_BASE + offs_m)
     else:
@@ -543,7 +548,7 @@ def _dkdv_program(
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
     WIDE: tl.constexpr, DS=None, DS_PTR=None, DS_BEFORE=None, T_MAX=0, STORE_DS: tl.constexpr = False,
-    RUN_LOOP: tl.constexpr = False,
+    RUN_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None,
 ):
     """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group. With
     ``STORE_DS``, each tile's dS^T goes to ``DS`` too: per query head ``T_MAX`` tiles of
@@ -553,7 +558,10 @@ def _dkdv_program(
     ``RUN_LOOP`` (``TileConfig.run_loop``), a key block whose full blocks are one run walks them in a
     loop of its own, the block number from the counter, so that Triton issues their Q and dO loads
     ``num_stages - 1`` iterations ahead (one at most where the number comes from ``_full_block``'s
-    masked index load): the D = 128 window's pass 5% faster (H200, session 24)."""
+    masked index load): the D = 128 window's pass 5% faster (H200, session 24). With ``TMA``
+    (``TileConfig.tma``, an even edge) the Q and dO tiles come by the tensor memory accelerator from the
+    descriptors ``Q_DESC`` and ``DO_DESC`` (``launch.tile_descriptor``): no per-thread addresses and
+    copies, and no fences between those copies and the tensor cores in the loop."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     i_b = i_bhk // HKV
     i_hk = i_bhk % HKV
@@ -599,7 +607,8 @@ def _dkdv_program(
                     ds_tile = ds_first + (j + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
                 dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, lo + j, offs_n, offs_d,
                                      rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
-                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
+                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
+                                     TMA, Q_DESC, DO_DESC, i_b, i_h)
         for f in range(f_list, hi):
             i_m = _full_block(FULL_IDX, f, contiguous)
             ds_tile = None
@@ -607,7 +616,8 @@ def _dkdv_program(
                 ds_tile = ds_first + (f - lo + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
-                                 PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
+                                 PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
+                                 TMA, Q_DESC, DO_DESC, i_b, i_h)
         p0 = tl.load(PART_PTR + row)
         p1 = tl.load(PART_PTR + row + 1)
         for p in range(p0, p1):
@@ -617,7 +627,8 @@ def _dkdv_program(
                 ds_tile = ds_first + (p - p0 + tl.where(p - p0 >= before, hi - lo, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
-                                 PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS)
+                                 PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
+                                 TMA, Q_DESC, DO_DESC, i_b, i_h)
 
     dk = dk * sm_scale
     p_dk = (DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -639,10 +650,10 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, DS, DS_PTR, DS_BEFORE,
-    T_MAX,
+    T_MAX, Q_DESC, DO_DESC,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
-    WIDE: tl.constexpr, RUN_LOOP: tl.constexpr,
+    WIDE: tl.constexpr, RUN_LOOP: tl.constexpr, TMA: tl.constexpr = False,
 ):
     i_bhk, i_n = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     _dkdv_program(
@@ -653,6 +664,7 @@ def attn_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
         PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, DS_BEFORE, T_MAX, STORE_DS, RUN_LOOP,
+        TMA, Q_DESC, DO_DESC,
     )
 
 

@@ -93,6 +93,10 @@ def cases():
                         consts["STORE_DS"] = False
                     if "RUN_LOOP" in kernel.arg_names:
                         consts["RUN_LOOP"] = cfg.run_loop
+                    if cfg.tma and flag and "TMA" in kernel.arg_names:  # TMA loads on the even edge
+                        consts["TMA"] = True
+                        for name in ("Q_DESC", "DO_DESC"):
+                            consts[name] = f"tensordesc<bf16[1, 1, {cfg.BLOCK_M}, {d}]>"
                     if "SPLIT" in kernel.arg_names:
                         consts["SPLIT"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
@@ -196,9 +200,12 @@ def compile_sm90(kernel, constexprs: dict, num_warps: int, num_stages: int, divi
     # head-dim strides (1) become constants, pointers and the other strides are multiples of 16
     # (and constexpr arguments left out take their defaults, as in a launch)
     defaults = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}
+    # tensor descriptor arguments (``*_DESC``): None unless given their type ("tensordesc<...>")
+    descs = {name: constexprs.get(name) for name in kernel.arg_names if name.endswith("_DESC")}
     constexprs = {**defaults, **{name: 1 for name in kernel.arg_names if name.startswith("stride_") and name.endswith("d")},
-                  **constexprs}
-    sig = _signature(kernel, constexprs)
+                  **{name: None for name, ty in descs.items() if ty is None},
+                  **{k: v for k, v in constexprs.items() if not (k in descs and v is not None)}}
+    sig = {**_signature(kernel, constexprs), **{name: ty for name, ty in descs.items() if ty is not None}}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                if sig[name] != "constexpr" and (sig[name].startswith("*") or name.startswith("stride_")
                                                 or name in divisible)}

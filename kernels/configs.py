@@ -30,6 +30,10 @@ class TileConfig:
     # iterations ahead (loads whose addresses come from a load in the loop go one ahead at most);
     # not for masks whose block structure is their data's (Tree, TensorMask: ``launch.Lists.run_loop``)
     run_loop: bool = False
+    # the dK/dV pass: its Q and dO tiles loaded by the tensor memory accelerator (TMA: Hopper and later,
+    # tensors ``launch.tile_descriptor`` can describe, an even edge) instead of by every thread, which
+    # also spares the loop the fences between those threads' shared-memory writes and the tensor cores
+    tma: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "TileConfig":
@@ -119,7 +123,7 @@ CONFIGS = [
     # registers spilling in every iteration): the pass 5% faster on the window (3.538 -> 3.356 ms), 3% on the
     # dilated mask, 4% on ALPACA input-bidirectional, 1% on LongFormer global, ALPACA sequential level
     # (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers, ALPACA's was 7% slower)
-    ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True)),
+    ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True, tma=True)),
     ("dkdv", (2,), (256,), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (16, 32, 64), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),

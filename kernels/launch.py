@@ -26,6 +26,10 @@ try:  # Triton's launch hooks (Triton 3.4 and later): a launch may skip them onl
 except ImportError:
     _knobs = _HookChain = None
 
+try:  # host tensor descriptors (TMA loads; Triton 3.4 and later)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 from .attention import (attn_bwd_delta_kernel, attn_bwd_dkdv_kernel, attn_bwd_dq_combine_kernel, attn_bwd_dq_ds_kernel,
                         attn_bwd_dq_kernel, attn_bwd_kernel, attn_fwd_combine_kernel, attn_fwd_kernel)
 from . import configs
@@ -204,36 +208,71 @@ class _Site:
     tensors among the arguments are those of the site's first launch (each launcher passes its
     tensors at fixed positions); a launch whose arguments are laid out otherwise never matches."""
 
-    __slots__ = ("n_args", "tensors", "scalars", "types", "table", "refs")
+    __slots__ = ("n_args", "tensors", "descs", "scalars", "types", "table", "refs")
 
     def __init__(self, args, refs):
         self.n_args = len(args)
         is_tensor = [isinstance(a, torch.Tensor) for a in args]
+        is_desc = [_is_desc(a) for a in args]
         self.tensors = _getter([i for i, t in enumerate(is_tensor) if t])
-        self.scalars = _getter([i for i, t in enumerate(is_tensor) if not t])
+        self.descs = _getter([i for i, d in enumerate(is_desc) if d]) if any(is_desc) else None
+        self.scalars = _getter([i for i, (t, d) in enumerate(zip(is_tensor, is_desc)) if not (t or d)])
         self.types = tuple(map(type, self.scalars(args)))
         self.table = {}
         self.refs = refs  # the kernel and predicate whose ids key the site: alive while it is
 
     def key(self, args):
         """The argument key, or None where the arguments are not laid out as this site's: the
-        tensors' dtypes and 16-byte alignment, the other arguments as they are (``known`` keeps
-        their types those of the site's first launch)."""
+        tensors' dtypes and 16-byte alignment, the tensor descriptors' dtypes and block shapes (their
+        bases are 16-byte aligned), the other arguments as they are (``known`` keeps their types
+        those of the site's first launch)."""
         if len(args) != self.n_args:
             return None
         try:
             tensors = self.tensors(args)
             dtypes = tuple(map(_DTYPE, tensors))
             ptrs = tuple(map(_DATA_PTR, tensors))
-        except (AttributeError, TypeError):  # not a tensor where the site has one
+            descs = None if self.descs is None else tuple(_desc_key(d) for d in self.descs(args))
+        except (AttributeError, TypeError):  # not a tensor (descriptor) where the site has one
             return None
         aligned = True if functools.reduce(operator.or_, ptrs, 0) & 15 == 0 else tuple(p & 15 == 0 for p in ptrs)
-        return dtypes, aligned, self.scalars(args)
+        return dtypes, aligned, descs, self.scalars(args)
 
     def known(self, args) -> bool:
         """Whether ``args`` are laid out as this site's, with scalars of the kinds the key can tell apart."""
         return (len(args) == self.n_args and all(isinstance(t, torch.Tensor) for t in self.tensors(args))
+                and (self.descs is None or all(map(_is_desc, self.descs(args))))
                 and tuple(map(type, self.scalars(args))) == self.types and all(t in _SCALARS for t in self.types))
+
+
+def _is_desc(a) -> bool:
+    return TensorDescriptor is not None and isinstance(a, TensorDescriptor)
+
+
+def _desc_key(d):
+    """What a compiled kernel depends on in a tensor descriptor argument: its dtype and block shape."""
+    return d.base.dtype, tuple(d.block_shape)
+
+
+def tile_descriptor(t: torch.Tensor, block_rows: int):
+    """A tensor descriptor of ``t`` ([B, H, N, D]) for loads of ``block_rows`` x D tiles by the tensor
+    memory accelerator (TMA: ``TileConfig.tma``), or None where it cannot describe ``t``: no Triton
+    descriptors, not a CUDA tensor of a Hopper or later GPU, a base or a stride not 16-byte aligned, a
+    strided last dim (a stride of a dim of size 1 is never used, and made aligned)."""
+    if TensorDescriptor is None or not t.is_cuda or t.dim() != 4 or t.stride(-1) != 1:
+        return None
+    if torch.cuda.get_device_capability(t.device)[0] < 9:
+        return None
+    size = t.element_size()
+    if (t.data_ptr() % 16) or (t.shape[-1] * size) % 16:
+        return None
+    strides = list(t.stride())
+    for i in (2, 1, 0):  # a dim of size 1: any aligned stride (the next dim's extent)
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+        if strides[i] <= 0 or (strides[i] * size) % 16:
+            return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, t.shape[-1]])
 
 
 def _hooks_idle() -> bool:
@@ -313,7 +352,10 @@ def _launch(kernel, grid, args, device: torch.device, *, num_warps: int, num_sta
         site = _SITES.get(site_key)
         if site is not None:
             key_args = site.key(args)
-            hit = site.table.get(key_args) if key_args is not None else None
+            try:
+                hit = site.table.get(key_args) if key_args is not None else None
+            except TypeError:  # an unhashable argument where the site's first launch had a number
+                hit = key_args = None
             if hit is not None:
                 try:
                     hit(grid, args)
@@ -402,6 +444,14 @@ class _Recording:
             return
         template, places, constants = list(args), [], None
         for i, a in enumerate(args):
+            if _is_desc(a):  # a descriptor of an input or allocation: rebuilt from it at a replay
+                slot = self.slots.get(id(a.base))
+                if slot is None:
+                    self.ok = False
+                    return
+                template[i] = None
+                places.append((i, (slot, a.block_shape[2])))
+                continue
             if isinstance(a, torch.Tensor):
                 slot = self.slots.get(id(a))
                 if slot is not None:
@@ -434,7 +484,7 @@ class _Recipe:
         for direct, grid, template, places in self.launches:
             args = template.copy()
             for i, slot in places:
-                args[i] = slots[slot]
+                args[i] = slots[slot] if type(slot) is int else tile_descriptor(slots[slot[0]], slot[1])
             direct(grid, args)
         return tuple(slots[i] for i in self.result)
 
@@ -797,6 +847,14 @@ STORED_DS_WARPS = 4
 STORED_DS_STAGES = 3
 
 
+def tma(cfg: TileConfig) -> bool:
+    """Whether the dK/dV pass of these tiles loads its Q and dO tiles by TMA (``TileConfig.tma``;
+    ``configs.OVERRIDE["tma"]`` forces it), where ``tile_descriptor`` can describe them."""
+    if "tma" in configs.OVERRIDE:
+        return bool(configs.OVERRIDE["tma"])
+    return cfg.tma
+
+
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
     """Whether the dK/dV pass of these tiles compiles its loop for key blocks of one run on these
     lists (``TileConfig.run_loop``; ``configs.OVERRIDE["run_loop"]`` forces it)."""
@@ -811,13 +869,19 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
     B, H, n_q, _ = q.shape
     h_kv, n_k = k.shape[1], k.shape[2]
     ds_args = (ds, ds_tiles.k_first, ds_tiles.k_before, ds_tiles.t_max) if ds is not None else (None, None, None, 0)
+    # Q and dO tiles by the tensor memory accelerator, where the tiles say so and both can be described
+    descs = (None, None)
+    if tma(cfg) and even_m and q.shape[-1] == padded_head_dim(q.shape[-1]):
+        descs = (tile_descriptor(q, cfg.BLOCK_M), tile_descriptor(do, cfg.BLOCK_M))
+        if None in descs:
+            descs = (None, None)
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * lists.num_rows,),
         (q, k, v, do, dk, dv, lse2, delta, meta, *lists.args(),
          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
-         scale * math.log2(math.e), scale, *ds_args), q.device,
+         scale * math.log2(math.e), scale, *ds_args, *descs), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists),
+        WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists), TMA=descs[0] is not None,
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

@@ -778,12 +778,58 @@ def test_replayed_passes(family, d, sizes, backward, seed, monkeypatch):
             for owner in owners:
                 recorded = sorted(key[0][0] for key, recipe in owner.recipes.items() if recipe is not None)
                 assert recorded == ["bwd", "fwd"], recorded
+            if backward == "stored-dS" and torch.cuda.get_device_capability()[0] >= 9:
+                # the dK/dV pass's Q and dO tiles by TMA (TileConfig.tma): descriptors rebuilt at each replay
+                places = [slot for recipe in plan.recipes.values() if recipe for *_, where in recipe.launches
+                          for _, slot in where]
+                assert sum(type(slot) is tuple for slot in places) == 2, places
         else:  # replayed: no launcher ran
             assert launched == [], launched
     monkeypatch.setattr(launch, "REPLAY", False)
     again = kernel_outputs(q, k, v, do, plan)
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert torch.equal(got[name], again[name]), f"{name}: the replayed pass differs from the launchers' path"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout, described", [("bhnd", True), ("bnhd-views", True), ("bnhd", False),
+                                               ("expanded-do", False)])
+def test_tma_loads_match_pointer_loads(layout, described, seed, monkeypatch):
+    """The dK/dV pass with its Q and dO tiles loaded by TMA (``TileConfig.tma``, D = 128 sparse tiles on
+    an even edge, GQA) matches the reference, and the pass with pointer loads bit for bit; transposed
+    views are described too, rows of unaligned strides (make_inputs' padded "bnhd") and a gradient of
+    stride 0 are not (pointer loads then)."""
+    if not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper (or later) GPU")
+    monkeypatch.setattr(launch, "POISON", True)
+    mask = md.Window(100) | md.Global([5, 700])
+    b, h, h_kv, n, d = 2, 4, 2, 1024, 128
+    if layout == "bnhd-views":  # [B, N, H, D] transposed: non-contiguous, every stride 16-byte aligned
+        q, k, v, do = (torch.randn(b, n, heads, d, device="cuda", dtype=BF16).transpose(1, 2)
+                       for heads in (h, h_kv, h_kv, h))
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+    else:
+        q, k, v, do = make_inputs(b, h, h_kv, n, n, d, BF16, "cuda", layout if layout == "bnhd" else "bhnd")
+        if layout == "expanded-do":
+            do = torch.randn(b, h, 1, d, device="cuda", dtype=BF16).expand(b, h, n, d)
+    descs = []
+    real = launch._launch
+
+    def recording(kernel, grid, args, *rest, **kwargs):
+        if kernel is kernel_module.attn_bwd_dkdv_kernel:
+            descs.append([a for a in args if isinstance(a, launch.TensorDescriptor)])
+        return real(kernel, grid, args, *rest, **kwargs)
+
+    monkeypatch.setattr(launch, "_launch", recording)
+    runs = []
+    for forced in (1, 0):
+        monkeypatch.setitem(configs.OVERRIDE, "tma", forced)
+        runs.append(run_and_check(mask, q, k, v, do, context=f"tma {forced}, {layout}, seed {seed}"))
+    assert [len(d) for d in descs] == [2 if described else 0, 0], descs
+    if described:
+        assert descs[0][0].base is q and descs[0][1].base is do
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
 
 
 @pytest.mark.gpu

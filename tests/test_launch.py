@@ -407,3 +407,74 @@ def test_replay_recording_is_per_thread(_replay):
     finally:
         launch._REC.recording = None
     assert seen == [None]
+
+
+# ---------------------------------------------------------------------------
+# tensor descriptors (TMA loads: TileConfig.tma) in the fast path and in replayed passes
+# ---------------------------------------------------------------------------
+
+def _desc(t, rows=32):
+    return launch.TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+
+
+@pytest.mark.skipif(launch.TensorDescriptor is None, reason="this Triton has no host tensor descriptors")
+def test_fast_launch_keys_tensor_descriptors(_fast_path):
+    """A descriptor argument keys the compiled kernel by its dtype and block shape (what Triton compiles
+    for), and a cached launch passes the new descriptor, never the first launch's."""
+    k = _JitKernel(positional=("X", "D", "n"))
+    x, y = torch.zeros(2, 2, 64, 64), torch.ones(2, 2, 64, 64)
+    _go(k, (5,), (x, _desc(x), 48))
+    d = _desc(y)
+    _go(k, (5,), (y, d, 48))
+    assert len(k.slow) == 1 and k.direct[-1][1][1] is d and k.direct[-1][1][0] is y
+    for other in (_desc(x, 16), _desc(x.half())):  # another block shape, another dtype: compiled apart
+        _go(k, (5,), (x, other, 48))
+    _go(k, (5,), (x, None, 48))  # none where the first launch had one: its own key
+    assert len(k.slow) == 4 and len(k.direct) == 1
+
+
+@pytest.mark.skipif(launch.TensorDescriptor is None, reason="this Triton has no host tensor descriptors")
+def test_replay_rebuilds_tensor_descriptors(_replay, monkeypatch):
+    """A launch given a descriptor of an input is replayed with a descriptor of the new input (its
+    shape, strides and the recorded block rows); a descriptor of anything else makes the pass not
+    replayable."""
+    # (on the CPU launch.tile_descriptor describes nothing: a stand-in that describes any tensor)
+    monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: _desc(t, rows))
+    k = _JitKernel(positional=("X", "D", "O", "n"))
+
+    def compute(x, described):
+        o = launch.new_output(x.shape, x)
+        _go(k, (2,), (x, _desc(described(x), 16), o, 7))
+        return (o,)
+    recipes = {}
+    x = torch.zeros(2, 2, 64, 64)
+    launch.replay(recipes, "t", (x,), lambda: set(), lambda: compute(x, lambda t: t))
+    x2 = torch.ones(2, 2, 64, 64)
+    (o,) = launch.replay(recipes, "t", (x2,), lambda: set(), lambda: pytest.fail("recomputed"))
+    (_, args), = k.direct
+    assert args[0] is x2 and args[2] is o and args[1].base is x2 and args[1].block_shape == [1, 1, 16, 64]
+    assert args[1].shape == list(x2.shape) and args[1].strides == list(x2.stride())
+    recipes, calls = {}, []
+    for _ in range(2):  # a descriptor of a tensor derived from the input: computed every time
+        launch.replay(recipes, "t", (x,), lambda: set(), lambda: calls.append(compute(x, lambda t: t + 1)) or calls[-1])
+    assert list(recipes.values()) == [None] and len(calls) == 2
+
+
+def test_tile_descriptor_none_on_the_cpu():
+    assert launch.tile_descriptor(torch.zeros(1, 2, 64, 64), 32) is None
+
+
+@pytest.mark.gpu
+def test_tile_descriptor_only_where_tma_can_load():
+    """On a Hopper GPU: no descriptor for a strided last dim, unaligned rows or base, a stride of 0."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper (or later) GPU")
+    if True:
+        t = torch.zeros(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+        assert launch.tile_descriptor(t, 32) is not None
+        assert launch.tile_descriptor(t.transpose(2, 3), 32) is None  # a strided last dim
+        assert launch.tile_descriptor(t[..., :60], 32) is None  # rows of 120 bytes: not a multiple of 16
+        assert launch.tile_descriptor(t[:, :, :, 4:], 32) is None  # a base 8 bytes past 16-byte alignment
+        assert launch.tile_descriptor(t.expand(2, 4, 64, 64)[:, :1].expand(2, 4, 64, 64), 32) is None  # stride 0
+        one = torch.zeros(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16).as_strided((1, 4, 64, 64), (1, 4096, 64, 1))
+        assert launch.tile_descriptor(one, 32) is not None  # a size-1 dim's stride is never used
