@@ -791,6 +791,34 @@ def test_replayed_passes(family, d, sizes, backward, seed, monkeypatch):
         assert torch.equal(got[name], again[name]), f"{name}: the replayed pass differs from the launchers' path"
 
 
+@CPU_ONLY
+@pytest.mark.parametrize("case", [
+    Case("window|global", F32, n_q=64, n_k=64, b=2, h_q=4, h_kv=2, stored_ds=True),  # GQA, stored dS
+    Case("doc&causal", F16, n_q=64, n_k=48, tiles="t16r", stored_ds=False),  # the run loop, Nq > Nk
+    Case("tree", F32, n_q=32, n_k=64, b=2, tiles="t32", stored_ds=True),
+], ids=lambda c: c.id)
+def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
+    """The dK/dV pass's TMA loads (``TileConfig.tma``) index the right tiles (batch, query head of the
+    group, query block): forced on with descriptors of the CPU tensors (the interpreter runs descriptor
+    loads; ``launch.tile_descriptor`` describes only CUDA tensors), against the reference and, bit for
+    bit, the pointer loads."""
+    _use_tiles(monkeypatch, case.tiles, stored_ds=case.stored_ds)
+    monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: launch.TensorDescriptor(
+        t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]))
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
+    q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
+    runs = []
+    for forced in (1, 0):
+        monkeypatch.setitem(configs.OVERRIDE, "tma", forced)
+        runs.append(run_and_check(mask, q, k, v, do, context=f"{case.id}, tma {forced}, seed {seed}"))
+    flags = [kw["TMA"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_bwd_dkdv_kernel]
+    assert flags == [True, False], flags
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout, described", [("bhnd", True), ("bnhd-views", True), ("bnhd", False),
                                                ("expanded-do", False)])
