@@ -387,7 +387,9 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 # "stored_ds" -> True / False instead of STORED_DS (the memory limit still applies);
 # "splits" -> the forward's programs per row instead of ``kv_splits``'s choice;
 # "dq_splits" -> the same for the dQ pass (1: unsplit, as before the dQ pass could split);
-# "pack" -> the query heads per forward tile instead of ``gqa_pack``'s choice
+# "pack" -> the query heads per forward tile instead of ``gqa_pack``'s choice;
+# "run_loop", "tma" -> the dK/dV pass's loop for rows of one run, its TMA loads, on (1) or off (0)
+# instead of its TileConfig's (``launch.run_loop``, ``launch.tma``)
 OVERRIDE: dict = {}
 
 
