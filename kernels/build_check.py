@@ -66,6 +66,15 @@ def _predicate():
     return document_causal
 
 
+def _tma_consts(cfg, d: int, even: bool) -> dict:
+    """The dK/dV kernel's TMA constexpr and descriptor types as launched (``TileConfig.tma``, on the even
+    edge; ``launch.tile_descriptor``'s [1, 1, BLOCK_M, D] blocks), or nothing."""
+    if not (cfg.tma and even):
+        return {}
+    desc = f"tensordesc<bf16[1, 1, {cfg.BLOCK_M}, {d}]>"
+    return dict(TMA=True, Q_DESC=desc, DO_DESC=desc)
+
+
 def cases():
     """(name, kernel, constexprs, num_warps, num_stages, sizes specialised as multiples of 16, maxnreg)
     for every kernel and tuned 2-byte tile;
@@ -93,10 +102,8 @@ def cases():
                         consts["STORE_DS"] = False
                     if "RUN_LOOP" in kernel.arg_names:
                         consts["RUN_LOOP"] = cfg.run_loop
-                    if cfg.tma and flag and "TMA" in kernel.arg_names:  # TMA loads on the even edge
-                        consts["TMA"] = True
-                        for name in ("Q_DESC", "DO_DESC"):
-                            consts[name] = f"tensordesc<bf16[1, 1, {cfg.BLOCK_M}, {d}]>"
+                    if "TMA" in kernel.arg_names:
+                        consts.update(_tma_consts(cfg, d, flag))
                     if "SPLIT" in kernel.arg_names:
                         consts["SPLIT"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so
@@ -153,7 +160,7 @@ def cases():
             cfg = configs.tile_config("dkdv", 2, d, kind)
             for flag in (False, True):
                 consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop)
+                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop, **_tma_consts(cfg, d, flag))
                 out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
                             consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
                 for strided_rows in (False, True):  # without and with the loop of rows with no index loads

@@ -431,6 +431,12 @@ def test_fast_launch_keys_tensor_descriptors(_fast_path):
         _go(k, (5,), (x, other, 48))
     _go(k, (5,), (x, None, 48))  # none where the first launch had one: its own key
     assert len(k.slow) == 4 and len(k.direct) == 1
+    # a descriptor where a configuration's first launch had a number (unhashable in the key): Triton's path
+    other = _JitKernel(positional=("X", "D", "n"))
+    _go(other, (5,), (x, None, 48))
+    for _ in range(2):
+        _go(other, (5,), (x, _desc(x), 48))
+    assert len(other.slow) == 3 and other.direct == []
 
 
 @pytest.mark.skipif(launch.TensorDescriptor is None, reason="this Triton has no host tensor descriptors")
