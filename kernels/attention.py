@@ -138,16 +138,29 @@ def _share(lo, hi, p0, p1, share, SPLITS):
 
 
 @triton.jit
+def _desc_tile(DESC, i_b, i_h, row0, ROWS: tl.constexpr, HEAD_D: tl.constexpr):
+    """The ``ROWS`` x ``HEAD_D`` tile at row ``row0`` of head ``i_h`` of batch element ``i_b`` of a
+    [B, H, N, D] tensor, loaded by the tensor memory accelerator from its descriptor
+    (``launch.tile_descriptor``, blocks [1, 1, ROWS, D]): no per-thread addresses, and no fences
+    between threads' shared-memory copies and the tensor cores that read the tile."""
+    return DESC.load([i_b, i_h, row0, 0]).reshape(ROWS, HEAD_D)
+
+
+@triton.jit
 def _fwd_block(
     acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta, stride_kn, stride_kd, stride_vn, stride_vd,
     N_K, qk_scale, PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
+    TMA: tl.constexpr = False, K_DESC=None, V_DESC=None, i_b=0, i_kv=0,
 ):
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = _rows(offs_n, WIDE)
     p_k = K_BASE + rows[:, None] * stride_kn + offs_d[None, :] * stride_kd
     p_v = V_BASE + rows[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    if EVEN_N and EVEN_D:
+    if EVEN_N and EVEN_D and TMA:
+        b_k = _desc_tile(K_DESC, i_b, i_kv, i_n * BLOCK_N, BLOCK_N, HEAD_D)
+        b_v = _desc_tile(V_DESC, i_b, i_kv, i_n * BLOCK_N, BLOCK_N, HEAD_D)
+    elif EVEN_N and EVEN_D:
         b_k = tl.load(p_k)
         b_v = tl.load(p_v)
     else:
@@ -184,9 +197,10 @@ def attn_fwd_kernel(
     stride_vb, stride_vh, stride_vn, stride_vd,
     stride_ob, stride_oh, stride_om, stride_od,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, SPLITS, stride_os, stride_ls,
+    K_DESC, V_DESC,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
-    SPLIT: tl.constexpr = False, PACK: tl.constexpr = 1,
+    SPLIT: tl.constexpr = False, PACK: tl.constexpr = 1, TMA: tl.constexpr = False,
 ):
     """O and LSE of one query block. With ``SPLIT`` (flash-decoding: too few rows to fill the GPU)
     ``SPLITS`` consecutive programs share a row, each walking an equal share of its key blocks
@@ -196,7 +210,9 @@ def attn_fwd_kernel(
     query positions of ``PACK`` query heads of one key/value group (tile row r: position
     ``r // PACK``, head ``r % PACK`` of the pack), so those heads read each K and V tile once; the
     lists are then those of ``BLOCK_M // PACK``-row blocks, ``H`` counts packs per batch element
-    (query heads / PACK) and the mask data may not differ between heads."""
+    (query heads / PACK) and the mask data may not differ between heads. With ``TMA`` (an even edge)
+    the K and V tiles come by the tensor memory accelerator from the descriptors ``K_DESC`` and
+    ``V_DESC`` (``launch.tile_descriptor``, blocks [1, 1, BLOCK_N, D]); otherwise those are None."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_D >= 16 and BLOCK_M % PACK == 0)
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     if SPLIT:
@@ -234,7 +250,7 @@ def attn_fwd_kernel(
         i_n = _full_block(FULL_IDX, f, contiguous)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                                    stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
-                                   BLOCK_N, HEAD_D, PREC, WIDE)
+                                   BLOCK_N, HEAD_D, PREC, WIDE, TMA, K_DESC, V_DESC, i_b, i_kv)
     if not SPLIT:  # (loaded here, after the full blocks' loop, as before the split existed: 1-2% faster)
         p0 = tl.load(PART_PTR + row)
         p1 = tl.load(PART_PTR + row + 1)
@@ -242,7 +258,7 @@ def attn_fwd_kernel(
         i_n = tl.load(PART_IDX + p)
         acc, m_i, l_i = _fwd_block(acc, m_i, l_i, b_q, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                                    stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, True, EVEN_N, EVEN_D,
-                                   BLOCK_N, HEAD_D, PREC, WIDE)
+                                   BLOCK_N, HEAD_D, PREC, WIDE, TMA, K_DESC, V_DESC, i_b, i_kv)
 
     empty = l_i == 0.0
     b_o = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -330,12 +346,16 @@ def _dq_block(
     dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta, stride_kn, stride_kd, stride_vn, stride_vd,
     N_K, qk_scale, PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
+    TMA: tl.constexpr = False, K_DESC=None, V_DESC=None, i_b=0, i_kv=0,
 ):
     offs_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = _rows(offs_n, WIDE)
     p_kt = K_BASE + rows[None, :] * stride_kn + offs_d[:, None] * stride_kd
     p_vt = V_BASE + rows[None, :] * stride_vn + offs_d[:, None] * stride_vd
-    if EVEN_N and EVEN_D:
+    if EVEN_N and EVEN_D and TMA:
+        b_kt = tl.trans(_desc_tile(K_DESC, i_b, i_kv, i_n * BLOCK_N, BLOCK_N, HEAD_D))
+        b_vt = tl.trans(_desc_tile(V_DESC, i_b, i_kv, i_n * BLOCK_N, BLOCK_N, HEAD_D))
+    elif EVEN_N and EVEN_D:
         b_kt = tl.load(p_kt)
         b_vt = tl.load(p_vt)
     else:
@@ -371,20 +391,22 @@ def _dq_program(
     N_Q, N_K, GROUP, META_STRIDE, qk_scale, sm_scale,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_D: tl.constexpr,
     BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr, WRITE_DELTA: tl.constexpr,
-    SPLIT: tl.constexpr = False, share=0, SPLITS=1, stride_ds=0,
+    SPLIT: tl.constexpr = False, share=0, SPLITS=1, stride_ds=0, TMA: tl.constexpr = False, K_DESC=None, V_DESC=None,
 ):
     """dQ of one query block; with ``WRITE_DELTA`` it first computes and stores its rows' delta
     and base-2 log-sum-exp (``LSE2``, for the dK/dV pass), otherwise it reads delta from a pre-pass.
     With ``SPLIT``, share ``share`` of ``SPLITS`` of the row's entries: its part of dQ (scaled,
-    float32) goes to ``DQ + share * stride_ds``, and only share 0 writes delta and LSE2."""
+    float32) goes to ``DQ + share * stride_ds``, and only share 0 writes delta and LSE2. With ``TMA`` (an
+    even edge) the K and V tiles come from the descriptors ``K_DESC`` and ``V_DESC`` (``_desc_tile``)."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     meta = META + pair.to(tl.int64) * META_STRIDE
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_row = offs_m < N_Q
     m_qd = m_row[:, None] & (offs_d[None, :] < HEAD_D)
-    K_BASE = K + i_b.to(tl.int64) * stride_kb + (i_h // GROUP).to(tl.int64) * stride_kh
-    V_BASE = V + i_b.to(tl.int64) * stride_vb + (i_h // GROUP).to(tl.int64) * stride_vh
+    i_kv = i_h // GROUP
+    K_BASE = K + i_b.to(tl.int64) * stride_kb + i_kv.to(tl.int64) * stride_kh
+    V_BASE = V + i_b.to(tl.int64) * stride_vb + i_kv.to(tl.int64) * stride_vh
     b_q = tl.load(Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
                   + _rows(offs_m, WIDE)[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=m_qd, other=0.0)
     b_do = tl.load(DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
@@ -408,7 +430,7 @@ def _dq_program(
         i_n = _full_block(FULL_IDX, f, contiguous)
         dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                        stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, False, EVEN_N, EVEN_D,
-                       BLOCK_N, HEAD_D, PREC, WIDE)
+                       BLOCK_N, HEAD_D, PREC, WIDE, TMA, K_DESC, V_DESC, i_b, i_kv)
     if not SPLIT:
         p0 = tl.load(PART_PTR + row)
         p1 = tl.load(PART_PTR + row + 1)
@@ -416,7 +438,7 @@ def _dq_program(
         i_n = tl.load(PART_IDX + p)
         dq = _dq_block(dq, b_q, b_do, lse2, delta, K_BASE, V_BASE, i_n, offs_m, offs_d, meta,
                        stride_kn, stride_kd, stride_vn, stride_vd, N_K, qk_scale, PRED, True, EVEN_N, EVEN_D,
-                       BLOCK_N, HEAD_D, PREC, WIDE)
+                       BLOCK_N, HEAD_D, PREC, WIDE, TMA, K_DESC, V_DESC, i_b, i_kv)
 
     dq = dq * sm_scale
     DQ_BASE = DQ + i_b.to(tl.int64) * stride_dqb + i_h.to(tl.int64) * stride_dqh
@@ -437,9 +459,10 @@ def attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom, stride_dod,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     H, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, SPLITS, stride_ds,
+    K_DESC, V_DESC,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_N: tl.constexpr, PREC: tl.constexpr, WIDE: tl.constexpr,
-    SPLIT: tl.constexpr = False,
+    SPLIT: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """dQ (and delta, LSE2) of one query block. With ``SPLIT`` (few query rows against many keys:
     too few programs to fill the GPU) ``SPLITS`` consecutive programs share a row, each writing its
@@ -458,6 +481,7 @@ def attn_bwd_dq_kernel(
         stride_dob, stride_doh, stride_dom, stride_dod, stride_dqb, stride_dqh, stride_dqm, stride_dqd,
         N_Q, N_K, GROUP, META_STRIDE, qk_scale, sm_scale,
         PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_N, PREC, WIDE, True, SPLIT, share, SPLITS, stride_ds,
+        TMA, K_DESC, V_DESC,
     )
 
 
@@ -505,8 +529,8 @@ def _dkdv_block(
     p_do = DO_BASE + row0 * stride_dom + rel_do
     if EVEN_M and EVEN_D:
         if TMA:  # by the tensor memory accelerator, from descriptors of q and do ([B, H, N, D])
-            b_q = Q_DESC.load([i_b, i_h, i_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_D)
-            b_do = DO_DESC.load([i_b, i_h, i_m * BLOCK_M, 0]).reshape(BLOCK_M, HEAD_D)
+            b_q = _desc_tile(Q_DESC, i_b, i_h, i_m * BLOCK_M, BLOCK_M, HEAD_D)
+            b_do = _desc_tile(DO_DESC, i_b, i_h, i_m * BLOCK_M, BLOCK_M, HEAD_D)
         else:
             b_q = tl.load(p_q)
             b_do = tl.load(p_do)

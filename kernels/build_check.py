@@ -27,9 +27,9 @@ SHARED_LIMIT = 227 * 1024
 
 # Table tiles kept although ptxas serialises their wgmma (info C7515), because they measured faster
 # than every unserialised alternative: (pass, head dim, kind, TileConfig). Reported, not failed. The D = 64 dense forward's 128 x 128 x 4 x 2 (255 registers, ~100 bytes
-# spilled): 6-13% faster than 64 x 64 x 4 x 3 and 8-14% faster than 128 x 64 x 4 x 2 (no spill, not
+# spilled on the ragged edge, none on the even one with TMA loads): 6-13% faster than 64 x 64 x 4 x 3 and 8-14% faster than 128 x 64 x 4 x 2 (no spill, not
 # serialised) on Full and Causal at N = 16384 (H200, session 21, docs/benchmarks/attention_h200_session21.md).
-SERIALISED_OK = {("fwd", 64, "dense", TileConfig(128, 128, 4, 2))}
+SERIALISED_OK = {("fwd", 64, "dense", TileConfig(128, 128, 4, 2, tma=True))}
 
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",
          "O_PART": "*fp32", "LSE_PART": "*fp32", "DQ_PART": "*fp32",
@@ -66,13 +66,15 @@ def _predicate():
     return document_causal
 
 
-def _tma_consts(cfg, d: int, even: bool) -> dict:
-    """The dK/dV kernel's TMA constexpr and descriptor types as launched (``TileConfig.tma``, on the even
-    edge; ``launch.tile_descriptor``'s [1, 1, BLOCK_M, D] blocks), or nothing."""
+def _tma_consts(cfg, d: int, even: bool, pass_name: str = "dkdv") -> dict:
+    """A pass's TMA constexpr and descriptor types as launched (``TileConfig.tma``, on the even edge;
+    ``launch.tile_descriptor``'s blocks: [1, 1, BLOCK_M, D] of Q and dO in the dK/dV pass, [1, 1,
+    BLOCK_N, D] of K and V in the forward and dQ passes), or nothing."""
     if not (cfg.tma and even):
         return {}
-    desc = f"tensordesc<bf16[1, 1, {cfg.BLOCK_M}, {d}]>"
-    return dict(TMA=True, Q_DESC=desc, DO_DESC=desc)
+    rows, names = (cfg.BLOCK_M, ("Q_DESC", "DO_DESC")) if pass_name == "dkdv" else (cfg.BLOCK_N, ("K_DESC", "V_DESC"))
+    desc = f"tensordesc<bf16[1, 1, {rows}, {d}]>"
+    return dict(TMA=True, **{name: desc for name in names})
 
 
 def cases():
@@ -103,7 +105,7 @@ def cases():
                     if "RUN_LOOP" in kernel.arg_names:
                         consts["RUN_LOOP"] = cfg.run_loop
                     if "TMA" in kernel.arg_names:
-                        consts.update(_tma_consts(cfg, d, flag))
+                        consts.update(_tma_consts(cfg, d, flag, pass_name))
                     if "SPLIT" in kernel.arg_names:
                         consts["SPLIT"] = False
                     # an even edge has N a multiple of the tile, so of 16: the launcher specialises it so

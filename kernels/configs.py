@@ -30,9 +30,10 @@ class TileConfig:
     # iterations ahead (loads whose addresses come from a load in the loop go one ahead at most);
     # not for masks whose block structure is their data's (Tree, TensorMask: ``launch.Lists.run_loop``)
     run_loop: bool = False
-    # the dK/dV pass: its Q and dO tiles loaded by the tensor memory accelerator (TMA: Hopper and later,
-    # tensors ``launch.tile_descriptor`` can describe, an even edge) instead of by every thread, which
-    # also spares the loop the fences between those threads' shared-memory writes and the tensor cores
+    # the tiles a pass streams (K and V in the forward and dQ passes, Q and dO in the dK/dV pass) loaded
+    # by the tensor memory accelerator (TMA: Hopper and later, tensors ``launch.tile_descriptor`` can
+    # describe, an even edge) instead of by every thread, which also spares the loop the fences between
+    # those threads' shared-memory writes and the tensor cores
     tma: bool = False
 
     @classmethod
@@ -62,8 +63,10 @@ CONFIGS = [
     # 11-15% faster (N = 16384: 20.6-20.7 against 23.7-24.1 ms; 4096: 1.39-1.40 against 1.56-1.57), Causal
     # 4-6% faster at N = 16384, 1-2% slower at 4096; D = 32 10% faster on both at N = 16384. 128 x 64 and
     # 8 warps slower. ptxas serialises its wgmma at D = 64 (kernels/build_check.py, SERIALISED_OK).
-    # Few rows take FEW_ROWS_FWD's tiles.
-    ("fwd", (2,), (32, 64), "dense", TileConfig(128, 128, 4, 2)),
+    # Few rows take FEW_ROWS_FWD's tiles. TMA loads of K and V (``tma``; no spill instead of 100 bytes):
+    # D = 64 Full 22.07 -> 21.39 ms, Causal 11.51 -> 11.14 (H200, session 27, N = 16384; D = 32 not measured)
+    ("fwd", (2,), (64,), "dense", TileConfig(128, 128, 4, 2, tma=True)),
+    ("fwd", (2,), (32,), "dense", TileConfig(128, 128, 4, 2)),
     ("fwd", (2,), (16,), "dense", TileConfig(64, 64, 4, 3)),
     # sparse masks: their programs walk short rows, so the time of a program's own loads and stores
     # (Q, O, dQ; K, V, dK, dV) counts as much as its loop; more programs per multiprocessor overlap
@@ -74,20 +77,25 @@ CONFIGS = [
     # uncapped, 28-36 bytes spilled capped); the window (127 registers) and MEDUSA 8x3 unchanged
     # D = 64: banded masks keep 64 x 64 (64 x 32 made the window's forward 16% slower, session 25); the
     # others take 64 x 32 (H200, session 26, N = 16384, forward: MEDUSA 8x3 0.763 -> 0.570 ms, LongFormer
-    # global 5.19 -> 4.60, ALPACA input-bidirectional 0.884 -> 0.846, ALPACA sequential 0.642 -> 0.667)
-    ("fwd", (2,), (64,), "banded", TileConfig(64, 64, 4, 2, maxnreg=128)),
+    # global 5.19 -> 4.60, ALPACA input-bidirectional 0.884 -> 0.846, ALPACA sequential 0.642 -> 0.667).
+    # TMA loads of K and V on the banded tiles: the window's forward 1.026 -> 0.942 ms (H200, session 27,
+    # N = 16384); not on 64 x 32, where ALPACA input-bidirectional's was 0.862 -> 0.897
+    ("fwd", (2,), (64,), "banded", TileConfig(64, 64, 4, 2, maxnreg=128, tma=True)),
     ("fwd", (2,), (64,), "sparse", TileConfig(64, 32, 4, 2, maxnreg=128)),
     ("fwd", (2,), (16, 32, 64), "sparse", TileConfig(64, 64, 4, 2, maxnreg=128)),
     # 128 x 128: 13% faster than 128 x 64 x 3 on causal at N = 8192 once the kernels compute offsets
     # in int32 and ptxas no longer serialises their wgmma (session 7, data/tune_h100_session7.txt);
     # 3 stages instead of 2: 2-3% faster on Full and Causal at N = 16384, 3% on Full at 4096 (H200,
-    # session 21); 3 stages do not fit in shared memory on the ragged edge
-    ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 3, ragged_stages=2)),
+    # session 21); 3 stages do not fit in shared memory on the ragged edge. TMA loads of K and V (246 -> 211
+    # registers): Causal 19.53 -> 18.85 ms, Full 37.07 -> 36.92 (H200, session 27, N = 16384)
+    ("fwd", (2,), (128,), "dense", TileConfig(128, 128, 8, 3, ragged_stages=2, tma=True)),
     # 64 x 32 spills 8 bytes against 64 x 64's 592: 6% faster on lf_window, 19% on alpaca_seq (H100, N = 16384);
     # 2 stages (48 KiB of shared memory): 3-4 programs per multiprocessor instead of 3, 10-22% faster;
     # maxnreg 128 (at most 32 bytes spilled; 154-165 registers uncapped): 4 programs per multiprocessor,
-    # 3-9% faster on the window, ALPACA and MEDUSA (H200, session 11, N = 16384)
-    ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 2, maxnreg=128)),
+    # 3-9% faster on the window, ALPACA and MEDUSA (H200, session 11, N = 16384); TMA loads of K and V:
+    # the window 1.759 -> 1.704 ms, ALPACA input-bidirectional 1.282 -> 1.206, LongFormer global 6.99 ->
+    # 6.30 (H200, session 27, N = 16384)
+    ("fwd", (2,), (128,), "sparse", TileConfig(64, 32, 4, 2, maxnreg=128, tma=True)),
     ("fwd", (2,), (256,), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (16, 32, 64), "any", TileConfig(64, 32, 4, 2)),
     ("fwd", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
@@ -95,8 +103,10 @@ CONFIGS = [
     # banded sparse masks (the window): 64 x 64 (157 registers uncapped, 3 programs per multiprocessor)
     # made the window's dQ pass 8% faster (1.200 -> 1.108 ms), forward+backward sustained 4.070 -> 4.022
     # ms per step at 2447 -> 2369 mJ (D = 64, N = 16384, H200, session 25); maxnreg 168 keeps the ragged
-    # edge's variant (179 uncapped) at 3 programs with no spill. Not tried on the other sparse masks
-    ("dq", (2,), (64,), "banded", TileConfig(64, 64, 4, 2, maxnreg=168)),
+    # edge's variant (179 uncapped) at 3 programs with no spill. Not tried on the other sparse masks.
+    # TMA loads of K and V: the window's pass 1.156 -> 1.122 ms (H200, session 27, N = 16384); not on the
+    # sparse 64 x 32 tiles, where ALPACA input-bidirectional's was 0.852 -> 0.893
+    ("dq", (2,), (64,), "banded", TileConfig(64, 64, 4, 2, maxnreg=168, tma=True)),
     ("dq", (2,), (16, 32, 64), "sparse", TileConfig(64, 32, 4, 2)),
     # 128 x 128 x 2 stages: 3% faster (fwd+bwd) than 128 x 64 x 3 on causal at N = 8192 (session 7)
     ("dq", (2,), (128,), "dense", TileConfig(128, 128, 8, 2)),
@@ -114,8 +124,12 @@ CONFIGS = [
     # banded masks: the same tiles with their own loop for rows of one run (the window's pass 1.649 ->
     # 1.527 ms, forward+backward sustained 4.140 -> 4.080 ms per step at 2596 -> 2519 mJ; N = 16384, H200,
     # session 25); not the other sparse masks (ALPACA's pass was 7% slower with it, session 24)
-    ("dkdv", (2,), (16, 32, 64), "banded", TileConfig(32, 64, 4, 2, maxnreg=128, run_loop=True)),
-    ("dkdv", (2,), (16, 32, 64), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128)),
+    # TMA loads of Q and dO at D = 64: the window's pass 1.601 -> 1.501 ms, ALPACA input-bidirectional's
+    # 1.051 -> 0.975 (H200, session 27, N = 16384; D = 16 and 32 not measured)
+    ("dkdv", (2,), (64,), "banded", TileConfig(32, 64, 4, 2, maxnreg=128, run_loop=True, tma=True)),
+    ("dkdv", (2,), (64,), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128, tma=True)),
+    ("dkdv", (2,), (16, 32), "banded", TileConfig(32, 64, 4, 2, maxnreg=128, run_loop=True)),
+    ("dkdv", (2,), (16, 32), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128)),
     # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory
     ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2)),
     # its own loop for rows of one run (run_loop; not for masks whose structure is their data's, Tree and
@@ -389,7 +403,8 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 # "dq_splits" -> the same for the dQ pass (1: unsplit, as before the dQ pass could split);
 # "pack" -> the query heads per forward tile instead of ``gqa_pack``'s choice;
 # "run_loop", "tma" -> the dK/dV pass's loop for rows of one run, its TMA loads, on (1) or off (0)
-# instead of its TileConfig's (``launch.run_loop``, ``launch.tma``)
+# instead of its TileConfig's (``launch.run_loop``, ``launch.tma``); "tma_fwd", "tma_dq" -> the
+# forward's and the recomputing dQ pass's TMA loads likewise
 OVERRIDE: dict = {}
 
 

@@ -551,6 +551,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     even = n_k % cfg.BLOCK_N == 0
     programs = _programs(q, lists.num_rows, pack)
     qs, ks, vs = q.stride(), k.stride(), v.stride()
+    descs = tile_descriptors(cfg, "fwd", even, cfg.BLOCK_N, k, v)  # K and V tiles by TMA, or pointer loads
 
     def launch(grid, o_part, lse_part, splits, part_strides, probe=False):
         # part_strides: the strides of o_part's last four dims, then the strides of the shares in
@@ -560,11 +561,12 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
             attn_fwd_kernel, grid,
             (q, k, v, o_part, lse_part, meta, *lists.args(), *qs, *ks, *vs, *os_,
              H // pack, n_q, n_k, lists.num_rows, B * (H // pack), H // k.shape[1], pair_b, pair_h, meta.stride(0),
-             scale * math.log2(math.e), splits or 1, *part_strides[4:]), q.device,
+             scale * math.log2(math.e), splits or 1, *part_strides[4:], *descs), q.device,
             PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=D, BLOCK_D=padded_head_dim(D),
             EVEN_N=even, PREC=_precision(q.dtype),
             WIDE=_wide_of((n_q, D, qs), (n_k, D, ks), (n_k, D, vs), (n_q, D, os_)), num_warps=cfg.num_warps,
             num_stages=cfg.stages(even), maxnreg=cfg.maxnreg, SPLIT=splits is not None, PACK=pack,
+            TMA=descs[0] is not None,
         )
 
     per = None
@@ -795,6 +797,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         )
         return dq, dk, dv
     programs = _programs(q, dq_lists.num_rows)
+    kv_descs = tile_descriptors(dq_cfg, "dq", even_n, dq_cfg.BLOCK_N, k, v)  # K and V tiles by TMA, or pointer loads
 
     def dq_pass(grid, dq_out, strides, splits, stride_ds, probe=False):
         # strides: dq_out's last four; splits None: unsplit; probe: compile only (_occupancy)
@@ -802,8 +805,9 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
             attn_bwd_dq_kernel, grid,
             (q, k, v, o, do, dq_out, lse, delta, lse2, meta, *dq_lists.args(),
              *qs, *ks, *vs, *os_, *dos, *strides, H, n_q, n_k, dq_lists.num_rows, B * H, H // h_kv, pair_b, pair_h,
-             meta.stride(0), scale * math.log2(math.e), scale, splits or 1, stride_ds), q.device,
+             meta.stride(0), scale * math.log2(math.e), scale, splits or 1, stride_ds, *kv_descs), q.device,
             BLOCK_M=dq_cfg.BLOCK_M, BLOCK_N=dq_cfg.BLOCK_N, EVEN_N=even_n, WIDE=wide(), SPLIT=splits is not None,
+            TMA=kv_descs[0] is not None,
             num_warps=dq_cfg.num_warps, num_stages=dq_cfg.stages(even_n), maxnreg=dq_cfg.maxnreg, **common,
         )
 
@@ -847,12 +851,29 @@ STORED_DS_WARPS = 4
 STORED_DS_STAGES = 3
 
 
-def tma(cfg: TileConfig) -> bool:
-    """Whether the dK/dV pass of these tiles loads its Q and dO tiles by TMA (``TileConfig.tma``;
-    ``configs.OVERRIDE["tma"]`` forces it), where ``tile_descriptor`` can describe them."""
-    if "tma" in configs.OVERRIDE:
-        return bool(configs.OVERRIDE["tma"])
+# the configs.OVERRIDE entry that forces each pass's TMA loads on (1) or off (0)
+_TMA_OVERRIDE = {"fwd": "tma_fwd", "dq": "tma_dq", "dkdv": "tma"}
+
+
+def tma(cfg: TileConfig, pass_name: str = "dkdv") -> bool:
+    """Whether the pass ``pass_name`` of these tiles loads its streamed tiles by TMA (``TileConfig.tma``:
+    K and V in the forward and dQ passes, Q and dO in the dK/dV pass; ``configs.OVERRIDE["tma_fwd"]``,
+    ``["tma_dq"]``, ``["tma"]`` force it), where ``tile_descriptor`` can describe them."""
+    key = _TMA_OVERRIDE[pass_name]
+    if key in configs.OVERRIDE:
+        return bool(configs.OVERRIDE[key])
     return cfg.tma
+
+
+def tile_descriptors(cfg: TileConfig, pass_name: str, even: bool, rows: int, *tensors: torch.Tensor) -> tuple:
+    """Descriptors of ``tensors`` for ``rows`` x D tiles where the pass loads by TMA (``tma``) on an
+    even edge with an unpadded head dim and every tensor can be described; else as many Nones."""
+    d = tensors[0].shape[-1]
+    if tma(cfg, pass_name) and even and d == padded_head_dim(d):
+        descs = tuple(tile_descriptor(t, rows) for t in tensors)
+        if None not in descs:
+            return descs
+    return (None,) * len(tensors)
 
 
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
@@ -870,11 +891,7 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
     h_kv, n_k = k.shape[1], k.shape[2]
     ds_args = (ds, ds_tiles.k_first, ds_tiles.k_before, ds_tiles.t_max) if ds is not None else (None, None, None, 0)
     # Q and dO tiles by the tensor memory accelerator, where the tiles say so and both can be described
-    descs = (None, None)
-    if tma(cfg) and even_m and q.shape[-1] == padded_head_dim(q.shape[-1]):
-        descs = (tile_descriptor(q, cfg.BLOCK_M), tile_descriptor(do, cfg.BLOCK_M))
-        if None in descs:
-            descs = (None, None)
+    descs = tile_descriptors(cfg, "dkdv", even_m, cfg.BLOCK_M, q, do)
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * lists.num_rows,),
         (q, k, v, do, dk, dv, lse2, delta, meta, *lists.args(),

@@ -779,10 +779,12 @@ def test_replayed_passes(family, d, sizes, backward, seed, monkeypatch):
                 recorded = sorted(key[0][0] for key, recipe in owner.recipes.items() if recipe is not None)
                 assert recorded == ["bwd", "fwd"], recorded
             if backward == "stored-dS" and torch.cuda.get_device_capability()[0] >= 9:
-                # the dK/dV pass's Q and dO tiles by TMA (TileConfig.tma): descriptors rebuilt at each replay
-                places = [slot for recipe in plan.recipes.values() if recipe for *_, where in recipe.launches
-                          for _, slot in where]
-                assert sum(type(slot) is tuple for slot in places) == 2, places
+                # the forward's K and V tiles and the dK/dV pass's Q and dO tiles by TMA (TileConfig.tma):
+                # descriptors rebuilt at each replay, of the forward's inputs k and v (q, k, v: slots 1 and 2)
+                # and of the backward's do and q (do, q, k, v, o, lse: slots 0 and 1)
+                rebuilt = {key[0][0]: sorted(slot[0] for *_, where in recipe.launches for _, slot in where
+                                             if type(slot) is tuple) for key, recipe in plan.recipes.items() if recipe}
+                assert rebuilt == {"fwd": [1, 2], "bwd": [0, 1]}, rebuilt
         else:  # replayed: no launcher ran
             assert launched == [], launched
     monkeypatch.setattr(launch, "REPLAY", False)
@@ -798,10 +800,10 @@ def test_replayed_passes(family, d, sizes, backward, seed, monkeypatch):
     Case("tree", F32, n_q=32, n_k=64, b=2, tiles="t32", stored_ds=True),
 ], ids=lambda c: c.id)
 def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
-    """The dK/dV pass's TMA loads (``TileConfig.tma``) index the right tiles (batch, query head of the
-    group, query block): forced on with descriptors of the CPU tensors (the interpreter runs descriptor
-    loads; ``launch.tile_descriptor`` describes only CUDA tensors), against the reference and, bit for
-    bit, the pointer loads."""
+    """The TMA loads (``TileConfig.tma``: Q and dO in the dK/dV pass, K and V in the forward and the dQ
+    pass) index the right tiles (batch, head of the group, block): forced on with descriptors of the
+    CPU tensors (the interpreter runs descriptor loads; ``launch.tile_descriptor`` describes only CUDA
+    tensors), against the reference and, bit for bit, the pointer loads. Only an even edge loads so."""
     _use_tiles(monkeypatch, case.tiles, stored_ds=case.stored_ds)
     monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: launch.TensorDescriptor(
         t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]))
@@ -811,27 +813,33 @@ def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
     runs = []
     for forced in (1, 0):
-        monkeypatch.setitem(configs.OVERRIDE, "tma", forced)
+        for key in ("tma", "tma_fwd", "tma_dq"):
+            monkeypatch.setitem(configs.OVERRIDE, key, forced)
         runs.append(run_and_check(mask, q, k, v, do, context=f"{case.id}, tma {forced}, seed {seed}"))
     flags = [kw["TMA"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_bwd_dkdv_kernel]
     assert flags == [True, False], flags
+    for kernel in (kernel_module.attn_fwd_kernel, kernel_module.attn_bwd_dq_kernel):
+        flags = [(kw["TMA"], kw["EVEN_N"]) for k_, kw in zip(launched, constants) if k_ is kernel]
+        assert flags == ([(flags[0][1], flags[0][1]), (False, flags[0][1])] if flags else []), (kernel.__name__, flags)
+    assert any(kw.get("TMA") for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_fwd_kernel)
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("layout, described", [("bhnd", True), ("bnhd-views", True), ("bnhd", False),
-                                               ("expanded-do", False)])
-def test_tma_loads_match_pointer_loads(layout, described, seed, monkeypatch):
-    """The dK/dV pass with its Q and dO tiles loaded by TMA (``TileConfig.tma``, D = 128 sparse tiles on
-    an even edge, GQA) matches the reference, and the pass with pointer loads bit for bit; transposed
-    views are described too, rows of unaligned strides (make_inputs' padded "bnhd") and a gradient of
-    stride 0 are not (pointer loads then)."""
+@pytest.mark.parametrize("layout, described, d", [("bhnd", True, 128), ("bnhd-views", True, 128), ("bnhd", False, 128),
+                                                  ("expanded-do", False, 128), ("bhnd", True, 64)])
+def test_tma_loads_match_pointer_loads(layout, described, d, seed, monkeypatch):
+    """Each pass with its streamed tiles loaded by TMA (``TileConfig.tma``, forced on: Q and dO in the
+    dK/dV pass, K and V in the forward and in the dQ pass, which D = 64 runs on a sparse mask; an even
+    edge, GQA) matches the reference, and the passes with pointer loads bit for bit; transposed views
+    are described too, rows of unaligned strides (make_inputs' padded "bnhd") and a gradient of
+    stride 0 are not (pointer loads then, in the passes that read them)."""
     if not HAS_CUDA or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs a Hopper (or later) GPU")
     monkeypatch.setattr(launch, "POISON", True)
     mask = md.Window(100) | md.Global([5, 700])
-    b, h, h_kv, n, d = 2, 4, 2, 1024, 128
+    b, h, h_kv, n = 2, 4, 2, 1024
     if layout == "bnhd-views":  # [B, N, H, D] transposed: non-contiguous, every stride 16-byte aligned
         q, k, v, do = (torch.randn(b, n, heads, d, device="cuda", dtype=BF16).transpose(1, 2)
                        for heads in (h, h_kv, h_kv, h))
@@ -840,22 +848,31 @@ def test_tma_loads_match_pointer_loads(layout, described, seed, monkeypatch):
         q, k, v, do = make_inputs(b, h, h_kv, n, n, d, BF16, "cuda", layout if layout == "bnhd" else "bhnd")
         if layout == "expanded-do":
             do = torch.randn(b, h, 1, d, device="cuda", dtype=BF16).expand(b, h, n, d)
+    passes = {kernel_module.attn_fwd_kernel: "fwd", kernel_module.attn_bwd_dq_kernel: "dq",
+              kernel_module.attn_bwd_dkdv_kernel: "dkdv"}
     descs = []
     real = launch._launch
 
     def recording(kernel, grid, args, *rest, **kwargs):
-        if kernel is kernel_module.attn_bwd_dkdv_kernel:
-            descs.append([a for a in args if isinstance(a, launch.TensorDescriptor)])
+        if kernel in passes:
+            descs.append((passes[kernel], [a.base for a in args if isinstance(a, launch.TensorDescriptor)]))
         return real(kernel, grid, args, *rest, **kwargs)
 
     monkeypatch.setattr(launch, "_launch", recording)
     runs = []
     for forced in (1, 0):
-        monkeypatch.setitem(configs.OVERRIDE, "tma", forced)
-        runs.append(run_and_check(mask, q, k, v, do, context=f"tma {forced}, {layout}, seed {seed}"))
-    assert [len(d) for d in descs] == [2 if described else 0, 0], descs
-    if described:
-        assert descs[0][0].base is q and descs[0][1].base is do
+        for key in ("tma", "tma_fwd", "tma_dq"):
+            monkeypatch.setitem(configs.OVERRIDE, key, forced)
+        runs.append(run_and_check(mask, q, k, v, do, context=f"tma {forced}, {layout}, D {d}, seed {seed}"))
+    ran = [name for name, _ in descs]  # (the dQ pass: at D = 64; at D = 128 where dS is not stored)
+    assert ran[:len(ran) // 2] == ran[len(ran) // 2:] and {"fwd", "dkdv"} <= set(ran) and ("dq" in ran) >= (d == 64), ran
+    first = dict(descs[:len(ran) // 2])
+    assert all(not bases for _, bases in descs[len(ran) // 2:]), descs
+    described_kv = layout != "bnhd"  # (the padded layout's k and v are not described either)
+    expect = {"fwd": (k, v) if described_kv else (), "dq": (k, v) if described_kv else (),
+              "dkdv": (q, do) if described else ()}
+    for name, bases in first.items():
+        assert len(bases) == len(expect[name]) and all(t is x for t, x in zip(bases, expect[name])), (name, first)
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
 
