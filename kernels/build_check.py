@@ -26,9 +26,11 @@ from .configs import TileConfig
 SHARED_LIMIT = 227 * 1024
 
 # Table tiles kept although ptxas serialises their wgmma (info C7515), because they measured faster
-# than every unserialised alternative: (pass, head dim, kind, TileConfig). Reported, not failed. The D = 64 dense forward's 128 x 128 x 4 x 2 (255 registers, ~100 bytes
-# spilled on the ragged edge, none on the even one with TMA loads): 6-13% faster than 64 x 64 x 4 x 3 and 8-14% faster than 128 x 64 x 4 x 2 (no spill, not
-# serialised) on Full and Causal at N = 16384 (H200, session 21, docs/benchmarks/attention_h200_session21.md).
+# than every unserialised alternative: (pass, head dim, kind, TileConfig). Reported, not failed. The
+# D = 64 dense forward's 128 x 128 x 4 x 2 (255 registers, ~100 bytes spilled on the ragged edge, none
+# on the even one with TMA loads): 6-13% faster than 64 x 64 x 4 x 3 and 8-14% faster than 128 x 64 x 4
+# x 2 (no spill, not serialised) on Full and Causal at N = 16384 (H200, session 21,
+# docs/benchmarks/attention_h200_session21.md).
 SERIALISED_OK = {("fwd", 64, "dense", TileConfig(128, 128, 4, 2, tma=True))}
 
 _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL": "*i32", "Q": "*bf16", "K": "*bf16", "V": "*bf16", "O": "*bf16", "DO": "*bf16", "DQ": "*bf16", "DK": "*bf16",

@@ -798,13 +798,17 @@ def test_replayed_passes(family, d, sizes, backward, seed, monkeypatch):
     Case("window|global", F32, n_q=64, n_k=64, b=2, h_q=4, h_kv=2, stored_ds=True),  # GQA, stored dS
     Case("doc&causal", F16, n_q=64, n_k=48, tiles="t16r", stored_ds=False),  # the run loop, Nq > Nk
     Case("tree", F32, n_q=32, n_k=64, b=2, tiles="t32", stored_ds=True),
+    # GQA heads packed into the forward's tiles, the forward and the dQ pass split along the keys
+    Case("window|global", F32, n_q=20, n_k=64, h_q=8, h_kv=2, tiles="t32", stored_ds=False, splits=2, pack=4,
+         dq_splits=2),
 ], ids=lambda c: c.id)
 def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
     """The TMA loads (``TileConfig.tma``: Q and dO in the dK/dV pass, K and V in the forward and the dQ
     pass) index the right tiles (batch, head of the group, block): forced on with descriptors of the
     CPU tensors (the interpreter runs descriptor loads; ``launch.tile_descriptor`` describes only CUDA
     tensors), against the reference and, bit for bit, the pointer loads. Only an even edge loads so."""
-    _use_tiles(monkeypatch, case.tiles, stored_ds=case.stored_ds)
+    _use_tiles(monkeypatch, case.tiles, stored_ds=case.stored_ds, splits=case.splits, pack=case.pack,
+               dq_splits=case.dq_splits)
     monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: launch.TensorDescriptor(
         t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]]))
     constants = []
@@ -816,12 +820,14 @@ def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
         for key in ("tma", "tma_fwd", "tma_dq"):
             monkeypatch.setitem(configs.OVERRIDE, key, forced)
         runs.append(run_and_check(mask, q, k, v, do, context=f"{case.id}, tma {forced}, seed {seed}"))
-    flags = [kw["TMA"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_bwd_dkdv_kernel]
-    assert flags == [True, False], flags
-    for kernel in (kernel_module.attn_fwd_kernel, kernel_module.attn_bwd_dq_kernel):
-        flags = [(kw["TMA"], kw["EVEN_N"]) for k_, kw in zip(launched, constants) if k_ is kernel]
+    for kernel, even in ((kernel_module.attn_fwd_kernel, "EVEN_N"), (kernel_module.attn_bwd_dq_kernel, "EVEN_N"),
+                         (kernel_module.attn_bwd_dkdv_kernel, "EVEN_M")):
+        flags = [(kw["TMA"], kw[even]) for k_, kw in zip(launched, constants) if k_ is kernel]
         assert flags == ([(flags[0][1], flags[0][1]), (False, flags[0][1])] if flags else []), (kernel.__name__, flags)
-    assert any(kw.get("TMA") for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_fwd_kernel)
+    # (every case's forward loads by TMA; the dK/dV pass where the query blocks fit the queries)
+    assert all(any(kw.get("TMA") for k_, kw in zip(launched, constants) if k_ is kernel)
+               for kernel in (kernel_module.attn_fwd_kernel,) + ((kernel_module.attn_bwd_dkdv_kernel,) if case.n_q % 32 == 0
+                                                                 else ()))
     for name in ("out", "lse", "dq", "dk", "dv"):
         assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
 
