@@ -855,7 +855,7 @@ STORED_DS_STAGES = 3
 _TMA_OVERRIDE = {"fwd": "tma_fwd", "dq": "tma_dq", "dkdv": "tma"}
 
 
-def tma(cfg: TileConfig, pass_name: str = "dkdv") -> bool:
+def tma(cfg: TileConfig, pass_name: str) -> bool:
     """Whether the pass ``pass_name`` of these tiles loads its streamed tiles by TMA (``TileConfig.tma``:
     K and V in the forward and dQ passes, Q and dO in the dK/dV pass; ``configs.OVERRIDE["tma_fwd"]``,
     ``["tma_dq"]``, ``["tma"]`` force it), where ``tile_descriptor`` can describe them."""

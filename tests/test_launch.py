@@ -475,12 +475,11 @@ def test_tile_descriptor_only_where_tma_can_load():
     """On a Hopper GPU: no descriptor for a strided last dim, unaligned rows or base, a stride of 0."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("needs a Hopper (or later) GPU")
-    if True:
-        t = torch.zeros(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
-        assert launch.tile_descriptor(t, 32) is not None
-        assert launch.tile_descriptor(t.transpose(2, 3), 32) is None  # a strided last dim
-        assert launch.tile_descriptor(t[..., :60], 32) is None  # rows of 120 bytes: not a multiple of 16
-        assert launch.tile_descriptor(t[:, :, :, 4:], 32) is None  # a base 8 bytes past 16-byte alignment
-        assert launch.tile_descriptor(t.expand(2, 4, 64, 64)[:, :1].expand(2, 4, 64, 64), 32) is None  # stride 0
-        one = torch.zeros(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16).as_strided((1, 4, 64, 64), (1, 4096, 64, 1))
-        assert launch.tile_descriptor(one, 32) is not None  # a size-1 dim's stride is never used
+    t = torch.zeros(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16)
+    assert launch.tile_descriptor(t, 32) is not None
+    assert launch.tile_descriptor(t.transpose(2, 3), 32) is None  # a strided last dim
+    assert launch.tile_descriptor(t[..., :60], 32) is None  # rows of 120 bytes: not a multiple of 16
+    assert launch.tile_descriptor(t[:, :, :, 4:], 32) is None  # a base 8 bytes past 16-byte alignment
+    assert launch.tile_descriptor(t.expand(2, 4, 64, 64)[:, :1].expand(2, 4, 64, 64), 32) is None  # stride 0
+    one = torch.zeros(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16).as_strided((1, 4, 64, 64), (1, 4096, 64, 1))
+    assert launch.tile_descriptor(one, 32) is not None  # a size-1 dim's stride is never used
