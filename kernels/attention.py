@@ -519,10 +519,14 @@ def _dkdv_block(
     stride_qm, stride_dom, N_Q, qk_scale,
     PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, DS_TILE=None, STORE_DS: tl.constexpr = False,
-    TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None, i_b=0, i_h=0,
+    TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None, i_b=0, i_h=0, DP_FIRST: tl.constexpr = False,
 ):
     """dK and dV of one (key block, query block) tile; with ``STORE_DS`` it also writes the tile's
-    dS^T (``[BLOCK_N, BLOCK_M]``, row-major, unscaled) at ``DS_TILE`` for ``attn_bwd_dq_ds_kernel``."""
+    dS^T (``[BLOCK_N, BLOCK_M]``, row-major, unscaled) at ``DS_TILE`` for ``attn_bwd_dq_ds_kernel``.
+    With ``DP_FIRST`` (``TileConfig.dp_first``) dP^T = V dO^T is computed before S^T = K Q^T instead
+    of after the dV product: Triton waits for every tensor-core product that is not an accumulator
+    right after issuing it, so only the order decides what overlaps; this order leaves the dV product
+    running while the warps compute dS (the same operations: results bitwise equal)."""
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row0 = (i_m * BLOCK_M).to(tl.int64)
     p_q = Q_BASE + row0 * stride_qm + rel_q
@@ -542,13 +546,16 @@ def _dkdv_block(
         b_do = tl.load(p_do, mask=m_qd, other=0.0)
         lse2 = tl.load(LSE2_BASE + offs_m, mask=offs_m < N_Q, other=float("inf"))
         delta = tl.load(DELTA_BASE + offs_m, mask=offs_m < N_Q, other=0.0)
+    if DP_FIRST:
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PREC) * qk_scale  # [BLOCK_N, BLOCK_M]
     b_pt = tl.math.exp2(b_st - lse2[None, :])
     if PARTIAL:
         m_allow = PRED(offs_m[None, :], offs_n[:, None], meta)
         b_pt = tl.where(m_allow, b_pt, 0.0)
     dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
-    b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
+    if not DP_FIRST:
+        b_dpt = tl.dot(b_v, tl.trans(b_do), input_precision=PREC)
     b_dst = b_pt * (b_dpt - delta[None, :])
     if STORE_DS:
         ds_offs = tl.arange(0, offs_n.shape[0])[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
@@ -572,7 +579,7 @@ def _dkdv_program(
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
     WIDE: tl.constexpr, DS=None, DS_PTR=None, DS_BEFORE=None, T_MAX=0, STORE_DS: tl.constexpr = False,
-    RUN_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None,
+    RUN_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None, DP_FIRST: tl.constexpr = False,
 ):
     """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group. With
     ``STORE_DS``, each tile's dS^T goes to ``DS`` too: per query head ``T_MAX`` tiles of
@@ -632,7 +639,7 @@ def _dkdv_program(
                 dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, lo + j, offs_n, offs_d,
                                      rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
                                      PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
-                                     TMA, Q_DESC, DO_DESC, i_b, i_h)
+                                     TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
         for f in range(f_list, hi):
             i_m = _full_block(FULL_IDX, f, contiguous)
             ds_tile = None
@@ -641,7 +648,7 @@ def _dkdv_program(
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
                                  PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
-                                 TMA, Q_DESC, DO_DESC, i_b, i_h)
+                                 TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
         p0 = tl.load(PART_PTR + row)
         p1 = tl.load(PART_PTR + row + 1)
         for p in range(p0, p1):
@@ -652,7 +659,7 @@ def _dkdv_program(
             dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                  rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
                                  PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
-                                 TMA, Q_DESC, DO_DESC, i_b, i_h)
+                                 TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
 
     dk = dk * sm_scale
     p_dk = (DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -677,7 +684,7 @@ def attn_bwd_dkdv_kernel(
     T_MAX, Q_DESC, DO_DESC,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
-    WIDE: tl.constexpr, RUN_LOOP: tl.constexpr, TMA: tl.constexpr = False,
+    WIDE: tl.constexpr, RUN_LOOP: tl.constexpr, TMA: tl.constexpr = False, DP_FIRST: tl.constexpr = False,
 ):
     i_bhk, i_n = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     _dkdv_program(
@@ -688,7 +695,7 @@ def attn_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
         PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, DS_BEFORE, T_MAX, STORE_DS, RUN_LOOP,
-        TMA, Q_DESC, DO_DESC,
+        TMA, Q_DESC, DO_DESC, DP_FIRST,
     )
 
 

@@ -106,6 +106,8 @@ def cases():
                         consts["STORE_DS"] = False
                     if "RUN_LOOP" in kernel.arg_names:
                         consts["RUN_LOOP"] = cfg.run_loop
+                    if "DP_FIRST" in kernel.arg_names:
+                        consts["DP_FIRST"] = cfg.dp_first
                     if "TMA" in kernel.arg_names:
                         consts.update(_tma_consts(cfg, d, flag, pass_name))
                     if "SPLIT" in kernel.arg_names:
@@ -164,7 +166,8 @@ def cases():
             cfg = configs.tile_config("dkdv", 2, d, kind)
             for flag in (False, True):
                 consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop, **_tma_consts(cfg, d, flag))
+                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop, DP_FIRST=cfg.dp_first,
+                              **_tma_consts(cfg, d, flag))
                 out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
                             consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
                 for strided_rows in (False, True):  # without and with the loop of rows with no index loads

@@ -35,6 +35,10 @@ class TileConfig:
     # describe, an even edge) instead of by every thread, which also spares the loop the fences between
     # those threads' shared-memory writes and the tensor cores
     tma: bool = False
+    # the dK/dV pass: dP^T = V dO^T before S^T = K Q^T, so that the dV product runs on the tensor cores
+    # while the warps compute dS (Triton waits for a non-accumulating product right after issuing it:
+    # the order of the products decides what overlaps); costs the registers of dP^T held across S^T
+    dp_first: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "TileConfig":
@@ -137,7 +141,10 @@ CONFIGS = [
     # registers spilling in every iteration): the pass 5% faster on the window (3.538 -> 3.356 ms), 3% on the
     # dilated mask, 4% on ALPACA input-bidirectional, 1% on LongFormer global, ALPACA sequential level
     # (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers, ALPACA's was 7% slower)
-    ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True, tma=True)),
+    # dp_first (H200, session 28, N = 16384, the pass's kernel time in three A/B runs): the window 3.299 ->
+    # 3.155, 3.266 -> 3.188, 3.201 -> 3.165 ms; ALPACA input-bidirectional 2.303 -> 2.270 (spills 100 -> 304
+    # bytes offline, outside the full-block loop but for a few reloads)
+    ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True, tma=True, dp_first=True)),
     ("dkdv", (2,), (256,), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (16, 32, 64), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
@@ -402,9 +409,9 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 # "splits" -> the forward's programs per row instead of ``kv_splits``'s choice;
 # "dq_splits" -> the same for the dQ pass (1: unsplit, as before the dQ pass could split);
 # "pack" -> the query heads per forward tile instead of ``gqa_pack``'s choice;
-# "run_loop", "tma" -> the dK/dV pass's loop for rows of one run, its TMA loads, on (1) or off (0)
-# instead of its TileConfig's (``launch.run_loop``, ``launch.tma``); "tma_fwd", "tma_dq" -> the
-# forward's and the recomputing dQ pass's TMA loads likewise
+# "run_loop", "tma", "dp_first" -> the dK/dV pass's loop for rows of one run, its TMA loads, its order
+# of products, on (1) or off (0) instead of its TileConfig's (``launch.run_loop``, ``launch.tma``,
+# ``launch.dp_first``); "tma_fwd", "tma_dq" -> the forward's and the recomputing dQ pass's TMA loads likewise
 OVERRIDE: dict = {}
 
 

@@ -876,6 +876,14 @@ def tile_descriptors(cfg: TileConfig, pass_name: str, even: bool, rows: int, *te
     return (None,) * len(tensors)
 
 
+def dp_first(cfg: TileConfig) -> bool:
+    """Whether the dK/dV pass of these tiles computes dP^T before S^T (``TileConfig.dp_first``;
+    ``configs.OVERRIDE["dp_first"]`` forces it on (1) or off (0))."""
+    if "dp_first" in configs.OVERRIDE:
+        return bool(configs.OVERRIDE["dp_first"])
+    return cfg.dp_first
+
+
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
     """Whether the dK/dV pass of these tiles compiles its loop for key blocks of one run on these
     lists (``TileConfig.run_loop``; ``configs.OVERRIDE["run_loop"]`` forces it)."""
@@ -900,5 +908,6 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          scale * math.log2(math.e), scale, *ds_args, *descs), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
         WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists), TMA=descs[0] is not None,
+        DP_FIRST=dp_first(cfg),
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

@@ -833,6 +833,54 @@ def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
         assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
 
 
+@CPU_ONLY
+@pytest.mark.parametrize("case", [
+    Case("window|global", F32, n_q=64, n_k=64, b=2, h_q=4, h_kv=2, stored_ds=True),  # GQA, stored dS
+    Case("doc&causal", F16, n_q=64, n_k=48, tiles="t16r", stored_ds=True),  # the run loop, Nq > Nk, stored dS
+    Case("tree", F32, n_q=30, n_k=50, tiles="t32", stored_ds=False),  # bit tiles, ragged edges
+], ids=lambda c: c.id)
+def test_dp_first_under_the_interpreter(case, seed, monkeypatch):
+    """The dK/dV pass with dP^T computed before S^T (``TileConfig.dp_first``, forced on and off) matches
+    the reference and, bit for bit, the other order: full, partial and run-loop tiles, stored dS."""
+    _use_tiles(monkeypatch, case.tiles, stored_ds=case.stored_ds)
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
+    q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
+    runs = []
+    for forced in (1, 0):
+        monkeypatch.setitem(configs.OVERRIDE, "dp_first", forced)
+        runs.append(run_and_check(mask, q, k, v, do, context=f"{case.id}, dp_first {forced}, seed {seed}"))
+    flags = [kw["DP_FIRST"] for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_bwd_dkdv_kernel]
+    assert flags == [True, False], flags
+    for name in ("dq", "dk", "dv"):
+        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: dP first differs from S first"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family, d", [("window|global", 128), ("doc&causal", 128), ("window|global", 64)])
+def test_dp_first_on_the_gpu(family, d, seed, monkeypatch):
+    """The compiled dK/dV pass in either order of products (``TileConfig.dp_first``, forced; stored dS
+    where the table stores it, TMA loads where the table takes them) matches the reference, and the two
+    orders agree bit for bit."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(launch, "POISON", True)
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    n = 1024
+    mask = FAMILIES[family](Case(family, BF16, n, n, d, device="cuda"), torch.Generator().manual_seed(seed))
+    q, k, v, do = make_inputs(2, 4, 2, n, n, d, BF16, "cuda")
+    runs = []
+    for forced in (1, 0):
+        monkeypatch.setitem(configs.OVERRIDE, "dp_first", forced)
+        runs.append(run_and_check(mask, q, k, v, do, context=f"{family} D={d}, dp_first {forced}, seed {seed}"))
+    flags = [kw["DP_FIRST"] for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_bwd_dkdv_kernel]
+    assert flags == [True, False], flags
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: dP first differs from S first"
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout, described, d", [("bhnd", True, 128), ("bnhd-views", True, 128), ("bnhd", False, 128),
                                                   ("expanded-do", False, 128), ("bhnd", True, 64)])
