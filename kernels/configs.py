@@ -143,7 +143,8 @@ CONFIGS = [
     # (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers, ALPACA's was 7% slower)
     # dp_first (H200, session 28, N = 16384, the pass's kernel time in three A/B runs): the window 3.299 ->
     # 3.155, 3.266 -> 3.188, 3.201 -> 3.165 ms; ALPACA input-bidirectional 2.303 -> 2.270 (spills 100 -> 304
-    # bytes offline, outside the full-block loop but for a few reloads)
+    # bytes offline, outside the full-block loop but for a few reloads); not for trees (``launch.dp_first``:
+    # MEDUSA 5x5's pass 0.627 -> 0.653, 8x3 level); at D = 64 ALPACA's pass was 9% slower with it
     ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True, tma=True, dp_first=True)),
     ("dkdv", (2,), (256,), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (16, 32, 64), "any", TileConfig(32, 64, 4, 1)),

@@ -58,8 +58,9 @@ class Lists:
     block_cols: int
     heavy_share: float = 0.0  # the share of the non-empty blocks that lie in the num_heavy rows
     max_work: int = 0  # the most blocks (full and partial) of any row
-    # whether the dK/dV pass may take its loop for rows of one run (TileConfig.run_loop): not for masks
-    # whose structure is their data's (``maskdsl.plan.Plan.data_shaped``)
+    # whether the dK/dV pass may take its loop for rows of one run (TileConfig.run_loop) and its order of
+    # products with dP^T first (TileConfig.dp_first): not for masks whose structure is their data's
+    # (``maskdsl.plan.Plan.data_shaped``)
     run_loop: bool = True
 
     def tensors(self):
@@ -876,12 +877,14 @@ def tile_descriptors(cfg: TileConfig, pass_name: str, even: bool, rows: int, *te
     return (None,) * len(tensors)
 
 
-def dp_first(cfg: TileConfig) -> bool:
-    """Whether the dK/dV pass of these tiles computes dP^T before S^T (``TileConfig.dp_first``;
-    ``configs.OVERRIDE["dp_first"]`` forces it on (1) or off (0))."""
+def dp_first(cfg: TileConfig, lists: Lists) -> bool:
+    """Whether the dK/dV pass of these tiles computes dP^T before S^T on these lists
+    (``TileConfig.dp_first``, and as ``run_loop`` not for masks whose structure is their data's, Tree
+    and TensorMask: their bit-tile predicate's registers; ``configs.OVERRIDE["dp_first"]`` forces it on
+    (1) or off (0))."""
     if "dp_first" in configs.OVERRIDE:
         return bool(configs.OVERRIDE["dp_first"])
-    return cfg.dp_first
+    return cfg.dp_first and lists.run_loop
 
 
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
@@ -908,6 +911,6 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          scale * math.log2(math.e), scale, *ds_args, *descs), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
         WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists), TMA=descs[0] is not None,
-        DP_FIRST=dp_first(cfg),
+        DP_FIRST=dp_first(cfg, lists),
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

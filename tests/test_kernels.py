@@ -1284,6 +1284,14 @@ def test_run_loop_rule(mask, structured, banded, monkeypatch):
     assert launch.run_loop(plan.tiles("dkdv", 2, 64), lists) == banded
     monkeypatch.setitem(configs.OVERRIDE, "run_loop", 1)
     assert launch.run_loop(TileConfig(32, 64, 4, 2), lists) is True
+    # TileConfig.dp_first by the same rule (MEDUSA trees' dK/dV pass was slower with it); the D = 128
+    # sparse tiles take it, the D = 64 ones do not
+    assert launch.dp_first(TileConfig(32, 64, 4, 2), lists) is False
+    assert launch.dp_first(TileConfig(32, 64, 4, 2, dp_first=True), lists) == structured
+    assert launch.dp_first(configs.tile_config("dkdv", 2, 128, "sparse", plan.banded), lists) == structured
+    assert launch.dp_first(configs.tile_config("dkdv", 2, 64, "sparse", plan.banded), lists) is False
+    monkeypatch.setitem(configs.OVERRIDE, "dp_first", 1)
+    assert launch.dp_first(TileConfig(32, 64, 4, 2), lists) is True
 
 
 @pytest.mark.parametrize("family", ["documents", "window|global", "window", "tree"])
