@@ -847,13 +847,19 @@ def test_dp_first_under_the_interpreter(case, seed, monkeypatch):
     launched = _record_launches(monkeypatch, constants)
     mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
+    _check_both_dp_orders(mask, (q, k, v, do), launched, constants, monkeypatch, f"{case.id}, seed {seed}")
+
+
+def _check_both_dp_orders(mask, inputs, launched, constants, monkeypatch, context):
+    """Each order of the dK/dV pass's products (``OVERRIDE["dp_first"]`` 1, then 0) against the
+    reference, the constexpr as forced, and the two orders' outputs and gradients bit for bit."""
     runs = []
     for forced in (1, 0):
         monkeypatch.setitem(configs.OVERRIDE, "dp_first", forced)
-        runs.append(run_and_check(mask, q, k, v, do, context=f"{case.id}, dp_first {forced}, seed {seed}"))
+        runs.append(run_and_check(mask, *inputs, context=f"{context}, dp_first {forced}"))
     flags = [kw["DP_FIRST"] for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_bwd_dkdv_kernel]
     assert flags == [True, False], flags
-    for name in ("dq", "dk", "dv"):
+    for name in ("out", "lse", "dq", "dk", "dv"):
         assert torch.equal(runs[0][name], runs[1][name]), f"{name}: dP first differs from S first"
 
 
@@ -870,15 +876,8 @@ def test_dp_first_on_the_gpu(family, d, seed, monkeypatch):
     launched = _record_launches(monkeypatch, constants)
     n = 1024
     mask = FAMILIES[family](Case(family, BF16, n, n, d, device="cuda"), torch.Generator().manual_seed(seed))
-    q, k, v, do = make_inputs(2, 4, 2, n, n, d, BF16, "cuda")
-    runs = []
-    for forced in (1, 0):
-        monkeypatch.setitem(configs.OVERRIDE, "dp_first", forced)
-        runs.append(run_and_check(mask, q, k, v, do, context=f"{family} D={d}, dp_first {forced}, seed {seed}"))
-    flags = [kw["DP_FIRST"] for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_bwd_dkdv_kernel]
-    assert flags == [True, False], flags
-    for name in ("out", "lse", "dq", "dk", "dv"):
-        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: dP first differs from S first"
+    inputs = make_inputs(2, 4, 2, n, n, d, BF16, "cuda")
+    _check_both_dp_orders(mask, inputs, launched, constants, monkeypatch, f"{family} D={d}, seed {seed}")
 
 
 @pytest.mark.gpu
