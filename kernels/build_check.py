@@ -70,13 +70,14 @@ def _predicate():
 
 def _tma_consts(cfg, d: int, even: bool, pass_name: str = "dkdv") -> dict:
     """A pass's TMA constexpr and descriptor types as launched (``TileConfig.tma``, on the even edge;
-    ``launch.tile_descriptor``'s blocks: [1, 1, BLOCK_M, D] of Q and dO in the dK/dV pass, [1, 1,
-    BLOCK_N, D] of K and V in the forward and dQ passes), or nothing."""
+    ``launch.TMA_PASSES``: which tensors the pass describes, with tiles of ``launch.tma_rows`` rows), or
+    nothing."""
+    from . import launch
+
     if not (cfg.tma and even):
         return {}
-    rows, names = (cfg.BLOCK_M, ("Q_DESC", "DO_DESC")) if pass_name == "dkdv" else (cfg.BLOCK_N, ("K_DESC", "V_DESC"))
-    desc = f"tensordesc<bf16[1, 1, {rows}, {d}]>"
-    return dict(TMA=True, **{name: desc for name in names})
+    desc = f"tensordesc<bf16[1, 1, {launch.tma_rows(cfg, pass_name)}, {d}]>"
+    return dict(TMA=True, **{name: desc for name in launch.TMA_PASSES[pass_name][2]})
 
 
 def cases():

@@ -552,7 +552,7 @@ def forward(q, k, v, *, lists: Lists, meta, pair_b: int, pair_h: int, pred, scal
     even = n_k % cfg.BLOCK_N == 0
     programs = _programs(q, lists.num_rows, pack)
     qs, ks, vs = q.stride(), k.stride(), v.stride()
-    descs = tile_descriptors(cfg, "fwd", even, cfg.BLOCK_N, k, v)  # K and V tiles by TMA, or pointer loads
+    descs = tile_descriptors(cfg, "fwd", even, k, v)  # K and V tiles by TMA, or pointer loads
 
     def launch(grid, o_part, lse_part, splits, part_strides, probe=False):
         # part_strides: the strides of o_part's last four dims, then the strides of the shares in
@@ -798,7 +798,7 @@ def backward(do, q, k, v, o, lse, *, dq_lists: Lists, dkdv_lists: Lists, meta, p
         )
         return dq, dk, dv
     programs = _programs(q, dq_lists.num_rows)
-    kv_descs = tile_descriptors(dq_cfg, "dq", even_n, dq_cfg.BLOCK_N, k, v)  # K and V tiles by TMA, or pointer loads
+    kv_descs = tile_descriptors(dq_cfg, "dq", even_n, k, v)  # K and V tiles by TMA, or pointer loads
 
     def dq_pass(grid, dq_out, strides, splits, stride_ds, probe=False):
         # strides: dq_out's last four; splits None: unsplit; probe: compile only (_occupancy)
@@ -853,25 +853,34 @@ STORED_DS_STAGES = 3
 
 
 # the configs.OVERRIDE entry that forces each pass's TMA loads on (1) or off (0)
-_TMA_OVERRIDE = {"fwd": "tma_fwd", "dq": "tma_dq", "dkdv": "tma"}
+# the passes that load tiles by TMA: (the ``configs.OVERRIDE`` key that forces it, the tile dim whose rows a
+# loaded tile has, the kernel's descriptor parameters in the order ``tile_descriptors`` takes the tensors);
+# kernels/build_check.py compiles each pass's descriptors from this table
+TMA_PASSES = {"fwd": ("tma_fwd", "BLOCK_N", ("K_DESC", "V_DESC")), "dq": ("tma_dq", "BLOCK_N", ("K_DESC", "V_DESC")),
+              "dkdv": ("tma", "BLOCK_M", ("Q_DESC", "DO_DESC"))}
 
 
 def tma(cfg: TileConfig, pass_name: str) -> bool:
     """Whether the pass ``pass_name`` of these tiles loads its streamed tiles by TMA (``TileConfig.tma``:
     K and V in the forward and dQ passes, Q and dO in the dK/dV pass; ``configs.OVERRIDE["tma_fwd"]``,
     ``["tma_dq"]``, ``["tma"]`` force it), where ``tile_descriptor`` can describe them."""
-    key = _TMA_OVERRIDE[pass_name]
+    key = TMA_PASSES[pass_name][0]
     if key in configs.OVERRIDE:
         return bool(configs.OVERRIDE[key])
     return cfg.tma
 
 
-def tile_descriptors(cfg: TileConfig, pass_name: str, even: bool, rows: int, *tensors: torch.Tensor) -> tuple:
-    """Descriptors of ``tensors`` for ``rows`` x D tiles where the pass loads by TMA (``tma``) on an
+def tma_rows(cfg: TileConfig, pass_name: str) -> int:
+    """The rows of the tiles the pass ``pass_name`` of these tiles loads by TMA (``TMA_PASSES``)."""
+    return getattr(cfg, TMA_PASSES[pass_name][1])
+
+
+def tile_descriptors(cfg: TileConfig, pass_name: str, even: bool, *tensors: torch.Tensor) -> tuple:
+    """Descriptors of ``tensors`` for ``tma_rows`` x D tiles where the pass loads by TMA (``tma``) on an
     even edge with an unpadded head dim and every tensor can be described; else as many Nones."""
     d = tensors[0].shape[-1]
     if tma(cfg, pass_name) and even and d == padded_head_dim(d):
-        descs = tuple(tile_descriptor(t, rows) for t in tensors)
+        descs = tuple(tile_descriptor(t, tma_rows(cfg, pass_name)) for t in tensors)
         if None not in descs:
             return descs
     return (None,) * len(tensors)
@@ -902,7 +911,7 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
     h_kv, n_k = k.shape[1], k.shape[2]
     ds_args = (ds, ds_tiles.k_first, ds_tiles.k_before, ds_tiles.t_max) if ds is not None else (None, None, None, 0)
     # Q and dO tiles by the tensor memory accelerator, where the tiles say so and both can be described
-    descs = tile_descriptors(cfg, "dkdv", even_m, cfg.BLOCK_M, q, do)
+    descs = tile_descriptors(cfg, "dkdv", even_m, q, do)
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * lists.num_rows,),
         (q, k, v, do, dk, dv, lse2, delta, meta, *lists.args(),

@@ -483,3 +483,19 @@ def test_tile_descriptor_only_where_tma_can_load():
     assert launch.tile_descriptor(t.expand(2, 4, 64, 64)[:, :1].expand(2, 4, 64, 64), 32) is None  # stride 0
     one = torch.zeros(1, 4, 64, 64, device="cuda", dtype=torch.bfloat16).as_strided((1, 4, 64, 64), (1, 4096, 64, 1))
     assert launch.tile_descriptor(one, 32) is not None  # a size-1 dim's stride is never used
+
+
+def test_tma_passes_name_each_kernels_descriptors():
+    # launch.TMA_PASSES (which kernels/build_check.py compiles from too) names, per pass, descriptor
+    # parameters its kernel has, in the kernel's order, and a tile dim of the pass's TileConfig
+    from kernels import attention
+    from kernels.configs import TileConfig
+
+    kernels = {"fwd": attention.attn_fwd_kernel, "dq": attention.attn_bwd_dq_kernel,
+               "dkdv": attention.attn_bwd_dkdv_kernel}
+    assert set(launch.TMA_PASSES) == set(kernels)
+    for name, (_key, dim, params) in launch.TMA_PASSES.items():
+        args = kernels[name].arg_names
+        assert all(p in args for p in params), (name, params)
+        assert [args.index(p) for p in params] == sorted(args.index(p) for p in params), (name, params)
+        assert launch.tma_rows(TileConfig(64, 32, 4, 2), name) == {"BLOCK_M": 64, "BLOCK_N": 32}[dim]
