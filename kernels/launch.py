@@ -852,7 +852,6 @@ STORED_DS_WARPS = 4
 STORED_DS_STAGES = 3
 
 
-# the configs.OVERRIDE entry that forces each pass's TMA loads on (1) or off (0)
 # the passes that load tiles by TMA: (the ``configs.OVERRIDE`` key that forces it, the tile dim whose rows a
 # loaded tile has, the kernel's descriptor parameters in the order ``tile_descriptors`` takes the tensors);
 # kernels/build_check.py compiles each pass's descriptors from this table
@@ -860,14 +859,17 @@ TMA_PASSES = {"fwd": ("tma_fwd", "BLOCK_N", ("K_DESC", "V_DESC")), "dq": ("tma_d
               "dkdv": ("tma", "BLOCK_M", ("Q_DESC", "DO_DESC"))}
 
 
+def _switch(key: str, default: bool) -> bool:
+    """A kernel switch: ``configs.OVERRIDE[key]`` where it is set (1 on, 0 off: tests, A/B runs), else
+    ``default`` (the tiles' and lists' choice)."""
+    return bool(configs.OVERRIDE[key]) if key in configs.OVERRIDE else default
+
+
 def tma(cfg: TileConfig, pass_name: str) -> bool:
     """Whether the pass ``pass_name`` of these tiles loads its streamed tiles by TMA (``TileConfig.tma``:
     K and V in the forward and dQ passes, Q and dO in the dK/dV pass; ``configs.OVERRIDE["tma_fwd"]``,
     ``["tma_dq"]``, ``["tma"]`` force it), where ``tile_descriptor`` can describe them."""
-    key = TMA_PASSES[pass_name][0]
-    if key in configs.OVERRIDE:
-        return bool(configs.OVERRIDE[key])
-    return cfg.tma
+    return _switch(TMA_PASSES[pass_name][0], cfg.tma)
 
 
 def tma_rows(cfg: TileConfig, pass_name: str) -> int:
@@ -891,17 +893,13 @@ def dp_first(cfg: TileConfig, lists: Lists) -> bool:
     (``TileConfig.dp_first``, and as ``run_loop`` not for masks whose structure is their data's, Tree
     and TensorMask: their bit-tile predicate's registers; ``configs.OVERRIDE["dp_first"]`` forces it on
     (1) or off (0))."""
-    if "dp_first" in configs.OVERRIDE:
-        return bool(configs.OVERRIDE["dp_first"])
-    return cfg.dp_first and lists.run_loop
+    return _switch("dp_first", cfg.dp_first and lists.run_loop)
 
 
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
     """Whether the dK/dV pass of these tiles compiles its loop for key blocks of one run on these
     lists (``TileConfig.run_loop``; ``configs.OVERRIDE["run_loop"]`` forces it)."""
-    if "run_loop" in configs.OVERRIDE:
-        return bool(configs.OVERRIDE["run_loop"])
-    return cfg.run_loop and lists.run_loop
+    return _switch("run_loop", cfg.run_loop and lists.run_loop)
 
 
 def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,
