@@ -815,11 +815,8 @@ def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
     launched = _record_launches(monkeypatch, constants)
     mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
-    runs = []
-    for forced in (1, 0):
-        for key in ("tma", "tma_fwd", "tma_dq"):
-            monkeypatch.setitem(configs.OVERRIDE, key, forced)
-        runs.append(run_and_check(mask, q, k, v, do, context=f"{case.id}, tma {forced}, seed {seed}"))
+    _run_both_ways(mask, (q, k, v, do), monkeypatch, ("tma", "tma_fwd", "tma_dq"), f"{case.id}, seed {seed}",
+                   "TMA loads differ from pointer loads")
     for kernel, even in ((kernel_module.attn_fwd_kernel, "EVEN_N"), (kernel_module.attn_bwd_dq_kernel, "EVEN_N"),
                          (kernel_module.attn_bwd_dkdv_kernel, "EVEN_M")):
         flags = [(kw["TMA"], kw[even]) for k_, kw in zip(launched, constants) if k_ is kernel]
@@ -829,8 +826,6 @@ def test_tma_path_under_the_interpreter(case, seed, monkeypatch):
     if case.n_q % TILES[case.tiles]["dkdv"].BLOCK_M == 0:
         loaded.append(kernel_module.attn_bwd_dkdv_kernel)
     assert all(any(kw.get("TMA") for k_, kw in zip(launched, constants) if k_ is kernel) for kernel in loaded)
-    for name in ("out", "lse", "dq", "dk", "dv"):
-        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
 
 
 @CPU_ONLY
@@ -850,17 +845,25 @@ def test_dp_first_under_the_interpreter(case, seed, monkeypatch):
     _check_both_dp_orders(mask, (q, k, v, do), launched, constants, monkeypatch, f"{case.id}, seed {seed}")
 
 
+def _run_both_ways(mask, inputs, monkeypatch, keys, context, differs):
+    """``mask`` on ``inputs`` with the kernel switches ``keys`` of ``configs.OVERRIDE`` forced on (1),
+    then off (0), each against the reference, and the two runs' outputs and gradients bit for bit
+    (``differs``: the failure's words)."""
+    runs = []
+    for forced in (1, 0):
+        for key in keys:
+            monkeypatch.setitem(configs.OVERRIDE, key, forced)
+        runs.append(run_and_check(mask, *inputs, context=f"{context}, {'+'.join(keys)} {forced}"))
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: {differs}"
+
+
 def _check_both_dp_orders(mask, inputs, launched, constants, monkeypatch, context):
     """Each order of the dK/dV pass's products (``OVERRIDE["dp_first"]`` 1, then 0) against the
     reference, the constexpr as forced, and the two orders' outputs and gradients bit for bit."""
-    runs = []
-    for forced in (1, 0):
-        monkeypatch.setitem(configs.OVERRIDE, "dp_first", forced)
-        runs.append(run_and_check(mask, *inputs, context=f"{context}, dp_first {forced}"))
+    _run_both_ways(mask, inputs, monkeypatch, ("dp_first",), context, "dP first differs from S first")
     flags = [kw["DP_FIRST"] for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_bwd_dkdv_kernel]
     assert flags == [True, False], flags
-    for name in ("out", "lse", "dq", "dk", "dv"):
-        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: dP first differs from S first"
 
 
 @pytest.mark.gpu
@@ -913,11 +916,8 @@ def test_tma_loads_match_pointer_loads(layout, described, d, seed, monkeypatch):
         return real(kernel, grid, args, *rest, **kwargs)
 
     monkeypatch.setattr(launch, "_launch", recording)
-    runs = []
-    for forced in (1, 0):
-        for key in ("tma", "tma_fwd", "tma_dq"):
-            monkeypatch.setitem(configs.OVERRIDE, key, forced)
-        runs.append(run_and_check(mask, q, k, v, do, context=f"tma {forced}, {layout}, D {d}, seed {seed}"))
+    _run_both_ways(mask, (q, k, v, do), monkeypatch, ("tma", "tma_fwd", "tma_dq"), f"{layout}, D {d}, seed {seed}",
+                   "TMA loads differ from pointer loads")
     ran = [name for name, _ in descs]  # (the dQ pass: at D = 64; at D = 128 where dS is not stored)
     assert ran[:len(ran) // 2] == ran[len(ran) // 2:] and {"fwd", "dkdv"} <= set(ran) and ("dq" in ran) >= (d == 64), ran
     first = dict(descs[:len(ran) // 2])
@@ -927,8 +927,6 @@ def test_tma_loads_match_pointer_loads(layout, described, d, seed, monkeypatch):
               "dkdv": (q, do) if described else ()}
     for name, bases in first.items():
         assert len(bases) == len(expect[name]) and all(t is x for t, x in zip(bases, expect[name])), (name, first)
-    for name in ("out", "lse", "dq", "dk", "dv"):
-        assert torch.equal(runs[0][name], runs[1][name]), f"{name}: TMA loads differ from pointer loads"
 
 
 @pytest.mark.gpu
