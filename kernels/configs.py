@@ -134,8 +134,10 @@ CONFIGS = [
     ("dkdv", (2,), (64,), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128, tma=True)),
     ("dkdv", (2,), (16, 32), "banded", TileConfig(32, 64, 4, 2, maxnreg=128, run_loop=True)),
     ("dkdv", (2,), (16, 32), "sparse", TileConfig(32, 64, 4, 2, maxnreg=128)),
-    # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory
-    ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2)),
+    # 3 stages: 2% faster than 2 on causal at N = 8192; the ragged variant ran out of shared memory.
+    # TMA loads of Q and dO, dP^T first and the loop for rows of one run (H200, session 29, N = 4096, the
+    # two-launch backward, kernel times): full's pass 4.290 -> 3.718 ms, causal's 2.308 -> 2.097
+    ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2, run_loop=True, tma=True, dp_first=True)),
     # its own loop for rows of one run (run_loop; not for masks whose structure is their data's, Tree and
     # TensorMask, ``Lists.run_loop``: MEDUSA trees have no such rows and were 4-5% slower with it, its
     # registers spilling in every iteration): the pass 5% faster on the window (3.538 -> 3.356 ms), 3% on the
@@ -158,9 +160,13 @@ CONFIGS = [
 # docs/benchmarks/data/tune_h100_session8.txt) one launch made fwd+bwd 2.5-8% faster on Full at
 # D = 128 (N = 4096 and 16384), and moved Causal at D = 128 and both masks at D = 64 by -3% to
 # +0.2% (noise); 3 stages were no better than 2. On sparse masks the pre-pass (a read of O and
-# dO) costs what the shared launch saves (LongFormer window, N = 8192, D = 128: no gain).
+# dO) costs what the shared launch saves (LongFormer window, N = 8192, D = 128: no gain). D = 128
+# left it in session 29 (H200, N = 4096, Full and Causal): two launches whose dK/dV pass loads Q and
+# dO by TMA, computes dP^T first and walks rows of one run with no index loads (the dense dkdv entry
+# above; the one launch's programs cannot: its dQ tiles share its registers and stages) were 1.8-2.9%
+# faster on Full and 0.7-1.9% on Causal, forward+backward (docs/benchmarks/attention_h200_session29.md).
 FUSED_BWD = [
-    ((2,), (64, 128), "dense", 2),
+    ((2,), (64,), "dense", 2),
 ]
 
 # The backward with stored dS (``launch.DsTiles``): the dK/dV pass, which computes every tile's

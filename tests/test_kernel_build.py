@@ -25,14 +25,15 @@ def test_every_kernel_compiles_for_sm90():
     # 3 attention passes x 2 head dims x 2 kinds x (ragged edge, even loop), the D = 64 banded entries
     # (the dK/dV pass with its loop for rows of one run, the dQ pass's tiles: both edges; and the dQ
     # tiles split along the keys), the int64-offset
-    # forward and dQ, the one-launch backward (D = 64 and 128 dense, both edges) and its delta
+    # forward and dQ, the one-launch backward (D = 64 dense, both edges; D = 128 takes two launches since
+    # session 29) and its delta
     # pre-pass, the backward with stored dS (D = 128 sparse: its dK/dV and dQ passes, both edges),
     # the preprocessing kernel with and without packed rows, the run-arrays kernel, the forward split
     # along the keys (D = 64 and 128, both edges, and with GQA heads packed) and its merge (D = 64 and 128),
     # the decoding tiles' split forward (D = 64 and 128), and the dQ pass split along the keys (D = 64 and
     # 128: the tiles it takes, both of the table's at D = 64, its own at 128) with the kernel adding its
     # shares (D = 64 and 128)
-    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 62, report
+    assert run.stdout.count("\nok ") + run.stdout.startswith("ok ") == 60, report
 
 
 def test_generated_predicates_compile_for_sm90():

@@ -514,11 +514,16 @@ def _gpu_cases():
         Case("doc&causal", BF16, n_q=1000, n_k=1000, d=64, layout="bnhd", **base),
         Case("~window", F16, n_q=1000, n_k=1000, d=128, **base),
         Case("empty-rows", BF16, n_q=257, n_k=100, d=32, **base),
-        # dense masks at D = 128: the table's one-launch backward (and the two-launch one forced)
+        # dense masks at D = 128: the table's two-launch backward (on an even edge its dK/dV pass loads
+        # by TMA, computes dP^T first and walks rows of one run), and the one launch forced
         Case("full", BF16, n_q=1000, n_k=1000, d=128, **base),
         Case("causal", F16, n_q=2048, n_k=2048, d=128, **base),
+        Case("full", BF16, n_q=1024, n_k=1024, d=128, **base),
+        Case("causal", BF16, n_q=4096, n_k=4096, d=128, **base),  # dense from N = 4096 on (Plan.kind)
         Case("causal-offset", BF16, n_q=300, n_k=1000, d=128, **base),
-        Case("causal", BF16, n_q=1000, n_k=1000, d=128, fused=False, **base),
+        Case("causal", BF16, n_q=1000, n_k=1000, d=128, fused=True, **base),
+        # ... and at D = 64, the table's one launch
+        Case("causal", BF16, n_q=1000, n_k=1000, d=64, fused=True, **base),
         # the one launch forced on sparse tiles (partial blocks, generated predicate); a mask with no
         # heavy rows (a document of most of the sequence makes some, and heavy rows take two launches)
         Case("window", BF16, n_q=1000, n_k=1000, d=128, fused=True, **base),
@@ -717,7 +722,8 @@ DETERMINISM_GPU = [
     pytest.param(Case(fam, dt, n_q=2048, n_k=2048, d=d, b=2, h_q=4, h_kv=h_kv, tiles=None, device="cuda"),
                  id=f"gpu-{fam}-{DTYPE_NAMES[dt]}-D{d}-Hkv{h_kv}", marks=GPU)
     for fam, dt, d, h_kv in (("window|global", BF16, 64, 2), ("doc&causal", F16, 128, 1), ("tree", BF16, 64, 2),
-                             ("causal", BF16, 128, 2))  # the last: the one-launch backward
+                             ("causal", BF16, 128, 2),  # the dense two-launch backward (TMA, the run loop)
+                             ("causal", BF16, 64, 2))  # the one-launch backward
 ] + [pytest.param(Case("causal-offset", BF16, n_q=64, n_k=8192, d=128, b=2, h_q=4, h_kv=2, tiles=None, device="cuda"),
                   id="gpu-causal-offset-BF16-D128-few-rows", marks=GPU)]  # the dQ pass split by the policy
 
@@ -745,7 +751,8 @@ def test_backward_is_bitwise_deterministic(case, seed, monkeypatch):
 # strided views
 REPLAY_GPU = [
     pytest.param("doc&causal", 64, (1000, 1000), "two-launch", id="doc&causal-D64-two-launch", marks=GPU),
-    pytest.param("full", 128, (640, 640), "one-launch", id="full-D128-one-launch", marks=GPU),
+    pytest.param("full", 64, (640, 640), "one-launch", id="full-D64-one-launch", marks=GPU),
+    pytest.param("full", 128, (640, 640), "two-launch", id="full-D128-two-launch", marks=GPU),
     pytest.param("window", 128, (4096, 4096), "stored-dS", id="window-D128-stored-dS", marks=GPU),
     pytest.param("causal-offset", 128, (64, 4096), "dQ split", id="causal-offset-D128-dq-split", marks=GPU),
     pytest.param("dilated", 64, (777, 777), "two-launch", id="dilated-D64-classes", marks=GPU),
@@ -1289,6 +1296,36 @@ def test_run_loop_rule(mask, structured, banded, monkeypatch):
     assert launch.dp_first(configs.tile_config("dkdv", 2, 64, "sparse", plan.banded), lists) is False
     monkeypatch.setitem(configs.OVERRIDE, "dp_first", 1)
     assert launch.dp_first(TileConfig(32, 64, 4, 2), lists) is True
+
+
+@pytest.mark.parametrize("mask", [md.Full(), md.Causal()], ids=repr)
+def test_dense_backward_choices(mask):
+    # dense masks at D = 128 take two launches whose dK/dV pass walks rows of one run, computes dP^T first
+    # and loads Q and dO by TMA (session 29); at D = 64 the one launch (configs.FUSED_BWD). (Causal is dense
+    # from N = 4096 on: at most 10% of its non-empty 128 x 128 blocks partial, Plan.kind)
+    plan = md.prepare(mask, 4096, 4096)
+    assert plan.kind == "dense" and plan.fused_stages(2, 128) is None and plan.fused_stages(2, 64) == 2
+    cfg = plan.tiles("dkdv", 2, 128)
+    lists = plan.lists(cfg.BLOCK_M, cfg.BLOCK_N, "k")
+    assert launch.run_loop(cfg, lists) and launch.dp_first(cfg, lists) and launch.tma(cfg, "dkdv")
+    assert not launch.tma(plan.tiles("dq", 2, 128), "dq")  # the recomputing dQ pass: pointer loads, not measured
+
+
+@CPU_ONLY
+def test_dense_two_launch_backward_under_the_interpreter(seed, monkeypatch):
+    # the tuned tables' dense D = 128 backward (two launches; the dK/dV pass's 64 x 128 tiles with the run
+    # loop and dP^T first; TMA only on the GPU) on a mask of the dense kind: 512 query rows at the end of a
+    # 4096-key causal mask (only the diagonal's 128 x 128 blocks are partial)
+    monkeypatch.setattr(launch, "POISON", True)
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    mask = md.Causal(4096 - 512)
+    assert md.prepare(mask, 512, 4096).kind == "dense"
+    q, k, v, do = make_inputs(1, 1, 1, 512, 4096, 128, F16, "cpu")
+    run_and_check(mask, q, k, v, do, context=f"dense D = 128, seed {seed}")
+    dkdv = [kw for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_bwd_dkdv_kernel]
+    assert kernel_module.attn_bwd_kernel not in launched and len(dkdv) == 1, launched
+    assert (dkdv[0]["BLOCK_M"], dkdv[0]["BLOCK_N"], dkdv[0]["RUN_LOOP"], dkdv[0]["DP_FIRST"]) == (64, 128, True, True)
 
 
 @pytest.mark.parametrize("family", ["documents", "window|global", "window", "tree"])

@@ -131,13 +131,15 @@ def test_one_launch_backward_table():
                 dq, kv = configs.tile_config("dq", es, d, kind), configs.tile_config("dkdv", es, d, kind)
                 assert dq.num_warps == kv.num_warps, (es, d, kind, dq, kv)
                 assert configs.fused_stages(es, d, kind) == stages
-    assert configs.fused_stages(2, 128, "dense") == 2
-    assert configs.fused_stages(2, 128, "sparse") is None
-    assert configs.fused_stages(4, 128, "dense") is None  # float32: two launches
+    assert configs.fused_stages(2, 64, "dense") == 2
+    assert configs.fused_stages(2, 128, "dense") is None  # two launches at D = 128 since session 29
+    assert configs.fused_stages(2, 64, "sparse") is None and configs.fused_stages(2, 128, "sparse") is None
+    assert configs.fused_stages(4, 64, "dense") is None  # float32: two launches
     full = md.prepare(md.Full(), 1024, 1024, device="cpu")
     sparse = md.prepare(md.Document([300, 400, 324]) & md.Causal(), 1024, 1024, device="cpu")
     assert (full.kind, sparse.kind) == ("dense", "sparse")
-    assert full.fused_stages(2, 128) == 2 and sparse.fused_stages(2, 128) is None
+    assert full.fused_stages(2, 64) == 2 and sparse.fused_stages(2, 64) is None
+    assert full.fused_stages(2, 128) is None
 
 
 class _Compiled:
