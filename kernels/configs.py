@@ -163,8 +163,8 @@ CONFIGS = [
 # dO) costs what the shared launch saves (LongFormer window, N = 8192, D = 128: no gain). D = 128
 # left it in session 29 (H200, N = 4096, Full and Causal): two launches whose dK/dV pass loads Q and
 # dO by TMA, computes dP^T first and walks rows of one run with no index loads (the dense dkdv entry
-# above; the one launch's programs cannot: its dQ tiles share its registers and stages) were 1.8-2.9%
-# faster on Full and 0.7-1.9% on Causal, forward+backward (docs/benchmarks/attention_h200_session29.md).
+# above; the one launch's dK/dV programs have none of the three) were 1.8-2.9% faster on Full and
+# 0.7-1.9% on Causal, forward+backward (docs/benchmarks/attention_h200_session29.md).
 FUSED_BWD = [
     ((2,), (64,), "dense", 2),
 ]
