@@ -514,15 +514,16 @@ def _gpu_cases():
         Case("doc&causal", BF16, n_q=1000, n_k=1000, d=64, layout="bnhd", **base),
         Case("~window", F16, n_q=1000, n_k=1000, d=128, **base),
         Case("empty-rows", BF16, n_q=257, n_k=100, d=32, **base),
-        # dense masks at D = 128: the table's two-launch backward (on an even edge its dK/dV pass loads
-        # by TMA, computes dP^T first and walks rows of one run), and the one launch forced
+        # Full and Causal at D = 128 (Causal is of the dense kind from N = 4096 on, Plan.kind; shorter, it
+        # takes the sparse tiles): the dense kind's two-launch backward (on an even edge its dK/dV pass
+        # loads by TMA, computes dP^T first and walks rows of one run), and the one launch forced
         Case("full", BF16, n_q=1000, n_k=1000, d=128, **base),
         Case("causal", F16, n_q=2048, n_k=2048, d=128, **base),
         Case("full", BF16, n_q=1024, n_k=1024, d=128, **base),
         Case("causal", BF16, n_q=4096, n_k=4096, d=128, **base),  # dense from N = 4096 on (Plan.kind)
         Case("causal-offset", BF16, n_q=300, n_k=1000, d=128, **base),
         Case("causal", BF16, n_q=1000, n_k=1000, d=128, fused=True, **base),
-        # ... and at D = 64, the table's one launch
+        # ... and at D = 64 (the table's one launch for the dense kind, forced here)
         Case("causal", BF16, n_q=1000, n_k=1000, d=64, fused=True, **base),
         # the one launch forced on sparse tiles (partial blocks, generated predicate); a mask with no
         # heavy rows (a document of most of the sequence makes some, and heavy rows take two launches)
@@ -722,8 +723,9 @@ DETERMINISM_GPU = [
     pytest.param(Case(fam, dt, n_q=2048, n_k=2048, d=d, b=2, h_q=4, h_kv=h_kv, tiles=None, device="cuda"),
                  id=f"gpu-{fam}-{DTYPE_NAMES[dt]}-D{d}-Hkv{h_kv}", marks=GPU)
     for fam, dt, d, h_kv in (("window|global", BF16, 64, 2), ("doc&causal", F16, 128, 1), ("tree", BF16, 64, 2),
-                             ("causal", BF16, 128, 2),  # the dense two-launch backward (TMA, the run loop)
-                             ("causal", BF16, 64, 2))  # the one-launch backward
+                             ("causal", BF16, 128, 2),  # (N = 2048: Causal of the sparse kind, two launches)
+                             ("full", BF16, 128, 2),  # the dense kind's two launches (TMA, the run loop)
+                             ("full", BF16, 64, 2))  # the dense kind's one launch
 ] + [pytest.param(Case("causal-offset", BF16, n_q=64, n_k=8192, d=128, b=2, h_q=4, h_kv=2, tiles=None, device="cuda"),
                   id="gpu-causal-offset-BF16-D128-few-rows", marks=GPU)]  # the dQ pass split by the policy
 
