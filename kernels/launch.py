@@ -262,7 +262,7 @@ def tile_descriptor(t: torch.Tensor, block_rows: int):
     strided last dim (a stride of a dim of size 1 is never used, and made aligned)."""
     if TensorDescriptor is None or not t.is_cuda or t.dim() != 4 or t.stride(-1) != 1:
         return None
-    if torch.cuda.get_device_capability(t.device)[0] < 9:
+    if _major(t.device.index) < 9:
         return None
     size = t.element_size()
     if (t.data_ptr() % 16) or (t.shape[-1] * size) % 16:
@@ -274,6 +274,30 @@ def tile_descriptor(t: torch.Tensor, block_rows: int):
         if strides[i] <= 0 or (strides[i] * size) % 16:
             return None
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, t.shape[-1]])
+
+
+@functools.lru_cache(maxsize=None)
+def _major(index: int) -> int:
+    """The compute capability's major number of CUDA device ``index`` (asked once: a few us a call)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _desc_fields(d):
+    """A tensor descriptor's fields but its base, or None where they are not a plain ``__dict__``:
+    what a replay copies into a descriptor of a new tensor of the same shape and strides."""
+    fields = getattr(d, "__dict__", None)
+    if type(fields) is not dict or "base" not in fields:
+        return None
+    return {name: value for name, value in fields.items() if name != "base"}
+
+
+def _rebase(cls, fields: dict, t: torch.Tensor):
+    """A descriptor of ``t`` with the recorded ``fields`` (``_desc_fields``), built without the checks
+    of its constructor: ``t`` has the shape, strides, dtype and alignment the recorded base had."""
+    d = object.__new__(cls)
+    d.__dict__.update(fields)
+    d.base = t
+    return d
 
 
 def _hooks_idle() -> bool:
@@ -451,7 +475,10 @@ class _Recording:
                     self.ok = False
                     return
                 template[i] = None
-                places.append((i, (slot, a.block_shape[2])))
+                # a replay's tensor in this slot has the recorded shape, strides, dtype and 16-byte
+                # alignment (the recipe's key; allocations are aligned): the same fields, a new base
+                fields = _desc_fields(a)
+                places.append((i, (slot, a.block_shape[2]) if fields is None else (slot, type(a), fields)))
                 continue
             if isinstance(a, torch.Tensor):
                 slot = self.slots.get(id(a))
@@ -485,7 +512,12 @@ class _Recipe:
         for direct, grid, template, places in self.launches:
             args = template.copy()
             for i, slot in places:
-                args[i] = slots[slot] if type(slot) is int else tile_descriptor(slots[slot[0]], slot[1])
+                if type(slot) is int:
+                    args[i] = slots[slot]
+                elif len(slot) == 3:
+                    args[i] = _rebase(slot[1], slot[2], slots[slot[0]])
+                else:
+                    args[i] = tile_descriptor(slots[slot[0]], slot[1])
             direct(grid, args)
         return tuple(slots[i] for i in self.result)
 

@@ -444,7 +444,8 @@ def test_fast_launch_keys_tensor_descriptors(_fast_path):
 @pytest.mark.skipif(launch.TensorDescriptor is None, reason="this Triton has no host tensor descriptors")
 def test_replay_rebuilds_tensor_descriptors(_replay, monkeypatch):
     """A launch given a descriptor of an input is replayed with a descriptor of the new input (its
-    shape, strides and the recorded block rows); a descriptor of anything else makes the pass not
+    shape, strides and the recorded block rows, every field but the base copied from the recorded
+    descriptor, not rebuilt by ``tile_descriptor``); a descriptor of anything else makes the pass not
     replayable."""
     # (on the CPU launch.tile_descriptor describes nothing: a stand-in that describes any tensor)
     monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: _desc(t, rows))
@@ -455,13 +456,17 @@ def test_replay_rebuilds_tensor_descriptors(_replay, monkeypatch):
         _go(k, (2,), (x, _desc(described(x), 16), o, 7))
         return (o,)
     recipes = {}
-    x = torch.zeros(2, 2, 64, 64)
+    x = torch.zeros(2, 2, 64, 64).transpose(1, 2)  # strides of a view, not of a contiguous tensor
     launch.replay(recipes, "t", (x,), lambda: set(), lambda: compute(x, lambda t: t))
-    x2 = torch.ones(2, 2, 64, 64)
+    x2 = torch.ones(2, 2, 64, 64).transpose(1, 2)
+    monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: pytest.fail("the replay built a descriptor anew"))
     (o,) = launch.replay(recipes, "t", (x2,), lambda: set(), lambda: pytest.fail("recomputed"))
     (_, args), = k.direct
     assert args[0] is x2 and args[2] is o and args[1].base is x2 and args[1].block_shape == [1, 1, 16, 64]
     assert args[1].shape == list(x2.shape) and args[1].strides == list(x2.stride())
+    fresh = _desc(x2, 16)
+    assert type(args[1]) is type(fresh) and vars(args[1]).keys() == vars(fresh).keys()
+    assert all(getattr(args[1], f) == getattr(fresh, f) for f in vars(fresh) if f != "base")
     recipes, calls = {}, []
     for _ in range(2):  # a descriptor of a tensor derived from the input: computed every time
         launch.replay(recipes, "t", (x,), lambda: set(), lambda: calls.append(compute(x, lambda t: t + 1)) or calls[-1])
