@@ -185,6 +185,7 @@ def main(argv=None) -> int:
     import maskdsl as md
     from maskdsl import bench
 
+    print(bench.current_board(), file=sys.stderr)
     torch.manual_seed(0)
     flex = None
     for name in args.workloads.split(","):

@@ -1176,6 +1176,39 @@ def cpu_name(fallback: str = "cpu") -> str:
     return platform.processor() or fallback
 
 
+_BOARD_FIELDS = ("power.limit", "enforced.power.limit", "clocks.max.sm", "clocks.sm", "temperature.gpu")
+
+
+def board_state(gpu: str = "0") -> str:
+    """The GPU board's power limits, SM clocks and temperature (nvidia-smi) and the host's CPU model,
+    one line for a run's log: the same device name may be boards with other caps on another day (a
+    workload at the power cap runs slower on a lower one). ``gpu``: nvidia-smi's ``--id`` (an index in its
+    own order, or ``GPU-<uuid>``: ``current_board``). The host part alone where nvidia-smi is missing or fails."""
+    host = f"host CPU {cpu_name()} x {os.cpu_count()}"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--id={gpu}", "--query-gpu=" + ",".join(_BOARD_FIELDS),
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return host
+    values = [v.strip() for v in out.stdout.strip().split(",")]
+    if out.returncode != 0 or len(values) != len(_BOARD_FIELDS):
+        return host
+    power, enforced, clock_max, clock, temp = values
+    return (f"board: power limit {power} (enforced {enforced}), SM clock {clock} (max {clock_max}), "
+            f"{temp} C; {host}")
+
+
+def current_board() -> str:
+    """``board_state`` of the current CUDA device, named to nvidia-smi by its uuid (CUDA's and
+    nvidia-smi's device orders may differ), or by its index where torch gives no uuid."""
+    index = torch.cuda.current_device()
+    try:
+        gpu = f"GPU-{torch.cuda.get_device_properties(index).uuid}"
+    except (RuntimeError, AttributeError):
+        gpu = str(index)
+    return board_state(gpu)
+
+
 def machine(dry: bool, argv) -> dict:
     # MASKDSL_COMMIT names the commit where git cannot (a copy of the tree whose .git is stale,
     # as on the lent GPU machines: run with MASKDSL_COMMIT=<hash of the tree you sent>)
@@ -1253,6 +1286,8 @@ def main(argv=None) -> int:
     info = machine(args.dry_run, argv)
     print(f"{info['device']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit']}",
           file=sys.stderr)
+    if not args.dry_run:
+        print(current_board(), file=sys.stderr)
     if getattr(md, "prepare", None) is None:
         print("note: maskdsl has no md.prepare yet; md.attention gets the mask itself", file=sys.stderr)
     runner = Runner(args, info)

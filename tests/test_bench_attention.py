@@ -174,3 +174,36 @@ def test_gpu_timing_warms_up_once_per_process(monkeypatch):
     assert calls == [(500, None), (100, [0.5, 0.2, 0.8])]
     assert bench._time_gpu(lambda: None, []) == (1.0, 0.9, 1.1)
     assert calls[2:] == [(100, [0.5, 0.2, 0.8])]
+
+
+def test_board_state_names_the_board_and_the_host(monkeypatch):
+    """The run log's board line: nvidia-smi's power limits, clocks and temperature for the GPU asked
+    for, then the host's CPU; the host alone where nvidia-smi is missing, fails or answers otherwise."""
+    calls = []
+
+    def answer(stdout, returncode=0):
+        def run(cmd, **kw):
+            calls.append(cmd)
+            return subprocess.CompletedProcess(cmd, returncode, stdout=stdout, stderr="")
+        return run
+
+    host = f"host CPU {bench.cpu_name()} x {os.cpu_count()}"
+    monkeypatch.setattr(bench.subprocess, "run", answer("700.00 W, 650.00 W, 1980 MHz, 1755 MHz, 41\n"))
+    line = bench.board_state("GPU-1234")
+    assert line == ("board: power limit 700.00 W (enforced 650.00 W), SM clock 1755 MHz (max 1980 MHz), 41 C; "
+                    + host)
+    assert "--id=GPU-1234" in calls[-1]
+    for run in (answer("", returncode=6), answer("700.00 W, [N/A]\n")):
+        monkeypatch.setattr(bench.subprocess, "run", run)
+        assert bench.board_state("0") == host
+
+    def missing(cmd, **kw):
+        raise FileNotFoundError("nvidia-smi")
+    monkeypatch.setattr(bench.subprocess, "run", missing)
+    assert bench.board_state() == host
+    # the current CUDA device, named by its uuid, or by its index where torch has none
+    monkeypatch.setattr(bench.subprocess, "run", answer("", returncode=6))
+    monkeypatch.setattr(bench.torch.cuda, "current_device", lambda: 1)
+    for props, expected in ((type("P", (), {"uuid": "ab-12"})(), "--id=GPU-ab-12"), (object(), "--id=1")):
+        monkeypatch.setattr(bench.torch.cuda, "get_device_properties", lambda index, props=props: props)
+        assert bench.current_board() == host and expected in calls[-1]
