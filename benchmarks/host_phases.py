@@ -1,10 +1,14 @@
 """Host time of one md.attention forward+backward step, by phase, on the GPU machine.
 
-    PYTHONPATH=$PWD python benchmarks/host_phases.py --workloads alpaca_seq,lf_window --d 64 [--ab]
+    PYTHONPATH=$PWD python benchmarks/host_phases.py --workloads alpaca_seq,lf_window --d 64 [--ab] [--sync-every 20]
 
-Per workload (N = 4096, B=4, H=32, bf16): the host time, after a synchronisation, of md.attention
-(the forward), of autograd's engine before and after our backward, and of our backward, medians of
-60 steps: with the passes replayed (``kernels.launch.replay``, the default), through the launchers
+Per workload (N = 4096, B=4, H=32, bf16): the host time of md.attention (the forward), of autograd's
+engine before and after our backward, and of our backward, medians of 60 steps, each after a
+synchronisation (``--sync-every 1``, the default) or pipelined as a training loop runs them, the GPU
+synchronised only every K steps (``--sync-every K``: a step right after a synchronisation pays
+wake-ups the pipelined ones do not; session 30 read 0.75 ms of host time per step synchronised
+against 0.52-0.56 pipelined for ALPACA at D = 128, docs/benchmarks/attention_h200_session30.md):
+with the passes replayed (``kernels.launch.replay``, the default), through the launchers
 (``REPLAY = False``), and through the launchers with the Triton launches stubbed out (the
 difference is what the launches cost the host); do_bench of the step and the sum of its kernels'
 GPU times (torch.profiler). A step whose kernels take less than its host time is host-bound.
@@ -30,7 +34,11 @@ def main(argv=None) -> int:
     ap.add_argument("--d", type=int, default=64)
     ap.add_argument("--ab", "--ab-fast", dest="ab", action="store_true",
                     help="also time the step with Triton's launches, the launch fast path, and replay")
+    ap.add_argument("--sync-every", type=int, default=1, metavar="K",
+                    help="synchronise the GPU after every K-th step (1: before each timed step; 20: pipelined)")
     args = ap.parse_args(argv)
+    if args.sync_every < 1:
+        ap.error(f"--sync-every: expected a step count >= 1, got {args.sync_every}")
     if not torch.cuda.is_available():
         print("host_phases: needs a CUDA GPU (it times the host's side of the Triton launches)", file=sys.stderr)
         return 2
@@ -74,14 +82,15 @@ def main(argv=None) -> int:
                     step()
                 torch.cuda.synchronize()
                 acc = collections.defaultdict(list)
-                for _ in range(60):
+                for i in range(60):
                     step()
                     acc["total"].append(marks["e"] - marks["s"])
                     acc["fwd (md.attention)"].append(marks["f"] - marks["s"])
                     acc["engine before bwd"].append(marks["b0"] - marks["f"])
                     acc["our backward"].append(marks["b1"] - marks["b0"])
                     acc["engine after bwd"].append(marks["e"] - marks["b1"])
-                    torch.cuda.synchronize()
+                    if (i + 1) % args.sync_every == 0:
+                        torch.cuda.synchronize()
                 print(f"{name} N={n} D={args.d} {label}: "
                       + ", ".join(f"{key} {statistics.median(v) * 1e3:.3f}" for key, v in acc.items()) + " ms", flush=True)
 

@@ -263,6 +263,12 @@ def test_benchmark_scripts_need_a_gpu(capsys, script, argv):
     assert "needs a CUDA GPU" in capsys.readouterr().err
 
 
+def test_host_phases_sync_every_must_count_steps(capsys):
+    with pytest.raises(SystemExit):
+        _load_script("host_phases").main(["--sync-every", "0"])
+    assert "--sync-every: expected a step count >= 1, got 0" in capsys.readouterr().err
+
+
 def test_ab_attention_smi_summary():
     ab = _load_ab()
     load = ["1800, 690.00, 0x0000000000000004", "1700, 700.00, 0x0000000000000004", "1980, 650.00, 0x0000000000000000",
