@@ -28,7 +28,7 @@ class TileConfig:
     # the dK/dV pass: a key block whose query blocks are one run of full blocks walks them in a loop
     # of its own, with no index loads, so that Triton issues its tiles' loads ``num_stages - 1``
     # iterations ahead (loads whose addresses come from a load in the loop go one ahead at most);
-    # not for masks whose block structure is their data's (Tree, TensorMask: ``launch.Lists.run_loop``)
+    # not for masks whose block structure is their data's (Tree, TensorMask: ``launch.Lists.structured``)
     run_loop: bool = False
     # the tiles a pass streams (K and V in the forward and dQ passes, Q and dO in the dK/dV pass) loaded
     # by the tensor memory accelerator (TMA: Hopper and later, tensors ``launch.tile_descriptor`` can
@@ -139,7 +139,7 @@ CONFIGS = [
     # two-launch backward, kernel times): full's pass 4.290 -> 3.718 ms, causal's 2.308 -> 2.097
     ("dkdv", (2,), (128,), "dense", TileConfig(64, 128, 8, 3, ragged_stages=2, run_loop=True, tma=True, dp_first=True)),
     # its own loop for rows of one run (run_loop; not for masks whose structure is their data's, Tree and
-    # TensorMask, ``Lists.run_loop``: MEDUSA trees have no such rows and were 4-5% slower with it, its
+    # TensorMask, ``Lists.structured``: MEDUSA trees have no such rows and were 4-5% slower with it, its
     # registers spilling in every iteration): the pass 5% faster on the window (3.538 -> 3.356 ms), 3% on the
     # dilated mask, 4% on ALPACA input-bidirectional, 1% on LongFormer global, ALPACA sequential level
     # (N = 16384, H200, session 24; at D = 64, 2 stages and 128 registers, ALPACA's was 7% slower)

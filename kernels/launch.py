@@ -58,10 +58,10 @@ class Lists:
     block_cols: int
     heavy_share: float = 0.0  # the share of the non-empty blocks that lie in the num_heavy rows
     max_work: int = 0  # the most blocks (full and partial) of any row
-    # whether the dK/dV pass may take its loop for rows of one run (TileConfig.run_loop) and its order of
-    # products with dP^T first (TileConfig.dp_first): not for masks whose structure is their data's
-    # (``maskdsl.plan.Plan.data_shaped``)
-    run_loop: bool = True
+    # whether the mask's block structure is its expression's, not its data's (Tree, TensorMask:
+    # ``maskdsl.plan.Plan.data_shaped``): only then may the dK/dV pass take its loop for rows of one run
+    # (TileConfig.run_loop) and its order of products with dP^T first (TileConfig.dp_first)
+    structured: bool = True
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""
@@ -922,16 +922,16 @@ def tile_descriptors(cfg: TileConfig, pass_name: str, even: bool, *tensors: torc
 
 def dp_first(cfg: TileConfig, lists: Lists) -> bool:
     """Whether the dK/dV pass of these tiles computes dP^T before S^T on these lists
-    (``TileConfig.dp_first``, and as ``run_loop`` not for masks whose structure is their data's, Tree
-    and TensorMask: their bit-tile predicate's registers; ``configs.OVERRIDE["dp_first"]`` forces it on
+    (``TileConfig.dp_first``, and as ``run_loop`` only on ``Lists.structured`` lists, not for Tree and
+    TensorMask: their bit-tile predicate's registers; ``configs.OVERRIDE["dp_first"]`` forces it on
     (1) or off (0))."""
-    return _switch("dp_first", cfg.dp_first and lists.run_loop)
+    return _switch("dp_first", cfg.dp_first and lists.structured)
 
 
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
     """Whether the dK/dV pass of these tiles compiles its loop for key blocks of one run on these
-    lists (``TileConfig.run_loop``; ``configs.OVERRIDE["run_loop"]`` forces it)."""
-    return _switch("run_loop", cfg.run_loop and lists.run_loop)
+    lists (``TileConfig.run_loop``, on ``Lists.structured`` lists; ``configs.OVERRIDE["run_loop"]`` forces it)."""
+    return _switch("run_loop", cfg.run_loop and lists.structured)
 
 
 def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,

@@ -119,7 +119,7 @@ class Plan:
     def data_shaped(self) -> bool:
         """Whether the mask's block structure is its data's (a Tree or TensorMask leaf: a tree's shape,
         a tensor's entries) rather than its expression's. Such masks rarely have rows of one run of
-        full blocks, so the dK/dV pass takes no loop of its own for them (``Lists.run_loop``). Decided
+        full blocks, so the dK/dV pass takes no loop of its own for them (``Lists.structured``). Decided
         by the expression alone: new data never switches kernels (they would compile again)."""
         return any(isinstance(leaf, (Tree, TensorMask)) for leaf in self.mask._leaves())
 
@@ -251,7 +251,7 @@ class Plan:
                                    else classes.transpose(1, 2).reshape(-1, classes.shape[1]))
             rows, rb, cb = ((-(-self.n_q // block_q), block_q, block_k) if by == "q"
                             else (-(-self.n_k // block_k), block_k, block_q))
-            got = _lists(arrays, rows, rb, cb, self.device, run_loop=not self.data_shaped)
+            got = _lists(arrays, rows, rb, cb, self.device, structured=not self.data_shaped)
             self._lists[key] = got
         return got
 
@@ -327,10 +327,10 @@ class Plan:
         return self
 
 
-def _lists(arrays, rows: int, rb: int, cb: int, device, run_loop: bool = True) -> Lists:
+def _lists(arrays, rows: int, rb: int, cb: int, device, structured: bool = True) -> Lists:
     """The Lists of one direction of a layout, from its compact lists ``arrays`` (``LIST_FIELDS``:
     full_ptr, full_start, full_end, part_ptr, part_idx), ``rows`` blocks per (batch, head) pair of
-    ``rb`` rows by ``cb`` columns each; ``run_loop``: ``Lists.run_loop``."""
+    ``rb`` rows by ``cb`` columns each; ``structured``: ``Lists.structured``."""
     ptr, start, end, pptr, pidx = arrays
     ptr_np, start_np, end_np, pptr_np = (t.numpy().astype(np.int64) for t in (ptr, start, end, pptr))
     lengths = end_np - start_np
@@ -351,7 +351,7 @@ def _lists(arrays, rows: int, rb: int, cb: int, device, run_loop: bool = True) -
 
     return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
                  rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
-                 int(work.max()) if work.size else 0, run_loop)
+                 int(work.max()) if work.size else 0, structured)
 
 
 def _int32_on(device, *arrays) -> list:

@@ -1265,13 +1265,13 @@ def test_stored_ds_strided_rows_match_reference(dtype, rows, monkeypatch, seed):
                                          ("tensor", False)])
 def test_dkdv_run_loop_unless_the_structure_is_data(family, run, monkeypatch, seed):
     # TileConfig.run_loop compiles the dK/dV pass's loop for key blocks of one run except for masks whose
-    # block structure is their data's (Tree, TensorMask: Plan.data_shaped, Lists.run_loop)
+    # block structure is their data's (Tree, TensorMask: Plan.data_shaped, Lists.structured)
     _use_tiles(monkeypatch, "t16r")
     constants = []
     launched = _record_launches(monkeypatch, constants)
     case = Case(family, F32, n_q=130, n_k=130)
     mask = FAMILIES[family](case, torch.Generator().manual_seed(seed))
-    assert md.prepare(mask, 130, 130).lists(16, 32, "k").run_loop == run
+    assert md.prepare(mask, 130, 130).lists(16, 32, "k").structured == run
     q, k, v, do = make_inputs(1, 2, 1, 130, 130, 16, F32, "cpu")
     run_and_check(mask, q, k, v, do, context=f"{family}, seed {seed}")
     flags = {kw["RUN_LOOP"] for kernel, kw in zip(launched, constants) if kernel is kernel_module.attn_bwd_dkdv_kernel}
@@ -1288,7 +1288,7 @@ def test_run_loop_rule(mask, structured, banded, monkeypatch):
     # table's "banded" entry); OVERRIDE forces it
     plan = md.prepare(mask, 256, 256, reorder=None)
     lists = plan.lists(32, 64, "k")
-    assert (lists.run_loop, plan.banded) == (structured, banded)
+    assert (lists.structured, plan.banded) == (structured, banded)
     assert launch.run_loop(TileConfig(32, 64, 4, 2), lists) is False
     assert launch.run_loop(TileConfig(32, 64, 4, 2, run_loop=True), lists) == structured
     assert launch.run_loop(plan.tiles("dkdv", 2, 64), lists) == banded
