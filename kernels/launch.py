@@ -283,10 +283,11 @@ def _major(index: int) -> int:
 
 
 def _desc_fields(d):
-    """A tensor descriptor's fields but its base, or None where they are not a plain ``__dict__``:
-    what a replay copies into a descriptor of a new tensor of the same shape and strides."""
+    """A tensor descriptor's fields but its base, or None where it keeps them in no ``__dict__`` (a
+    replay then builds its descriptors with ``tile_descriptor``): what a replay copies into a
+    descriptor of a new tensor of the same shape and strides."""
     fields = getattr(d, "__dict__", None)
-    if type(fields) is not dict or "base" not in fields:
+    if fields is None or "base" not in fields:
         return None
     return {name: value for name, value in fields.items() if name != "base"}
 

@@ -467,6 +467,18 @@ def test_replay_rebuilds_tensor_descriptors(_replay, monkeypatch):
     fresh = _desc(x2, 16)
     assert type(args[1]) is type(fresh) and vars(args[1]).keys() == vars(fresh).keys()
     assert all(getattr(args[1], f) == getattr(fresh, f) for f in vars(fresh) if f != "base")
+    # a descriptor whose fields cannot be copied (a Triton whose descriptors keep no __dict__): the
+    # replay builds it anew with tile_descriptor, of the new input and the recorded block rows
+    monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: _desc(t, rows))
+    monkeypatch.setattr(launch, "_desc_fields", lambda d: None)
+    recipes = {}
+    launch.replay(recipes, "t", (x,), lambda: set(), lambda: compute(x, lambda t: t))
+    built = []
+    monkeypatch.setattr(launch, "tile_descriptor", lambda t, rows: built.append((t, rows)) or _desc(t, rows))
+    (o,) = launch.replay(recipes, "t", (x2,), lambda: set(), lambda: pytest.fail("recomputed"))
+    args = k.direct[-1][1]
+    assert len(built) == 1 and built[0][0] is x2 and built[0][1] == 16
+    assert args[1].base is x2 and args[1].block_shape == [1, 1, 16, 64] and args[2] is o
     recipes, calls = {}, []
     for _ in range(2):  # a descriptor of a tensor derived from the input: computed every time
         launch.replay(recipes, "t", (x,), lambda: set(), lambda: calls.append(compute(x, lambda t: t + 1)) or calls[-1])
