@@ -520,6 +520,7 @@ def _dkdv_block(
     PRED: tl.constexpr, PARTIAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_M: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, DS_TILE=None, STORE_DS: tl.constexpr = False,
     TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None, i_b=0, i_h=0, DP_FIRST: tl.constexpr = False,
+    IS_PARTIAL=None,
 ):
     """dK and dV of one (key block, query block) tile; with ``STORE_DS`` it also writes the tile's
     dS^T (``[BLOCK_N, BLOCK_M]``, row-major, unscaled) at ``DS_TILE`` for ``attn_bwd_dq_ds_kernel``.
@@ -552,6 +553,8 @@ def _dkdv_block(
     b_pt = tl.math.exp2(b_st - lse2[None, :])
     if PARTIAL:
         m_allow = PRED(offs_m[None, :], offs_n[:, None], meta)
+        if IS_PARTIAL is not None:  # a runtime flag (a branch instead would make ptxas serialise the wgmma)
+            m_allow = m_allow | (IS_PARTIAL == 0)
         b_pt = tl.where(m_allow, b_pt, 0.0)
     dv += tl.dot(b_pt.to(b_do.dtype), b_do, input_precision=PREC)
     if not DP_FIRST:
@@ -561,6 +564,55 @@ def _dkdv_block(
         ds_offs = tl.arange(0, offs_n.shape[0])[:, None] * BLOCK_M + tl.arange(0, BLOCK_M)[None, :]
         tl.store(DS_TILE + ds_offs, b_dst.to(DS_TILE.dtype.element_ty))
     dk += tl.dot(b_dst.to(b_q.dtype), b_q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_lists(
+    dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, offs_n, offs_d, rel_q, rel_do, meta, row, ds_first,
+    FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, DS_BEFORE, stride_qm, stride_dom, N_Q,
+    qk_scale, PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+    EVEN_D: tl.constexpr, HEAD_D: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr, RUN_LOOP: tl.constexpr,
+    TMA: tl.constexpr, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST: tl.constexpr,
+):
+    """One key block's tiles of one query head from its lists (``_dkdv_program``): its full blocks (with
+    ``RUN_LOOP``, a row that is one run in a loop of its own, no index loads), then its partial ones."""
+    lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
+    before = 0
+    if STORE_DS:
+        before = tl.load(DS_BEFORE + row)
+    f_list = lo
+    if RUN_LOOP:  # a row that is one run: its own loop, no index loads (the other loop then empty)
+        n_run = tl.where(contiguous, hi - lo, 0)
+        f_list = lo + n_run
+        for j in range(0, n_run):
+            ds_tile = None
+            if STORE_DS:
+                ds_tile = ds_first + (j + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
+            dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, lo + j, offs_n, offs_d,
+                                 rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
+                                 PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
+                                 TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
+    for f in range(f_list, hi):
+        i_m = _full_block(FULL_IDX, f, contiguous)
+        ds_tile = None
+        if STORE_DS:
+            ds_tile = ds_first + (f - lo + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
+        dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
+                             rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
+                             PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
+                             TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
+    p0 = tl.load(PART_PTR + row)
+    p1 = tl.load(PART_PTR + row + 1)
+    for p in range(p0, p1):
+        i_m = tl.load(PART_IDX + p)
+        ds_tile = None
+        if STORE_DS:
+            ds_tile = ds_first + (p - p0 + tl.where(p - p0 >= before, hi - lo, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
+        dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
+                             rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
+                             PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
+                             TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
     return dk, dv
 
 
@@ -580,6 +632,7 @@ def _dkdv_program(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr,
     WIDE: tl.constexpr, DS=None, DS_PTR=None, DS_BEFORE=None, T_MAX=0, STORE_DS: tl.constexpr = False,
     RUN_LOOP: tl.constexpr = False, TMA: tl.constexpr = False, Q_DESC=None, DO_DESC=None, DP_FIRST: tl.constexpr = False,
+    SPAN=None, SPAN_LOOP: tl.constexpr = False, GROUP_LOOP=1,
 ):
     """dK and dV of key block ``i_n`` of (batch x kv head) ``i_bhk``, over its GQA group. With
     ``STORE_DS``, each tile's dS^T goes to ``DS`` too: per query head ``T_MAX`` tiles of
@@ -592,7 +645,12 @@ def _dkdv_program(
     masked index load): the D = 128 window's pass 5% faster (H200, session 24). With ``TMA``
     (``TileConfig.tma``, an even edge) the Q and dO tiles come by the tensor memory accelerator from the
     descriptors ``Q_DESC`` and ``DO_DESC`` (``launch.tile_descriptor``): no per-thread addresses and
-    copies, and no fences between those copies and the tensor cores in the loop."""
+    copies, and no fences between those copies and the tensor cores in the loop. With ``SPAN_LOOP``
+    (``TileConfig.span_loop``: masks of Full, Causal, Window and Dilated alone, whose every key block's
+    non-empty query blocks are one contiguous range with at most one run of full blocks, ``Lists.span``)
+    each key block walks its range ``SPAN[row]`` = (lo, hi, f_lo, f_hi) in one loop with no index loads,
+    the predicate applied only outside its full blocks [f_lo, f_hi) (a runtime branch): one pipeline for
+    the whole row instead of a fill and a drain for each of the lists' loops, which are then not compiled."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     i_b = i_bhk // HKV
     i_hk = i_bhk % HKV
@@ -613,7 +671,10 @@ def _dkdv_program(
     rel_q = _rows(tl.arange(0, BLOCK_M), WIDE)[:, None] * stride_qm + offs_d[None, :] * stride_qd
     rel_do = _rows(tl.arange(0, BLOCK_M), WIDE)[:, None] * stride_dom + offs_d[None, :] * stride_dod
 
-    for g in range(GROUP):
+    # with SPAN_LOOP the loop over the group runs to a bound the compiler does not know (GROUP_LOOP, never
+    # specialised): with GROUP specialised to 1 it is folded away, and ptxas then serialises the span
+    # loop's wgmma instructions (info C7515; sm_90, Triton 3.6)
+    for g in range(GROUP_LOOP if SPAN_LOOP else GROUP):
         i_h = i_hk * GROUP + g
         pair = i_b * PAIR_B + i_h * PAIR_H
         row = pair * NUM_ROWS + i_n
@@ -622,44 +683,29 @@ def _dkdv_program(
         DO_BASE = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         LSE2_BASE = LSE2 + (i_b * H + i_h).to(tl.int64) * N_Q
         DELTA_BASE = DELTA + (i_b * H + i_h).to(tl.int64) * N_Q
-        lo, hi, contiguous = _full_range(FULL_PTR, FULL_START, FULL_END, FULL_IPTR, row)
         ds_first = None
-        before = 0
         if STORE_DS:  # this head's tiles of this key block (launch.DsTiles numbers them)
             ds_first = DS + ((i_b * H + i_h).to(tl.int64) * T_MAX + tl.load(DS_PTR + row)) * (BLOCK_N * BLOCK_M)
-            before = tl.load(DS_BEFORE + row)
-        f_list = lo
-        if RUN_LOOP:  # a row that is one run: its own loop, no index loads (the other loop then empty)
-            n_run = tl.where(contiguous, hi - lo, 0)
-            f_list = lo + n_run
-            for j in range(0, n_run):
+        if SPAN_LOOP:  # every row one contiguous range [s_lo, s_hi), its full blocks [f_lo, f_hi)
+            s_lo = tl.load(SPAN + 4 * row)
+            s_hi = tl.load(SPAN + 4 * row + 1)
+            f_lo = tl.load(SPAN + 4 * row + 2)
+            f_hi = tl.load(SPAN + 4 * row + 3)
+            for j in range(0, s_hi - s_lo):
+                i_m = s_lo + j
                 ds_tile = None
-                if STORE_DS:
-                    ds_tile = ds_first + (j + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
-                dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, lo + j, offs_n, offs_d,
+                if STORE_DS:  # (tiles numbered in the order of their query blocks; j * tile < 2**31)
+                    ds_tile = ds_first + j * (BLOCK_N * BLOCK_M)
+                dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
                                      rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
-                                     PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
-                                     TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
-        for f in range(f_list, hi):
-            i_m = _full_block(FULL_IDX, f, contiguous)
-            ds_tile = None
-            if STORE_DS:
-                ds_tile = ds_first + (f - lo + tl.maximum(before, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
-            dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
-                                 rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
-                                 PRED, False, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
-                                 TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
-        p0 = tl.load(PART_PTR + row)
-        p1 = tl.load(PART_PTR + row + 1)
-        for p in range(p0, p1):
-            i_m = tl.load(PART_IDX + p)
-            ds_tile = None
-            if STORE_DS:
-                ds_tile = ds_first + (p - p0 + tl.where(p - p0 >= before, hi - lo, 0)).to(tl.int64) * (BLOCK_N * BLOCK_M)
-            dk, dv = _dkdv_block(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, i_m, offs_n, offs_d,
-                                 rel_q, rel_do, meta, stride_qm, stride_dom, N_Q, qk_scale,
-                                 PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
-                                 TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST)
+                                     PRED, True, EVEN_M, EVEN_D, BLOCK_M, HEAD_D, PREC, ds_tile, STORE_DS,
+                                     TMA, Q_DESC, DO_DESC, i_b, i_h, DP_FIRST, (i_m < f_lo) | (i_m >= f_hi))
+        else:
+            dk, dv = _dkdv_lists(dk, dv, b_k, b_v, Q_BASE, DO_BASE, LSE2_BASE, DELTA_BASE, offs_n, offs_d, rel_q, rel_do,
+                                 meta, row, ds_first, FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR,
+                                 PART_IDX, DS_BEFORE, stride_qm, stride_dom, N_Q, qk_scale, PRED, BLOCK_M, BLOCK_N,
+                                 EVEN_M, EVEN_D, HEAD_D, PREC, STORE_DS, RUN_LOOP, TMA, Q_DESC, DO_DESC, i_b, i_h,
+                                 DP_FIRST)
 
     dk = dk * sm_scale
     p_dk = (DK + i_b.to(tl.int64) * stride_dkb + i_hk.to(tl.int64) * stride_dkh
@@ -670,7 +716,7 @@ def _dkdv_program(
     tl.store(p_dv, dv.to(DV.dtype.element_ty), mask=m_kd)
 
 
-@triton.jit(do_not_specialize=_DATA_INTS + ("T_MAX",))
+@triton.jit(do_not_specialize=_DATA_INTS + ("T_MAX", "GROUP_LOOP"))
 def attn_bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE2, DELTA, META,
     FULL_PTR, FULL_START, FULL_END, FULL_IPTR, FULL_IDX, PART_PTR, PART_IDX, ORDER, NUM_HEAVY,
@@ -681,10 +727,11 @@ def attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     H, HKV, N_Q, N_K, NUM_ROWS, NUM_BH, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale, DS, DS_PTR, DS_BEFORE,
-    T_MAX, Q_DESC, DO_DESC,
+    T_MAX, Q_DESC, DO_DESC, SPAN, GROUP_LOOP,
     PRED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_M: tl.constexpr, PREC: tl.constexpr, STORE_DS: tl.constexpr,
     WIDE: tl.constexpr, RUN_LOOP: tl.constexpr, TMA: tl.constexpr = False, DP_FIRST: tl.constexpr = False,
+    SPAN_LOOP: tl.constexpr = False,
 ):
     i_bhk, i_n = _schedule(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH)
     _dkdv_program(
@@ -695,7 +742,7 @@ def attn_bwd_dkdv_kernel(
         stride_dkb, stride_dkh, stride_dkn, stride_dkd, stride_dvb, stride_dvh, stride_dvn, stride_dvd,
         H, HKV, N_Q, N_K, NUM_ROWS, GROUP, PAIR_B, PAIR_H, META_STRIDE, qk_scale, sm_scale,
         PRED, BLOCK_M, BLOCK_N, HEAD_D, BLOCK_D, EVEN_M, PREC, WIDE, DS, DS_PTR, DS_BEFORE, T_MAX, STORE_DS, RUN_LOOP,
-        TMA, Q_DESC, DO_DESC, DP_FIRST,
+        TMA, Q_DESC, DO_DESC, DP_FIRST, SPAN, SPAN_LOOP, GROUP_LOOP,
     )
 
 

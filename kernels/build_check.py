@@ -38,7 +38,7 @@ _DATA = {"BLOCK_MATRIX": "*i8", "FULL_MATRIX": "*i8", "OFFSET": "*i32", "TOTAL":
          "DV": "*bf16", "M": "*i8", "CLASS": "*i8", "LSE": "*fp32", "LSE2": "*fp32", "DELTA": "*fp32", "qk_scale": "fp32",
          "sm_scale": "fp32", "DS": "*bf16"}
 _INT_LISTS = {"META", "FULL_PTR", "FULL_START", "FULL_END", "FULL_IPTR", "FULL_IDX", "PART_PTR", "PART_IDX", "ORDER",
-              "WORDS", "DS_PTR", "DS_BEFORE", "TILE_PTR", "TILE_KB", "TILE_ID", "TILE_STRIDE", "TILE_SPAN"}
+              "WORDS", "DS_PTR", "DS_BEFORE", "TILE_PTR", "TILE_KB", "TILE_ID", "TILE_STRIDE", "TILE_SPAN", "SPAN"}
 
 
 def _signature(kernel, constexprs: dict) -> dict:
@@ -96,8 +96,8 @@ def cases():
         for d in (64, 128):
             for kind, banded in (("dense", False), ("sparse", False), ("sparse", True)):
                 cfg = configs.tile_config(pass_name, 2, d, kind, banded)
-                if banded and cfg == configs.tile_config(pass_name, 2, d, kind):
-                    continue  # no tiles of its own for banded masks
+                if banded and cfg == configs.tile_config(pass_name, 2, d, kind) and not cfg.span_loop:
+                    continue  # no tiles of its own for banded masks (nor a loop: TileConfig.span_loop)
                 for flag in (False, True):
                     consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d,
                                   PREC="tf32", **{even: flag})
@@ -105,8 +105,12 @@ def cases():
                         consts["WIDE"] = False
                     if "STORE_DS" in kernel.arg_names:
                         consts["STORE_DS"] = False
-                    if "RUN_LOOP" in kernel.arg_names:
-                        consts["RUN_LOOP"] = cfg.run_loop
+                    if "RUN_LOOP" in kernel.arg_names:  # (banded masks' lists have spans: Lists.span)
+                        consts["SPAN_LOOP"] = cfg.span_loop and banded
+                        consts["RUN_LOOP"] = cfg.run_loop and not consts["SPAN_LOOP"]
+                        if not consts["SPAN_LOOP"]:
+                            consts["SPAN"] = None  # (as launched: no spans)
+                        consts["GROUP"] = 1  # as launched for MHA (Triton specialises an integer of 1)
                     if "DP_FIRST" in kernel.arg_names:
                         consts["DP_FIRST"] = cfg.dp_first
                     if "TMA" in kernel.arg_names:
@@ -166,11 +170,16 @@ def cases():
                 continue
             cfg = configs.tile_config("dkdv", 2, d, kind)
             for flag in (False, True):
-                consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                              EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop, DP_FIRST=cfg.dp_first,
-                              **_tma_consts(cfg, d, flag))
-                out.append((f"dkdv storing dS d={d} {kind} {cfg}{' even' if flag else ''}", K.attn_bwd_dkdv_kernel,
-                            consts, cfg.num_warps, cfg.stages(flag), ("N_Q", "N_K") if flag else (), cfg.maxnreg))
+                for span in (False, True) if cfg.span_loop else (False,):  # (banded masks: Lists.span)
+                    consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
+                                  EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop and not span,
+                                  SPAN_LOOP=span, DP_FIRST=cfg.dp_first, **_tma_consts(cfg, d, flag))
+                    if not span:
+                        consts["SPAN"] = None
+                    consts["GROUP"] = 1  # as launched for MHA (Triton specialises an integer of 1)
+                    out.append((f"dkdv storing dS d={d} {kind}{' banded' if span else ''} {cfg}{' even' if flag else ''}",
+                                K.attn_bwd_dkdv_kernel, consts, cfg.num_warps, cfg.stages(flag),
+                                ("N_Q", "N_K") if flag else (), cfg.maxnreg))
                 for strided_rows in (False, True):  # without and with the loop of rows with no index loads
                     rows = configs.stored_ds_row_tiles(cfg, banded=strided_rows)
                     consts = dict(BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, ROW_TILES=rows, HEAD_D=d, BLOCK_D=d,

@@ -39,6 +39,11 @@ class TileConfig:
     # while the warps compute dS (Triton waits for a non-accumulating product right after issuing it:
     # the order of the products decides what overlaps); costs the registers of dP^T held across S^T
     dp_first: bool = False
+    # the dK/dV pass: a key block whose non-empty query blocks are one contiguous range (``Lists.span``:
+    # masks of Full, Causal, Window and Dilated alone) walks them all in one loop, the predicate applied to
+    # every tile, instead of a loop over its run of full blocks and one over its partial blocks (which
+    # loads their indices); replaces ``run_loop`` where the lists have spans
+    span_loop: bool = False
 
     @classmethod
     def parse(cls, text: str) -> "TileConfig":
@@ -146,8 +151,12 @@ CONFIGS = [
     # dp_first (H200, session 28, N = 16384, the pass's kernel time in three A/B runs): the window 3.299 ->
     # 3.155, 3.266 -> 3.188, 3.201 -> 3.165 ms; ALPACA input-bidirectional 2.303 -> 2.270 (spills 100 -> 304
     # bytes offline, outside the full-block loop but for a few reloads); not for trees (``launch.dp_first``:
-    # MEDUSA 5x5's pass 0.627 -> 0.653, 8x3 level); at D = 64 ALPACA's pass was 9% slower with it
-    ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True, tma=True, dp_first=True)),
+    # MEDUSA 5x5's pass 0.627 -> 0.653, 8x3 level); at D = 64 ALPACA's pass was 9% slower with it.
+    # span_loop (banded masks whose key blocks are each one contiguous range: Lists.span; H200, session 32,
+    # the pass's kernel time beside the lists' loops in one A/B run): the window 0.770 -> 0.756 ms at N = 4096,
+    # 3.107 -> 3.027 at 16384, the dilated mask 3.057 -> 2.983 at 16384; at D = 64 (forced) the window's
+    # pass was 6% slower (1.472 -> 1.556 ms), so the D = 64 banded entry keeps its lists' loops
+    ("dkdv", (2,), (128,), "sparse", TileConfig(32, 64, 4, 3, run_loop=True, tma=True, dp_first=True, span_loop=True)),
     ("dkdv", (2,), (256,), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (16, 32, 64), "any", TileConfig(32, 64, 4, 1)),
     ("dkdv", (4,), (128, 256), "any", TileConfig(32, 32, 4, 1)),
@@ -416,9 +425,9 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 # "splits" -> the forward's programs per row instead of ``kv_splits``'s choice;
 # "dq_splits" -> the same for the dQ pass (1: unsplit, as before the dQ pass could split);
 # "pack" -> the query heads per forward tile instead of ``gqa_pack``'s choice;
-# "run_loop", "tma", "dp_first" -> the dK/dV pass's loop for rows of one run, its TMA loads, its order
-# of products, on (1) or off (0) instead of its TileConfig's (``launch.run_loop``, ``launch.tma``,
-# ``launch.dp_first``); "tma_fwd", "tma_dq" -> the forward's and the recomputing dQ pass's TMA loads likewise
+# "run_loop", "tma", "dp_first", "span_loop" -> the dK/dV pass's loop for rows of one run, its TMA loads,
+# its order of products, its loop for rows of one contiguous range, on (1) or off (0) instead of its
+# TileConfig's (``launch.run_loop``, ``launch.tma``, ``launch.dp_first``, ``launch.span_loop``); "tma_fwd", "tma_dq" -> the forward's and the recomputing dQ pass's TMA loads likewise
 OVERRIDE: dict = {}
 
 

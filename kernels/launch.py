@@ -62,6 +62,11 @@ class Lists:
     # ``maskdsl.plan.Plan.data_shaped``): only then may the dK/dV pass take its loop for rows of one run
     # (TileConfig.run_loop) and its order of products with dP^T first (TileConfig.dp_first)
     structured: bool = True
+    # per row (int32 [rows, 4]): [lo, hi) of its non-empty blocks and [f_lo, f_hi) of its full ones, where
+    # every row's non-empty blocks are one contiguous range with at most one run of full blocks in it: built
+    # for the dK/dV lists of masks of Full, Causal, Window and Dilated alone (``maskdsl.plan.Plan.banded``),
+    # else None (``TileConfig.span_loop``)
+    span: torch.Tensor | None = None
 
     def tensors(self):
         """The lists' tensors, in the kernels' argument order."""
@@ -929,6 +934,13 @@ def dp_first(cfg: TileConfig, lists: Lists) -> bool:
     return _switch("dp_first", cfg.dp_first and lists.structured)
 
 
+def span_loop(cfg: TileConfig, lists: Lists) -> bool:
+    """Whether the dK/dV pass of these tiles walks each row, one contiguous range, in one loop on these
+    lists (``TileConfig.span_loop``, where the lists have spans, ``Lists.span``; ``configs.OVERRIDE
+    ["span_loop"]`` forces it on (1, where they have spans) or off (0))."""
+    return lists.span is not None and _switch("span_loop", cfg.span_loop)
+
+
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
     """Whether the dK/dV pass of these tiles compiles its loop for key blocks of one run on these
     lists (``TileConfig.run_loop``, on ``Lists.structured`` lists; ``configs.OVERRIDE["run_loop"]`` forces it)."""
@@ -943,14 +955,15 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
     ds_args = (ds, ds_tiles.k_first, ds_tiles.k_before, ds_tiles.t_max) if ds is not None else (None, None, None, 0)
     # Q and dO tiles by the tensor memory accelerator, where the tiles say so and both can be described
     descs = tile_descriptors(cfg, "dkdv", even_m, q, do)
+    spans = span_loop(cfg, lists)
     _launch(
         attn_bwd_dkdv_kernel, (B * h_kv * lists.num_rows,),
         (q, k, v, do, dk, dv, lse2, delta, meta, *lists.args(),
          *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
-         scale * math.log2(math.e), scale, *ds_args, *descs), q.device,
+         scale * math.log2(math.e), scale, *ds_args, *descs, lists.span if spans else None, H // h_kv), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists), TMA=descs[0] is not None,
-        DP_FIRST=dp_first(cfg, lists),
+        WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists) and not spans, TMA=descs[0] is not None,
+        DP_FIRST=dp_first(cfg, lists), SPAN_LOOP=spans,
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )

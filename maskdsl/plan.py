@@ -251,7 +251,8 @@ class Plan:
                                    else classes.transpose(1, 2).reshape(-1, classes.shape[1]))
             rows, rb, cb = ((-(-self.n_q // block_q), block_q, block_k) if by == "q"
                             else (-(-self.n_k // block_k), block_k, block_q))
-            got = _lists(arrays, rows, rb, cb, self.device, structured=not self.data_shaped)
+            got = _lists(arrays, rows, rb, cb, self.device, structured=not self.data_shaped,
+                         spans=by == "k" and self.banded)
             self._lists[key] = got
         return got
 
@@ -261,6 +262,8 @@ class Plan:
         for got in list(self._lists.values()):
             if isinstance(got, (Lists, DsTiles)):
                 ids.update(map(id, got.tensors()))
+            if isinstance(got, Lists) and got.span is not None:
+                ids.add(id(got.span))
         return ids
 
     def stored_ds(self, element_size: int, head_dim: int) -> bool:
@@ -327,10 +330,11 @@ class Plan:
         return self
 
 
-def _lists(arrays, rows: int, rb: int, cb: int, device, structured: bool = True) -> Lists:
+def _lists(arrays, rows: int, rb: int, cb: int, device, structured: bool = True, spans: bool = False) -> Lists:
     """The Lists of one direction of a layout, from its compact lists ``arrays`` (``LIST_FIELDS``:
     full_ptr, full_start, full_end, part_ptr, part_idx), ``rows`` blocks per (batch, head) pair of
-    ``rb`` rows by ``cb`` columns each; ``structured``: ``Lists.structured``."""
+    ``rb`` rows by ``cb`` columns each; ``structured``: ``Lists.structured``; ``spans``: with
+    ``Lists.span`` (``_spans``)."""
     ptr, start, end, pptr, pidx = arrays
     ptr_np, start_np, end_np, pptr_np = (t.numpy().astype(np.int64) for t in (ptr, start, end, pptr))
     lengths = end_np - start_np
@@ -349,9 +353,38 @@ def _lists(arrays, rows: int, rb: int, cb: int, device, structured: bool = True)
     order, heavy = _heaviest_first(per_row)
     total = per_row.sum()
 
-    return Lists(*_int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order), heavy,
-                 rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
-                 int(work.max()) if work.size else 0, structured)
+    span = _spans(ptr_np, start_np, end_np, pptr_np, np.asarray(pidx, dtype=np.int64), work) if spans else None
+    arrays32 = _int32_on(device, ptr, start, end, iptr, idx, pptr, pidx, order, *([] if span is None else [span]))
+    return Lists(*arrays32[:8], heavy, rows, rb, cb, float(per_row[order[:heavy]].sum() / total) if total else 0.0,
+                 int(work.max()) if work.size else 0, structured, arrays32[8] if span is not None else None)
+
+
+def _spans(ptr, start, end, pptr, pidx, work) -> np.ndarray | None:
+    """``Lists.span``: per row [lo, hi) of its non-empty blocks and [f_lo, f_hi) of its full ones (all
+    0 for an empty row), where every non-empty row's blocks are one contiguous range with at most one run
+    of full blocks in it (the dK/dV pass walks each in one loop, its stored dS^T tiles then numbered in the
+    order of their blocks, ``DsTiles``); else None. From the lists' CSR arrays (int64)."""
+    big = np.iinfo(np.int64).max
+
+    def at(a, i):  # a[i] where the row has an entry (i clipped: rows without one are masked below)
+        return a[np.clip(i, 0, a.size - 1)] if a.size else np.zeros_like(i)
+
+    runs = np.diff(ptr)
+    first = np.where(runs > 0, at(start, ptr[:-1]), big)
+    last = np.where(runs > 0, at(end, ptr[1:] - 1), -1)
+    has_part = np.diff(pptr) > 0
+    p_lo, p_hi = np.full(runs.size, big), np.full(runs.size, -1)
+    if has_part.any():  # (segments from each such row's first entry to the next's: rows between have none)
+        p_lo[has_part] = np.minimum.reduceat(pidx[:pptr[-1]], pptr[:-1][has_part])
+        p_hi[has_part] = np.maximum.reduceat(pidx[:pptr[-1]], pptr[:-1][has_part]) + 1
+    lo = np.minimum(first, p_lo)
+    hi = np.maximum(last, p_hi)
+    empty = work == 0
+    if not np.all(empty | ((runs <= 1) & (hi - lo == work))):
+        return None
+    f_lo = np.where(runs > 0, first, lo)
+    f_hi = np.where(runs > 0, last, lo)
+    return np.stack([lo, hi, f_lo, f_hi], 1).astype(np.int64) * ~empty[:, None]
 
 
 def _int32_on(device, *arrays) -> list:

@@ -107,6 +107,9 @@ TILES = {
 }
 # ... and the same with the dK/dV pass's own loop for key blocks of one run (TileConfig.run_loop)
 TILES.update({name + "r": dict(t, dkdv=replace(t["dkdv"], run_loop=True)) for name, t in TILES.items()})
+# ... and with its one loop over key blocks of one contiguous range (TileConfig.span_loop; banded masks)
+TILES.update({name + "s": dict(t, dkdv=replace(t["dkdv"], run_loop=True, span_loop=True))
+              for name, t in TILES.items() if not name.endswith("r")})
 
 
 def _use_tiles(monkeypatch, tiles: str | None, fused: bool | None = None, stored_ds: bool | None = None,
@@ -856,6 +859,59 @@ def test_dp_first_under_the_interpreter(case, seed, monkeypatch):
     mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
     q, k, v, do = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
     _check_both_dp_orders(mask, (q, k, v, do), launched, constants, monkeypatch, f"{case.id}, seed {seed}")
+
+
+def _check_both_span_loops(mask, inputs, launched, constants, monkeypatch, context, spans: bool):
+    """The dK/dV pass with its one loop per key block over a contiguous range (``OVERRIDE["span_loop"]`` 1,
+    then 0) against the reference both ways, the constexpr on where forced and the lists have spans
+    (``spans``: banded masks whose every key block is one range), never elsewhere. (The two ways add a
+    row's tiles in other orders: not bit for bit.)"""
+    for forced in (1, 0):
+        monkeypatch.setitem(configs.OVERRIDE, "span_loop", forced)
+        run_and_check(mask, *inputs, context=f"{context}, span_loop {forced}")
+    flags = [kw["SPAN_LOOP"] for k_, kw in zip(launched, constants) if k_ is kernel_module.attn_bwd_dkdv_kernel]
+    half = len(flags) // 2
+    assert half and flags == [spans] * half + [False] * half, flags
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("case, spans", [
+    (Case("window", F16, n_q=70, n_k=70, tiles="t16s", stored_ds=True), True),  # ragged edge
+    (Case("window", F32, n_q=64, n_k=64, b=2, h_q=4, h_kv=2, tiles="t32s", stored_ds=True), True),  # GQA
+    (Case("window-asym", F16, n_q=20, n_k=61, tiles="t16s", stored_ds=True), True),  # Nq < Nk
+    (Case("causal-offset", F32, n_q=100, n_k=130, tiles="t32s", stored_ds=False), True),  # dQ recomputed
+    (Case("causal&window", F16, n_q=90, n_k=90, tiles="t16s", stored_ds=True), True),
+    (Case("dilated", F32, tiles="t32s", stored_ds=True), True),  # interleaved: one launch per residue class
+    (Case("~window", F32, n_q=200, n_k=200, tiles="t16s", stored_ds=True), False),  # key blocks of two ranges
+    (Case("window|global", F32, n_q=64, n_k=64, tiles="t16s", stored_ds=True), False),  # not banded
+], ids=lambda c: c.id if isinstance(c, Case) else str(c))
+def test_span_loop_under_the_interpreter(case, spans, seed, monkeypatch):
+    """The dK/dV pass's one loop over a key block's contiguous range of query blocks
+    (``TileConfig.span_loop``, forced on and off) matches the reference: full and partial tiles in one
+    loop (the predicate only on the partial ones), GQA, ragged edges, stored and recomputed dS; masks
+    with a key block of several ranges, or not banded, have no spans and take the lists' loops."""
+    _use_tiles(monkeypatch, case.tiles, stored_ds=case.stored_ds)
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    mask = FAMILIES[case.family](case, torch.Generator().manual_seed(seed))
+    inputs = make_inputs(case.b, case.h_q, case.h_kv, case.n_q, case.n_k, case.d, case.dtype, case.device)
+    _check_both_span_loops(mask, inputs, launched, constants, monkeypatch, f"{case.id}, seed {seed}", spans)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family, n, spans", [("window", 1024, True), ("causal&window", 1000, True),
+                                              ("~window", 1000, False)])
+def test_span_loop_on_the_gpu(family, n, spans, seed, monkeypatch):
+    """The compiled dK/dV pass with and without its one loop per key block over a contiguous range (the
+    table's D = 128 sparse tiles: stored dS, TMA loads on an even edge, dP^T first) against the reference."""
+    if not HAS_CUDA:
+        pytest.skip("needs a CUDA GPU")
+    monkeypatch.setattr(launch, "POISON", True)
+    constants = []
+    launched = _record_launches(monkeypatch, constants)
+    mask = FAMILIES[family](Case(family, BF16, n, n, 128, device="cuda"), torch.Generator().manual_seed(seed))
+    inputs = make_inputs(2, 4, 2, n, n, 128, BF16, "cuda")
+    _check_both_span_loops(mask, inputs, launched, constants, monkeypatch, f"{family} N={n}, seed {seed}", spans)
 
 
 def _run_both_ways(mask, inputs, monkeypatch, keys, context, differs):
