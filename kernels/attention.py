@@ -527,7 +527,9 @@ def _dkdv_block(
     With ``DP_FIRST`` (``TileConfig.dp_first``) dP^T = V dO^T is computed before S^T = K Q^T instead
     of after the dV product: Triton waits for every tensor-core product that is not an accumulator
     right after issuing it, so only the order decides what overlaps; this order leaves the dV product
-    running while the warps compute dS (the same operations: results bitwise equal)."""
+    running while the warps compute dS (the same operations: results bitwise equal). ``IS_PARTIAL`` (a
+    runtime flag, with ``PARTIAL``): the predicate's mask counts only where it is true (the span loop's
+    full tiles skip it by a select; a branch made ptxas serialise the loop's wgmma)."""
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row0 = (i_m * BLOCK_M).to(tl.int64)
     p_q = Q_BASE + row0 * stride_qm + rel_q

@@ -39,10 +39,10 @@ class TileConfig:
     # while the warps compute dS (Triton waits for a non-accumulating product right after issuing it:
     # the order of the products decides what overlaps); costs the registers of dP^T held across S^T
     dp_first: bool = False
-    # the dK/dV pass: a key block whose non-empty query blocks are one contiguous range (``Lists.span``:
-    # masks of Full, Causal, Window and Dilated alone) walks them all in one loop, the predicate applied to
-    # every tile, instead of a loop over its run of full blocks and one over its partial blocks (which
-    # loads their indices); replaces ``run_loop`` where the lists have spans
+    # the dK/dV pass: where every key block's non-empty query blocks are one contiguous range with at most
+    # one run of full blocks (``Lists.span``: masks of Full, Causal, Window and Dilated alone), each key block
+    # walks its range in one loop, the predicate applied outside the full run only, instead of a loop over
+    # its run of full blocks and one over its partial blocks (which loads their indices); replaces ``run_loop``
     span_loop: bool = False
 
     @classmethod
