@@ -651,7 +651,7 @@ def _dkdv_program(
     (``TileConfig.span_loop``: masks of Full, Causal, Window and Dilated alone, whose every key block's
     non-empty query blocks are one contiguous range with at most one run of full blocks, ``Lists.span``)
     each key block walks its range ``SPAN[row]`` = (lo, hi, f_lo, f_hi) in one loop with no index loads,
-    the predicate applied only outside its full blocks [f_lo, f_hi) (a runtime branch): one pipeline for
+    the predicate counting only outside its full blocks [f_lo, f_hi) (a select, not a branch): one pipeline for
     the whole row instead of a fill and a drain for each of the lists' loops, which are then not compiled."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
     i_b = i_bhk // HKV

@@ -80,6 +80,16 @@ def _tma_consts(cfg, d: int, even: bool, pass_name: str = "dkdv") -> dict:
     return dict(TMA=True, **{name: desc for name in launch.TMA_PASSES[pass_name][2]})
 
 
+def _dkdv_loops(cfg, span: bool) -> dict:
+    """The dK/dV pass's loop constexprs as launched (``launch.span_loop``, ``launch.run_loop``): the span
+    loop where a banded mask's lists have spans (``span``), else the lists' loops with no ``SPAN``; and
+    ``GROUP`` 1, which Triton specialises for MHA (the span loop must not then be serialised, C7515)."""
+    consts = dict(SPAN_LOOP=span, RUN_LOOP=cfg.run_loop and not span, GROUP=1)
+    if not span:
+        consts["SPAN"] = None
+    return consts
+
+
 def cases():
     """(name, kernel, constexprs, num_warps, num_stages, sizes specialised as multiples of 16, maxnreg)
     for every kernel and tuned 2-byte tile;
@@ -106,11 +116,7 @@ def cases():
                     if "STORE_DS" in kernel.arg_names:
                         consts["STORE_DS"] = False
                     if "RUN_LOOP" in kernel.arg_names:  # (banded masks' lists have spans: Lists.span)
-                        consts["SPAN_LOOP"] = cfg.span_loop and banded
-                        consts["RUN_LOOP"] = cfg.run_loop and not consts["SPAN_LOOP"]
-                        if not consts["SPAN_LOOP"]:
-                            consts["SPAN"] = None  # (as launched: no spans)
-                        consts["GROUP"] = 1  # as launched for MHA (Triton specialises an integer of 1)
+                        consts.update(_dkdv_loops(cfg, cfg.span_loop and banded))
                     if "DP_FIRST" in kernel.arg_names:
                         consts["DP_FIRST"] = cfg.dp_first
                     if "TMA" in kernel.arg_names:
@@ -172,11 +178,8 @@ def cases():
             for flag in (False, True):
                 for span in (False, True) if cfg.span_loop else (False,):  # (banded masks: Lists.span)
                     consts = dict(PRED=pred, BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, HEAD_D=d, BLOCK_D=d, PREC="tf32",
-                                  EVEN_M=flag, STORE_DS=True, WIDE=False, RUN_LOOP=cfg.run_loop and not span,
-                                  SPAN_LOOP=span, DP_FIRST=cfg.dp_first, **_tma_consts(cfg, d, flag))
-                    if not span:
-                        consts["SPAN"] = None
-                    consts["GROUP"] = 1  # as launched for MHA (Triton specialises an integer of 1)
+                                  EVEN_M=flag, STORE_DS=True, WIDE=False, DP_FIRST=cfg.dp_first,
+                                  **_dkdv_loops(cfg, span), **_tma_consts(cfg, d, flag))
                     out.append((f"dkdv storing dS d={d} {kind}{' banded' if span else ''} {cfg}{' even' if flag else ''}",
                                 K.attn_bwd_dkdv_kernel, consts, cfg.num_warps, cfg.stages(flag),
                                 ("N_Q", "N_K") if flag else (), cfg.maxnreg))
