@@ -4,7 +4,9 @@ The kernels know nothing of masks. Each (query block) row of a layout gives
 runs of *full* key blocks ``[start, end)`` (no mask work at all: the loop walks
 key positions with no index loads, the paper's Dense Binary Block Masking) and a
 list of *partial* key blocks, where ``PRED(i, j, meta)``, a ``@triton.jit``
-function passed as a constexpr, decides each entry in registers. The dK/dV pass
+function passed as a constexpr, decides each entry in registers (``meta`` is what
+``PRED(None, None, pointer, True)`` returned once per (batch, head): the pointer to the
+mask's data and the header values it reads, so no block reloads them; maskdsl.codegen). The dK/dV pass
 walks the transposed lists (per key block: its query blocks), looping over the
 query heads of its GQA group, so no atomics are needed and gradients are
 deterministic. In the two-launch backward the dQ pass also writes delta =
@@ -220,7 +222,7 @@ def attn_fwd_kernel(
         share = tl.program_id(0) % SPLITS  # this program's share of its row
     else:
         i_bh, i_b, i_h, i_m, row, pair = _query_row(ORDER, NUM_HEAVY, NUM_ROWS, NUM_BH, H, PAIR_B, PAIR_H)
-    meta = META + pair.to(tl.int64) * META_STRIDE
+    meta = PRED(None, None, META + pair.to(tl.int64) * META_STRIDE, True)  # the header values, loaded once
 
     offs_d = tl.arange(0, BLOCK_D)
     m_d = offs_d < HEAD_D
@@ -399,7 +401,7 @@ def _dq_program(
     float32) goes to ``DQ + share * stride_ds``, and only share 0 writes delta and LSE2. With ``TMA`` (an
     even edge) the K and V tiles come from the descriptors ``K_DESC`` and ``V_DESC`` (``_desc_tile``)."""
     EVEN_D: tl.constexpr = HEAD_D == BLOCK_D
-    meta = META + pair.to(tl.int64) * META_STRIDE
+    meta = PRED(None, None, META + pair.to(tl.int64) * META_STRIDE, True)  # the header values, loaded once
     offs_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_row = offs_m < N_Q
@@ -680,7 +682,7 @@ def _dkdv_program(
         i_h = i_hk * GROUP + g
         pair = i_b * PAIR_B + i_h * PAIR_H
         row = pair * NUM_ROWS + i_n
-        meta = META + pair.to(tl.int64) * META_STRIDE
+        meta = PRED(None, None, META + pair.to(tl.int64) * META_STRIDE, True)  # the header values, loaded once
         Q_BASE = Q + i_b.to(tl.int64) * stride_qb + i_h.to(tl.int64) * stride_qh
         DO_BASE = DO + i_b.to(tl.int64) * stride_dob + i_h.to(tl.int64) * stride_doh
         LSE2_BASE = LSE2 + (i_b * H + i_h).to(tl.int64) * N_Q

@@ -62,8 +62,12 @@ def _predicate():
     import triton.language as tl
 
     @triton.jit
-    def document_causal(i, j, meta):
-        return (tl.load(meta + 2 + tl.minimum(i, 99)) == tl.load(meta + 2 + tl.minimum(j, 99))) & (j <= i)
+    def document_causal(i, j, meta, PREPARE: tl.constexpr = False):
+        if PREPARE:  # the kernels' first call: the data's pointer and its header value (maskdsl.codegen)
+            return (meta, tl.load(meta))
+        else:
+            ids = meta[0] + meta[1]
+            return (tl.load(ids + tl.minimum(i, 99)) == tl.load(ids + tl.minimum(j, 99))) & (j <= i)
 
     return document_causal
 
