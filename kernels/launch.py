@@ -943,8 +943,9 @@ def span_loop(cfg: TileConfig, lists: Lists) -> bool:
 
 def run_loop(cfg: TileConfig, lists: Lists) -> bool:
     """Whether the dK/dV pass of these tiles compiles its loop for key blocks of one run on these
-    lists (``TileConfig.run_loop``, on ``Lists.structured`` lists; ``configs.OVERRIDE["run_loop"]`` forces it)."""
-    return _switch("run_loop", cfg.run_loop and lists.structured)
+    lists (``TileConfig.run_loop``, on ``Lists.structured`` lists; ``configs.OVERRIDE["run_loop"]`` forces it);
+    never where it takes the span loop instead (``span_loop``), which replaces the lists' loops."""
+    return not span_loop(cfg, lists) and _switch("run_loop", cfg.run_loop and lists.structured)
 
 
 def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, scale, cfg: TileConfig, even_m: bool,
@@ -963,7 +964,7 @@ def _dkdv(q, k, v, do, dk, dv, lse2, delta, meta, lists: Lists, pair_b, pair_h, 
          H, h_kv, n_q, n_k, lists.num_rows, B * h_kv, H // h_kv, pair_b, pair_h, meta.stride(0),
          scale * math.log2(math.e), scale, *ds_args, *descs, lists.span if spans else None, H // h_kv), q.device,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, EVEN_M=even_m, STORE_DS=ds is not None,
-        WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists) and not spans, TMA=descs[0] is not None,
+        WIDE=_wide(q, do), RUN_LOOP=run_loop(cfg, lists), TMA=descs[0] is not None,
         DP_FIRST=dp_first(cfg, lists), SPAN_LOOP=spans,
         num_warps=cfg.num_warps, num_stages=cfg.stages(even_m), maxnreg=cfg.maxnreg, **common,
     )
